@@ -1,0 +1,233 @@
+"""Tuning methods behind one small interface: wrap a model, save what trained, load it back.
+
+``full`` trains every weight; ``lora`` adds peft low-rank updates; ``adapter`` adds AdapterHub
+bottleneck adapters. In every method the classification head (``classifier`` or ``score``)
+trains and is saved with the method's weights. A method is added with one
+:func:`register_method` call.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoConfig, AutoModelForSequenceClassification, PreTrainedModel
+
+HEAD_MODULES = ("classifier", "score")  # sequence-classification heads across architectures
+ADAPTER_NAME = "task"
+HEAD_FILE = "classification_head.safetensors"
+
+
+@dataclass
+class MethodArguments:
+    tuning_method: str = field(default="full", metadata={"help": "How to fine-tune: full, lora or adapter."})
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank r."})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling alpha (the update is scaled by alpha/r)."})
+    lora_dropout: float = field(default=0.1, metadata={"help": "Dropout on the LoRA input."})
+    lora_target_modules: str | None = field(
+        default=None,
+        metadata={"help": "Comma-separated module names LoRA wraps, or 'all-linear'. Default: query,value for "
+                          "BERT-like encoders, q,v for MPNet, q_proj,v_proj for Qwen2/Llama decoders."})
+    adapter_config: str = field(
+        default="houlsby",
+        metadata={"help": "Bottleneck adapter layout: houlsby (after attention and after the feed-forward "
+                          "block) or pfeiffer (after the feed-forward block only)."})
+    adapter_reduction_factor: int = field(
+        default=16, metadata={"help": "Bottleneck adapter reduction factor: hidden size / bottleneck size."})
+
+    def __post_init__(self):
+        if self.tuning_method not in METHODS:
+            raise ValueError(f"unknown tuning_method {self.tuning_method!r}; choose one of {sorted(METHODS)}")
+        if self.lora_r <= 0 or self.adapter_reduction_factor <= 0:
+            raise ValueError("lora_r and adapter_reduction_factor must be positive")
+
+
+def head_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """The classification head's parameters, by their names in ``model``."""
+    return {name: p for name, p in model.named_parameters()
+            if any(part in HEAD_MODULES for part in name.split(".")) and "modules_to_save" not in name}
+
+
+def parameter_counts(model: torch.nn.Module) -> dict[str, float]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return {"trainable_params": trainable, "total_params": total, "trainable_percent": 100.0 * trainable / total}
+
+
+class TuningMethod:
+    """The interface: ``wrap`` before training, ``save`` after it, ``load`` in a fresh process."""
+
+    name: str
+
+    def wrap(self, model: PreTrainedModel, args: MethodArguments) -> torch.nn.Module:
+        raise NotImplementedError
+
+    def save(self, model: torch.nn.Module, directory: Path) -> None:
+        raise NotImplementedError
+
+    def load(self, base_path: str, directory: Path) -> torch.nn.Module:
+        """``base_path``: the pretrained checkpoint the run started from."""
+        raise NotImplementedError
+
+    def for_inference(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The model to serve; LoRA merges its update into the base weights here."""
+        return model
+
+
+METHODS: dict[str, TuningMethod] = {}
+
+
+def register_method(method: TuningMethod) -> TuningMethod:
+    METHODS[method.name] = method
+    return method
+
+
+def get_method(name: str) -> TuningMethod:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise ValueError(f"unknown tuning_method {name!r}; choose one of {sorted(METHODS)}") from None
+
+
+class FullFineTuning(TuningMethod):
+    name = "full"
+
+    def wrap(self, model, args):
+        model.requires_grad_(True)
+        return model
+
+    def save(self, model, directory):
+        model.save_pretrained(directory)
+
+    def load(self, base_path, directory):
+        return AutoModelForSequenceClassification.from_pretrained(directory)
+
+
+# --------------------------------------------------------------------------------------- LoRA
+
+LORA_DEFAULT_TARGETS = {
+    "bert": ["query", "value"], "roberta": ["query", "value"], "xlm-roberta": ["query", "value"],
+    "mpnet": ["q", "v"], "qwen2": ["q_proj", "v_proj"], "llama": ["q_proj", "v_proj"],
+    "mistral": ["q_proj", "v_proj"], "qwen3": ["q_proj", "v_proj"],
+}
+
+
+def lora_targets(model_type: str, requested: str | None):
+    if requested:
+        return "all-linear" if requested == "all-linear" else [m.strip() for m in requested.split(",") if m.strip()]
+    try:
+        return LORA_DEFAULT_TARGETS[model_type]
+    except KeyError:
+        raise ValueError(f"no default LoRA target modules for model_type {model_type!r}; pass "
+                         f"--lora_target_modules (defaults exist for {sorted(LORA_DEFAULT_TARGETS)})") from None
+
+
+class LoRA(TuningMethod):
+    name = "lora"
+
+    def wrap(self, model, args):
+        from peft import LoraConfig, TaskType, get_peft_model
+
+        config = LoraConfig(
+            task_type=TaskType.SEQ_CLS, r=args.lora_r, lora_alpha=args.lora_alpha,
+            lora_dropout=args.lora_dropout, target_modules=lora_targets(model.config.model_type,
+                                                                        args.lora_target_modules),
+            # Saved with the adapter, so a reloaded model never has a random head (peft #310/#577).
+            modules_to_save=[name for name in HEAD_MODULES if hasattr(model, name)],
+        )
+        return get_peft_model(model, config)
+
+    def save(self, model, directory):
+        model.save_pretrained(directory)
+        model.config.save_pretrained(directory)  # labels and pad token for the reload
+
+    def load(self, base_path, directory):
+        from peft import PeftModel
+
+        base = AutoModelForSequenceClassification.from_pretrained(
+            base_path, config=AutoConfig.from_pretrained(directory))
+        return PeftModel.from_pretrained(base, directory)
+
+    def for_inference(self, model):
+        return model.merge_and_unload()
+
+
+# --------------------------------------------------------------------------------------- adapter
+
+def _adapter_supported_types() -> list[str]:
+    import pkgutil
+
+    import adapters.models
+    from adapters.wrappers.interfaces import CUSTOM_INTERFACES
+
+    built_in = {m.name for m in pkgutil.iter_modules(adapters.models.__path__) if m.ispkg and m.name != "auto"}
+    return sorted(built_in | set(CUSTOM_INTERFACES) | set(_adapter_interfaces()))
+
+
+def _adapter_interfaces():
+    """Plugin interfaces for architectures the `adapters` library has no built-in support for."""
+    from adapters import AdapterModelInterface
+
+    return {
+        "mpnet": AdapterModelInterface(
+            adapter_methods=["bottleneck", "lora"], model_embeddings="embeddings", model_layers="encoder.layer",
+            layer_self_attn="attention", layer_cross_attn=None, attn_q_proj="attn.q", attn_k_proj="attn.k",
+            attn_v_proj="attn.v", attn_o_proj="attn.o", layer_intermediate_proj="intermediate.dense",
+            # Post-LN like BERT: the adapter acts on each sublayer's output projection, and MPNet's own
+            # residual add and LayerNorm follow, so the hooks must not add or normalise again.
+            layer_output_proj="output.dense", layer_ln_1=None, layer_ln_2=None,
+        ),
+    }
+
+
+class BottleneckAdapter(TuningMethod):
+    name = "adapter"
+
+    def _config(self, args: MethodArguments):
+        from adapters import DoubleSeqBnConfig, SeqBnConfig
+
+        layouts = {"houlsby": DoubleSeqBnConfig, "pfeiffer": SeqBnConfig}
+        if args.adapter_config not in layouts:
+            raise ValueError(f"unknown adapter_config {args.adapter_config!r}; choose one of {sorted(layouts)}")
+        return layouts[args.adapter_config](reduction_factor=args.adapter_reduction_factor)
+
+    def _init(self, model):
+        import adapters
+
+        model_type = model.config.model_type
+        try:
+            adapters.init(model, interface=_adapter_interfaces().get(model_type))
+        except ValueError as err:
+            raise ValueError(f"bottleneck adapters do not support model_type {model_type!r}; supported: "
+                             f"{', '.join(_adapter_supported_types())}") from err
+
+    def wrap(self, model, args):
+        self._init(model)
+        model.add_adapter(ADAPTER_NAME, config=self._config(args))
+        model.train_adapter(ADAPTER_NAME)  # freezes the base model, adapter weights train
+        for param in head_parameters(model).values():
+            param.requires_grad_(True)
+        return model
+
+    def save(self, model, directory):
+        directory.mkdir(parents=True, exist_ok=True)
+        model.save_adapter(str(directory), ADAPTER_NAME, with_head=False)
+        model.config.save_pretrained(directory)
+        save_file({name: p.detach().contiguous() for name, p in head_parameters(model).items()},
+                  directory / HEAD_FILE)
+
+    def load(self, base_path, directory):
+        model = AutoModelForSequenceClassification.from_pretrained(base_path, config=AutoConfig.from_pretrained(directory))
+        self._init(model)
+        model.load_adapter(str(directory), load_as=ADAPTER_NAME, with_head=False)
+        model.set_active_adapters(ADAPTER_NAME)
+        missing = model.load_state_dict(load_file(directory / HEAD_FILE), strict=False)
+        if missing.unexpected_keys:
+            raise ValueError(f"{directory / HEAD_FILE} has weights the model lacks: {missing.unexpected_keys}")
+        return model
+
+
+for _method in (FullFineTuning(), LoRA(), BottleneckAdapter()):
+    register_method(_method)
