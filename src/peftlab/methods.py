@@ -219,7 +219,8 @@ class BottleneckAdapter(TuningMethod):
                   directory / HEAD_FILE)
 
     def load(self, base_path, directory):
-        model = AutoModelForSequenceClassification.from_pretrained(base_path, config=AutoConfig.from_pretrained(directory))
+        config = AutoConfig.from_pretrained(directory)
+        model = AutoModelForSequenceClassification.from_pretrained(base_path, config=config)
         self._init(model)
         model.load_adapter(str(directory), load_as=ADAPTER_NAME, with_head=False)
         model.set_active_adapters(ADAPTER_NAME)

@@ -9,6 +9,7 @@ Each step is a small function; :func:`run` composes them in order and leaves in
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import netrc
@@ -150,10 +151,8 @@ def configure_wandb(training_args: TrainingArguments) -> None:
     if not wandb_enabled(training_args):
         return
     logged_in = bool(os.environ.get("WANDB_API_KEY"))
-    try:
+    with contextlib.suppress(FileNotFoundError, netrc.NetrcParseError):
         logged_in = logged_in or netrc.netrc().authenticators("api.wandb.ai") is not None
-    except (FileNotFoundError, netrc.NetrcParseError):
-        pass
     if not logged_in:
         os.environ.setdefault("WANDB_MODE", "offline")
     os.environ.setdefault("WANDB_PROJECT", "peftlab")
