@@ -50,3 +50,73 @@ def fixture_data_dir(tmp_path: Path) -> Path:
     (tmp_path / "agnews_sup" / "test.csv").write_text(
         "".join(f'"{i % 4 + 1}","Title {i}","Description {i}, with a comma"\n' for i in range(20)))
     return tmp_path
+
+
+# ---------------------------------------------------------------- tiny random models
+
+WORDS = ["the", "food", "was", "great", "but", "service", "slow", "laptop", "battery", "screen", "fine", "bad", "good", "citation", "uses", "prior", "work", "we", "follow", "news", "sports", "market", "term"]
+
+
+def _word_tokenizer(specials: dict[str, str]):
+    """A real fast tokenizer over a tiny word vocabulary, built offline."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(dict.fromkeys([*specials.values(), *WORDS]))}
+    core = Tokenizer(models.WordLevel(vocab, unk_token=specials["unk_token"]))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    if "cls_token" in specials:  # encoders wrap inputs in CLS ... SEP
+        cls, sep = specials["cls_token"], specials["sep_token"]
+        core.post_processor = processors.TemplateProcessing(
+            single=f"{cls} $A {sep}", special_tokens=[(cls, vocab[cls]), (sep, vocab[sep])])
+    # Only BERT uses segment ids; the others, like their real tokenizers, must not emit them.
+    input_names = ["input_ids", "token_type_ids", "attention_mask"] if specials is ENCODER_SPECIALS else \
+        ["input_ids", "attention_mask"]
+    return PreTrainedTokenizerFast(tokenizer_object=core, model_input_names=input_names, **specials)
+
+
+ENCODER_SPECIALS = {"unk_token": "[UNK]", "pad_token": "[PAD]", "cls_token": "[CLS]", "sep_token": "[SEP]"}
+ROBERTA_SPECIALS = {"unk_token": "<unk>", "pad_token": "<pad>", "cls_token": "<s>", "sep_token": "</s>",
+                    "bos_token": "<s>", "eos_token": "</s>"}
+DECODER_SPECIALS = {"unk_token": "<unk>", "eos_token": "<|endoftext|>"}  # no pad token, as real decoders
+
+
+def build_tiny_model(directory, arch: str):
+    """Save a tiny randomly initialised pretrained-style checkpoint (LM head) with its tokenizer."""
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoModelForMaskedLM,
+        BertConfig,
+        LlamaConfig,
+        MPNetConfig,
+        Qwen2Config,
+        RobertaConfig,
+    )
+
+    size = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+    if arch == "bert":
+        tokenizer, config = _word_tokenizer(ENCODER_SPECIALS), BertConfig(vocab_size=64, **size)
+    elif arch == "roberta":
+        tokenizer = _word_tokenizer(ROBERTA_SPECIALS)
+        config = RobertaConfig(vocab_size=64, pad_token_id=tokenizer.pad_token_id, max_position_embeddings=130,
+                               **size)
+    elif arch == "mpnet":
+        tokenizer = _word_tokenizer(ROBERTA_SPECIALS)
+        config = MPNetConfig(vocab_size=64, pad_token_id=tokenizer.pad_token_id, **size)
+    elif arch in ("qwen2", "llama"):
+        tokenizer = _word_tokenizer(DECODER_SPECIALS)
+        config_class = Qwen2Config if arch == "qwen2" else LlamaConfig
+        config = config_class(vocab_size=64, num_key_value_heads=2, eos_token_id=tokenizer.eos_token_id,
+                              tie_word_embeddings=True, **size)
+    else:
+        raise ValueError(arch)
+    lm_class = AutoModelForCausalLM if arch in ("qwen2", "llama") else AutoModelForMaskedLM
+    lm_class.from_config(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny_models")
+    return {arch: str(build_tiny_model(root / arch, arch)) for arch in ("bert", "roberta", "mpnet", "qwen2", "llama")}

@@ -1,8 +1,8 @@
 """Tuning methods behind one small interface: wrap a model, save what trained, load it back.
 
 ``full`` trains every weight; ``lora`` adds peft low-rank updates; ``adapter`` adds AdapterHub
-bottleneck adapters. In every method the classification head (``classifier`` or ``score``)
-trains and is saved with the method's weights. A method is added with one
+bottleneck adapters. In every method the modules the checkpoint lacked (the classification head,
+``classifier`` or ``score``, and e.g. a missing pooler) train and are saved with the method's weights. A method is added with one
 :func:`register_method` call.
 """
 
@@ -44,10 +44,19 @@ class MethodArguments:
             raise ValueError("lora_r and adapter_reduction_factor must be positive")
 
 
+def new_modules(model: torch.nn.Module) -> list[str]:
+    """Modules that start random: those ``get_model`` found missing from the checkpoint, else the head."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    names = getattr(inner, "newly_initialized_modules", None)
+    if names is None:
+        names = [name for name in HEAD_MODULES if hasattr(inner, name)]
+    return names
+
+
 def head_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
-    """The classification head's parameters, by their names in ``model``."""
-    return {name: p for name, p in model.named_parameters()
-            if any(part in HEAD_MODULES for part in name.split(".")) and "modules_to_save" not in name}
+    """Parameters of the randomly initialised modules (the head at least), by their names in ``model``."""
+    prefixes = tuple(f"{name}." for name in new_modules(model))
+    return {name: p for name, p in model.named_parameters() if name.startswith(prefixes)}
 
 
 def parameter_counts(model: torch.nn.Module) -> dict[str, float]:
@@ -135,7 +144,7 @@ class LoRA(TuningMethod):
             lora_dropout=args.lora_dropout, target_modules=lora_targets(model.config.model_type,
                                                                         args.lora_target_modules),
             # Saved with the adapter, so a reloaded model never has a random head (peft #310/#577).
-            modules_to_save=[name for name in HEAD_MODULES if hasattr(model, name)],
+            modules_to_save=new_modules(model),
         )
         return get_peft_model(model, config)
 

@@ -187,11 +187,25 @@ def resolve_model(name_or_path: str) -> ResolvedModel:
 
 
 def default_sep_token(tokenizer) -> str:
-    """The tokenizer's own separator: ``sep_token`` for encoders, EOS for decoders."""
+    """The tokenizer's own separator (``sep_token``, else EOS for decoders), spaced as a word of its own."""
     token = tokenizer.sep_token or tokenizer.eos_token
     if token is None:
         raise ValueError(f"{type(tokenizer).__name__} has neither a sep_token nor an eos_token; pass --sep_token")
     return f" {token} "
+
+
+def outermost_modules(model: torch.nn.Module, parameter_names: set[str]) -> list[str]:
+    """The fewest modules that hold exactly these parameters: ``classifier`` rather than its
+    ``dense`` and ``out_proj`` (peft wraps a module to save once, not its parts as well)."""
+    all_names = [name for name, _ in model.named_parameters()]
+    modules = {name.rpartition(".")[0] for name in parameter_names}
+    while True:
+        parents = {m.rpartition(".")[0] for m in modules if "." in m}
+        whole = next((p for p in sorted(parents)
+                      if all(n in parameter_names for n in all_names if n.startswith(f"{p}."))), None)
+        if whole is None:
+            return sorted(modules)
+        modules = {m for m in modules if not m.startswith(f"{whole}.")} | {whole}
 
 
 def get_model(model_name_or_path: str, num_labels: int, id2label: dict[int, str] | None = None,
@@ -204,13 +218,18 @@ def get_model(model_name_or_path: str, num_labels: int, id2label: dict[int, str]
             resolved.path, num_labels=num_labels, id2label=id2label,
             label2id={name: i for i, name in id2label.items()})
         tokenizer = AutoTokenizer.from_pretrained(resolved.path)
-        model = AutoModelForSequenceClassification.from_pretrained(resolved.path, config=config, **model_kwargs)
+        model, loading_info = AutoModelForSequenceClassification.from_pretrained(
+            resolved.path, config=config, output_loading_info=True, **model_kwargs)
     except OSError as err:
         if resolved.source != "hub":
             raise
-        raise OSError(f"cannot load {model_name_or_path!r} ({err.__class__.__name__}: {str(err)[:200]}). "
+        reason = " ".join(str(err).split())[:200]
+        raise OSError(f"cannot load {model_name_or_path!r} ({reason}). "
                       f"Offline, use a local folder or one of the packaged checkpoints: "
                       f"{', '.join(offline_names())}") from err
+    # The head, and whatever else the checkpoint lacks (BERT's pooler in an MLM checkpoint), starts random:
+    # every tuning method trains and saves these modules.
+    model.newly_initialized_modules = outermost_modules(model, set(loading_info["missing_keys"]))
     if tokenizer.pad_token is None:
         # Decoders ship no pad token; EOS pads (attention masks hide it) without growing the vocabulary.
         tokenizer.pad_token = tokenizer.eos_token

