@@ -54,7 +54,8 @@ def fixture_data_dir(tmp_path: Path) -> Path:
 
 # ---------------------------------------------------------------- tiny random models
 
-WORDS = ["the", "food", "was", "great", "but", "service", "slow", "laptop", "battery", "screen", "fine", "bad", "good", "citation", "uses", "prior", "work", "we", "follow", "news", "sports", "market", "term"]
+WORDS = ("the food was great but service slow laptop battery screen fine bad good citation uses "
+         "prior work we follow news sports market term").split()
 
 
 def _word_tokenizer(specials: dict[str, str]):

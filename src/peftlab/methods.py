@@ -2,8 +2,8 @@
 
 ``full`` trains every weight; ``lora`` adds peft low-rank updates; ``adapter`` adds AdapterHub
 bottleneck adapters. In every method the modules the checkpoint lacked (the classification head,
-``classifier`` or ``score``, and e.g. a missing pooler) train and are saved with the method's weights. A method is added with one
-:func:`register_method` call.
+``classifier`` or ``score``, and e.g. a missing pooler) train and are saved with the method's weights.
+A method is added with one :func:`register_method` call.
 """
 
 from __future__ import annotations
