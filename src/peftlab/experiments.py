@@ -1,0 +1,180 @@
+"""Experiment grids: models x datasets x methods x seeds from one YAML file, run through train.py's code.
+
+A grid file looks like::
+
+    output_root: runs/task2
+    defaults: {num_train_epochs: 3, bf16: true, report_to: none}
+    models:
+      minilm: {model_name_or_path: all-MiniLM-L6-v2, learning_rate: 1.0e-4}
+    datasets: [restaurant_sup, acl_sup]
+    methods:
+      full: {tuning_method: full}
+      lora-r8: {tuning_method: lora, lora_r: 8, lora_alpha: 16, learning_rate: 5.0e-4}
+    seeds: [1, 2, 3]
+    overrides:                      # cuts for single cells, stated in the report
+      - match: {model: minilm, dataset: agnews_sup}
+        set: {max_train_samples: 2000}
+
+Each run gets ``output_root/<model>/<dataset>/<method>/seed<k>/`` with its arguments in
+``grid_args.json``; ``python train.py that/grid_args.json`` reproduces it alone. A run whose
+``metrics.json`` exists and whose arguments are unchanged is skipped, so a killed grid loses at
+most the run in flight.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+ARGS_FILE = "grid_args.json"
+COORDINATES_FILE = "grid_coordinates.json"  # the run's place in its grid, for aggregation
+
+
+@dataclass(frozen=True)
+class GridRun:
+    model: str
+    dataset: str
+    method: str
+    seed: int
+    args: dict  # every train.py argument of this run, output_dir included
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.args["output_dir"])
+
+    @property
+    def label(self) -> str:
+        return f"{self.model} {self.dataset} {self.method} seed{self.seed}"
+
+    def status(self) -> str:
+        """``done``, ``todo``, ``incomplete`` (started, no metrics) or ``changed`` (done with other arguments)."""
+        args_file = self.output_dir / ARGS_FILE
+        if not args_file.exists():
+            return "incomplete" if self.output_dir.exists() and any(self.output_dir.iterdir()) else "todo"
+        same = json.loads(args_file.read_text()) == self.args
+        if not (self.output_dir / "metrics.json").exists():
+            return "incomplete"
+        return "done" if same else "changed"
+
+
+def load_grid(path: str | Path) -> dict:
+    grid = yaml.safe_load(Path(path).read_text())
+    missing = {"output_root", "models", "datasets", "methods", "seeds"} - set(grid or {})
+    if missing:
+        raise ValueError(f"{path}: grid file lacks {sorted(missing)}")
+    return grid
+
+
+def expand(grid: dict) -> list[GridRun]:
+    """Every run of the grid in a fixed order, with its merged arguments."""
+    runs = []
+    for model, model_args in grid["models"].items():
+        for dataset in grid["datasets"]:
+            for method, method_args in grid["methods"].items():
+                for seed in grid["seeds"]:
+                    coords = {"model": model, "dataset": dataset, "method": method, "seed": seed}
+                    args = {**grid.get("defaults", {}), **model_args, **method_args}
+                    for override in grid.get("overrides", []):
+                        if all(coords.get(key) == value for key, value in override["match"].items()):
+                            args.update(override["set"])
+                    args.pop("slot", None)  # report metadata, not a train.py argument
+                    args.update(dataset_name=dataset, seed=seed,
+                                output_dir=str(Path(grid["output_root"]) / model / dataset / method / f"seed{seed}"))
+                    runs.append(GridRun(model, dataset, method, seed, args))
+    return runs
+
+
+def shard(runs: list[GridRun], spec: str | None) -> list[GridRun]:
+    """``i/n``: every n-th run starting at i (0-based), so shards 0..n-1 cover the grid once."""
+    if not spec:
+        return runs
+    index, count = (int(part) for part in spec.split("/"))
+    if not 0 <= index < count:
+        raise ValueError(f"--shard {spec}: need 0 <= i < n")
+    return runs[index::count]
+
+
+def estimate_seconds(run: GridRun, runs: list[GridRun]) -> float | None:
+    """Mean wall time of finished runs in the same (model, dataset, method) cell."""
+    times = [json.loads((other.output_dir / "metrics.json").read_text()).get("train_runtime")
+             for other in runs
+             if (other.model, other.dataset, other.method) == (run.model, run.dataset, run.method)
+             and other.status() == "done"]
+    times = [t for t in times if t]
+    return sum(times) / len(times) if times else None
+
+
+def execute(run: GridRun, python: str = sys.executable) -> int:
+    """One run in a fresh process through train.py's code; its output goes to ``stdout.log``."""
+    if run.output_dir.exists():
+        shutil.rmtree(run.output_dir)  # an incomplete run: only status() decides we may get here
+    run.output_dir.mkdir(parents=True)
+    (run.output_dir / ARGS_FILE).write_text(json.dumps(run.args, indent=2) + "\n")
+    coordinates = {"model": run.model, "dataset": run.dataset, "method": run.method, "seed": run.seed}
+    (run.output_dir / COORDINATES_FILE).write_text(json.dumps(coordinates) + "\n")
+    with (run.output_dir / "stdout.log").open("w") as log:
+        return subprocess.run([python, "-m", "peftlab.training", str(run.output_dir / ARGS_FILE)],
+                              stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy()).returncode
+
+
+def run_grid(path: str, shard_spec: str | None = None, dry_run: bool = False, rerun_changed: bool = False) -> int:
+    runs = expand(load_grid(path))
+    mine = shard(runs, shard_spec)
+    statuses = {run: run.status() for run in mine}
+    changed = [run for run, status in statuses.items() if status == "changed"]
+    if changed and not rerun_changed:
+        for run in changed:
+            print(f"CHANGED {run.label}: {run.output_dir} finished with other arguments; kept", flush=True)
+    todo = [run for run in mine if statuses[run] in ("todo", "incomplete") or (rerun_changed and run in changed)]
+    print(f"{len(runs)} runs in the grid, {len(mine)} in this shard, {len(todo)} to run", flush=True)
+    if dry_run:
+        total = 0.0
+        for run in mine:
+            seconds = estimate_seconds(run, runs)
+            total += seconds or 0
+            guess = f"~{seconds / 60:.1f} min" if seconds else "no estimate yet"
+            print(f"  {statuses[run]:10s} {run.label}  ({guess})")
+        print(f"estimated training time of what is to run, from finished runs of the same cell: "
+              f"{sum(estimate_seconds(r, runs) or 0 for r in todo) / 3600:.2f} h "
+              f"({sum(1 for r in todo if estimate_seconds(r, runs) is None)} runs without an estimate)")
+        return 0
+    failures = 0
+    for number, run in enumerate(todo, start=1):
+        if statuses[run] == "incomplete":
+            print(f"restarting incomplete run {run.output_dir}", flush=True)
+        started = time.time()
+        print(f"[{number}/{len(todo)}] {run.label} -> {run.output_dir}", flush=True)
+        code = execute(run)
+        elapsed = (time.time() - started) / 60
+        if code:
+            failures += 1
+            print(f"    FAILED (exit {code}) after {elapsed:.1f} min; see {run.output_dir / 'stdout.log'}", flush=True)
+            continue
+        metrics = json.loads((run.output_dir / "metrics.json").read_text())
+        print(f"    done in {elapsed:.1f} min: accuracy {metrics.get('accuracy', float('nan')):.4f}, "
+              f"macro_f1 {metrics.get('macro_f1', float('nan')):.4f}", flush=True)
+    return 1 if failures else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Run an experiment grid (resumable).")
+    parser.add_argument("grid", help="YAML grid file")
+    parser.add_argument("--shard", help="i/n: run every n-th run from the i-th (0-based)")
+    parser.add_argument("--dry-run", action="store_true", help="list the runs, their status and estimated time")
+    parser.add_argument("--rerun-changed", action="store_true",
+                        help="rerun finished runs whose arguments changed (default: keep them and say so)")
+    args = parser.parse_args(argv)
+    return run_grid(args.grid, args.shard, args.dry_run, args.rerun_changed)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,174 @@
+"""Training-memory (VRAM) estimator: weights, gradients, optimizer states and activations.
+
+The model is built from its config on PyTorch's ``meta`` device, so parameter counts are exact
+and nothing is allocated. The accounting (printed with every estimate):
+
+* weights: every parameter, 4 bytes (fp32, and also under bf16 mixed precision, where the
+  Trainer keeps fp32 master weights and autocasts matmuls), or 2 bytes with ``bf16-pure``;
+* gradients: one per trainable parameter, in the weights' dtype;
+* AdamW: two fp32 moments per trainable parameter (8 bytes);
+* activations kept for the backward pass, per layer, with s = sequence length, b = batch,
+  h = hidden, i = MLP width, kv = key/value width, e = activation bytes (4 fp32, 2 bf16):
+  e*b*s*(2h [norm inputs] + h [attention input] + h + 2kv [q, k, v] + h [context] + h [MLP input]
+  + g*i [MLP: g=2 for GELU, 3 for SwiGLU]), plus e*b*heads*s^2*2 with eager attention
+  (scores and probabilities; SDPA/flash attention keeps none), plus the embedding output.
+  This counts every layer as if gradients flow through it, which PEFT also needs (its weights
+  sit in every layer), so it is an upper bound there: frozen linear layers need not keep inputs.
+* not counted: the CUDA context (~0.3-0.5 GB), allocator fragmentation, temporary buffers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForSequenceClassification
+
+BUILTIN_CONFIGS = Path(__file__).parent / "configs"
+GIB = 2**30
+
+
+def builtin_config_names() -> list[str]:
+    return sorted(p.stem for p in BUILTIN_CONFIGS.glob("*.json"))
+
+
+def load_config(name_or_path: str, num_labels: int = 2):
+    """A built-in config (bert-base-uncased, roberta-large, Qwen2.5-*), a local folder, or a hub id."""
+    builtin = BUILTIN_CONFIGS / f"{name_or_path.split('/')[-1]}.json"
+    if builtin.exists():
+        payload = json.loads(builtin.read_text())
+        config = AutoConfig.for_model(payload.pop("model_type"), **payload)
+    else:
+        from .models import resolve_model
+
+        config = AutoConfig.from_pretrained(resolve_model(name_or_path).path)
+    config.num_labels = num_labels
+    return config
+
+
+def meta_model(config) -> torch.nn.Module:
+    with torch.device("meta"):
+        return AutoModelForSequenceClassification.from_config(config)
+
+
+def _head_names(model) -> tuple[str, ...]:
+    return tuple(name for name in ("classifier", "score") if hasattr(model, name))
+
+
+def trainable_parameters(model: torch.nn.Module, method: str, lora_r: int = 8, lora_targets=None,
+                         reduction_factor: int = 16, adapter_config: str = "houlsby") -> int:
+    """Trainable parameters of a method, counted the way peft and adapters add them (tests check)."""
+    head = sum(p.numel() for name in _head_names(model) for p in getattr(model, name).parameters())
+    if method == "full":
+        return sum(p.numel() for p in model.parameters())
+    if method == "lora":
+        from .methods import lora_targets as default_targets
+
+        targets = lora_targets or default_targets(model.config.model_type, None)
+        lora = 0
+        for name, module in model.named_modules():
+            if not isinstance(module, torch.nn.Linear) or name.split(".")[0] in _head_names(model):
+                continue
+            if targets == "all-linear" or name.split(".")[-1] in targets:
+                lora += lora_r * (module.in_features + module.out_features)
+        return lora + head
+    if method == "adapter":
+        hidden = model.config.hidden_size
+        bottleneck = hidden // reduction_factor
+        per_adapter = 2 * hidden * bottleneck + bottleneck + hidden
+        adapters_per_layer = {"houlsby": 2, "pfeiffer": 1}[adapter_config]
+        return model.config.num_hidden_layers * adapters_per_layer * per_adapter + head
+    raise ValueError(f"unknown method {method!r}")
+
+
+def activation_bytes(config, batch_size: int, seq_len: int, element_bytes: int, eager_attention: bool) -> int:
+    h, layers, heads = config.hidden_size, config.num_hidden_layers, config.num_attention_heads
+    kv = h * getattr(config, "num_key_value_heads", heads) // heads
+    width = config.intermediate_size
+    gated = 3 if config.model_type in {"qwen2", "llama", "mistral", "qwen3"} else 2  # SwiGLU vs GELU
+    per_token = 2 * h + h + (h + 2 * kv) + h + h + gated * width
+    per_layer = element_bytes * batch_size * seq_len * per_token
+    if eager_attention:
+        per_layer += element_bytes * batch_size * heads * seq_len * seq_len * 2
+    return layers * per_layer + element_bytes * batch_size * seq_len * h
+
+
+@dataclass
+class Estimate:
+    total_params: int
+    trainable_params: int
+    weights: int
+    gradients: int
+    optimizer: int
+    activations: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.gradients + self.optimizer + self.activations
+
+    def as_dict(self) -> dict:
+        return {"total_params": self.total_params, "trainable_params": self.trainable_params,
+                "weights_bytes": self.weights, "gradients_bytes": self.gradients,
+                "optimizer_bytes": self.optimizer, "activations_bytes": self.activations, "total_bytes": self.total}
+
+
+def estimate(config, method: str = "full", precision: str = "fp32", batch_size: int = 16, seq_len: int = 256,
+             lora_r: int = 8, lora_targets=None, reduction_factor: int = 16, adapter_config: str = "houlsby",
+             eager_attention: bool = False) -> Estimate:
+    if precision not in ("fp32", "bf16-mixed", "bf16-pure"):
+        raise ValueError(f"precision must be fp32, bf16-mixed or bf16-pure, got {precision!r}")
+    model = meta_model(config)
+    total = sum(p.numel() for p in model.parameters())
+    trainable = trainable_parameters(model, method, lora_r, lora_targets, reduction_factor, adapter_config)
+    weight_bytes = 2 if precision == "bf16-pure" else 4
+    # PEFT adds its trainable weights beside the frozen model (LoRA's head is a trained copy).
+    stored = total if method == "full" else total + trainable
+    element = 4 if precision == "fp32" else 2
+    return Estimate(
+        total_params=total, trainable_params=trainable, weights=stored * weight_bytes,
+        gradients=trainable * weight_bytes, optimizer=trainable * 8,
+        activations=activation_bytes(config, batch_size, seq_len, element, eager_attention))
+
+
+def format_estimate(name: str, est: Estimate, args: dict) -> str:
+    lines = [f"{name}: {args}",
+             f"  parameters: {est.total_params:,} total, {est.trainable_params:,} trainable "
+             f"({100 * est.trainable_params / est.total_params:.3f}%)"]
+    for part in ("weights", "gradients", "optimizer", "activations"):
+        lines.append(f"  {part:12s} {getattr(est, part) / GIB:8.2f} GiB")
+    lines.append(f"  {'total':12s} {est.total / GIB:8.2f} GiB")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Estimate training memory.", epilog=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True,
+                        help=f"built-in config ({', '.join(builtin_config_names())}), local folder or hub id")
+    parser.add_argument("--method", choices=["full", "lora", "adapter"], default="full")
+    parser.add_argument("--precision", choices=["fp32", "bf16-mixed", "bf16-pure"], default="fp32")
+    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--seq_len", type=int, default=256)
+    parser.add_argument("--lora_r", type=int, default=8)
+    parser.add_argument("--lora_target_modules", default=None, help="comma-separated, or all-linear")
+    parser.add_argument("--adapter_reduction_factor", type=int, default=16)
+    parser.add_argument("--adapter_config", choices=["houlsby", "pfeiffer"], default="houlsby")
+    parser.add_argument("--eager_attention", action="store_true", help="count the s^2 attention matrices")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of text")
+    args = parser.parse_args(argv)
+    targets = args.lora_target_modules
+    if targets and targets != "all-linear":
+        targets = targets.split(",")
+    est = estimate(load_config(args.model), args.method, args.precision, args.batch_size, args.seq_len, args.lora_r,
+                   targets, args.adapter_reduction_factor, args.adapter_config, args.eager_attention)
+    settings = {k: v for k, v in vars(args).items() if k not in ("model", "json")}
+    print(json.dumps(est.as_dict()) if args.json else format_estimate(args.model, est, settings))
+    if not args.json:
+        print(__doc__.split("The accounting (printed with every estimate):")[1].rstrip())
+
+
+if __name__ == "__main__":
+    main()

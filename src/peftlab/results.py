@@ -1,0 +1,124 @@
+"""Results: collect finished runs from their directories and aggregate them over seeds.
+
+Everything here reads only run directories (``run.json``, ``metrics.json``,
+``trainer_state.json`` and, for grid runs, ``grid_coordinates.json``).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import statistics
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+QUALITY = ("accuracy", "micro_f1", "macro_f1", "weighted_f1")
+COSTS = ("trainable_percent", "trainable_params", "train_runtime", "train_tokens_per_second",
+         "train_samples_per_second", "peak_rss_mb")
+CELL = ("model", "dataset", "method")
+
+
+@dataclass
+class RunResult:
+    model: str
+    dataset: str
+    method: str
+    seed: int
+    directory: Path
+    checkpoint: str
+    metrics: dict
+    record: dict = field(repr=False)
+
+    @property
+    def cell(self) -> tuple[str, str, str]:
+        return self.model, self.dataset, self.method
+
+    def log_history(self) -> list[dict]:
+        state = self.directory / "trainer_state.json"
+        return json.loads(state.read_text())["log_history"] if state.exists() else []
+
+
+def _method_label(method_args: dict) -> str:
+    name = method_args["tuning_method"]
+    return f"lora-r{method_args['lora_r']}" if name == "lora" else name
+
+
+def load_run(directory: Path) -> RunResult:
+    record = json.loads((directory / "run.json").read_text())
+    metrics = json.loads((directory / "metrics.json").read_text())
+    coordinates_file = directory / "grid_coordinates.json"
+    if coordinates_file.exists():
+        coordinates = json.loads(coordinates_file.read_text())
+    else:  # a run made by hand: its coordinates come from its arguments
+        coordinates = {"model": Path(record["model_args"]["model_name_or_path"]).name,
+                       "dataset": record["data_args"]["dataset_name"],
+                       "method": _method_label(record["method_args"]), "seed": record["training_args"]["seed"]}
+    return RunResult(coordinates["model"], coordinates["dataset"], coordinates["method"], int(coordinates["seed"]),
+                     directory, record["resolved_model"]["checkpoint"], metrics, record)
+
+
+def collect(root: str | Path) -> list[RunResult]:
+    """Every finished run (``metrics.json`` beside ``run.json``) under ``root``, in a fixed order."""
+    runs = [load_run(path.parent) for path in sorted(Path(root).rglob("metrics.json"))
+            if (path.parent / "run.json").exists()]
+    return sorted(runs, key=lambda r: (r.model, r.dataset, r.method, r.seed))
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (NaN for a single value)."""
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else math.nan
+
+
+def aggregate(runs: list[RunResult]) -> list[dict]:
+    """Per (model, dataset, method): n, mean and sample std of the quality metrics, means of the costs."""
+    groups: dict[tuple, list[RunResult]] = defaultdict(list)
+    for run in runs:
+        groups[run.cell].append(run)
+    rows = []
+    for (model, dataset, method), members in sorted(groups.items()):
+        row = {"model": model, "dataset": dataset, "method": method, "n": len(members),
+               "seeds": " ".join(str(m.seed) for m in members), "checkpoint": members[0].checkpoint}
+        for key in QUALITY:
+            row[f"{key}_mean"], row[f"{key}_std"] = mean_std([m.metrics[key] for m in members])
+        for key in COSTS:
+            values = [m.metrics[key] for m in members if m.metrics.get(key) is not None]
+            row[key] = statistics.fmean(values) if values else math.nan
+        rows.append(row)
+    return rows
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]) if rows else list(CELL), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()} for row in rows)
+
+
+def pm(row: dict, key: str, scale: float = 100.0) -> str:
+    """``mean ± std`` in percent (std omitted for a single seed)."""
+    mean, std = row[f"{key}_mean"] * scale, row[f"{key}_std"] * scale
+    return f"{mean:.1f}" if math.isnan(std) else f"{mean:.1f} ± {std:.1f}"
+
+
+def markdown_table(rows: list[dict]) -> str:
+    header = ("| model | dataset | method | n | accuracy | micro-F1 | macro-F1 | weighted-F1 | trainable % "
+              "| train time (s) | tokens/s | peak RSS (MB) |")
+    lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    for row in rows:
+        lines.append(
+            f"| {row['model']} | {row['dataset']} | {row['method']} | {row['n']} | {pm(row, 'accuracy')} "
+            f"| {pm(row, 'micro_f1')} | {pm(row, 'macro_f1')} | {pm(row, 'weighted_f1')} "
+            f"| {row['trainable_percent']:.2f} | {row['train_runtime']:.0f} | {row['train_tokens_per_second']:.0f} "
+            f"| {row['peak_rss_mb']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_tables(root: str | Path, out_dir: str | Path) -> list[dict]:
+    rows = aggregate(collect(root))
+    out_dir = Path(out_dir)
+    write_csv(rows, out_dir / "results.csv")
+    (out_dir / "results.md").write_text(markdown_table(rows))
+    return rows
