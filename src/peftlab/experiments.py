@@ -5,7 +5,8 @@ A grid file looks like::
     output_root: runs/task2
     defaults: {num_train_epochs: 3, bf16: true, report_to: none}
     models:
-      minilm: {model_name_or_path: all-MiniLM-L6-v2, learning_rate: 1.0e-4}
+      minilm: {slot: bert-base-uncased, model_name_or_path: all-MiniLM-L6-v2, learning_rate: 1.0e-4}
+      qwen: {model_name_or_path: Qwen2.5-Coder-0.5B-Instruct, methods: [lora-r8], datasets: [acl_sup]}
     datasets: [restaurant_sup, acl_sup]
     methods:
       full: {tuning_method: full}
@@ -37,9 +38,12 @@ import yaml
 
 ARGS_FILE = "grid_args.json"
 COORDINATES_FILE = "grid_coordinates.json"  # the run's place in its grid, for aggregation
+# Keys of a model entry that describe the grid, not train.py: the assignment's model it stands in for,
+# and the subsets of datasets and methods it runs (default: all of the grid's).
+MODEL_METADATA = ("slot", "datasets", "methods")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # hashed by identity: a run is one place in one grid
 class GridRun:
     model: str
     dataset: str
@@ -77,16 +81,17 @@ def load_grid(path: str | Path) -> dict:
 def expand(grid: dict) -> list[GridRun]:
     """Every run of the grid in a fixed order, with its merged arguments."""
     runs = []
-    for model, model_args in grid["models"].items():
-        for dataset in grid["datasets"]:
-            for method, method_args in grid["methods"].items():
+    for model, model_entry in grid["models"].items():
+        model_args = {k: v for k, v in model_entry.items() if k not in MODEL_METADATA}
+        for dataset in model_entry.get("datasets", grid["datasets"]):
+            for method in model_entry.get("methods", list(grid["methods"])):
+                method_args = grid["methods"][method]
                 for seed in grid["seeds"]:
                     coords = {"model": model, "dataset": dataset, "method": method, "seed": seed}
                     args = {**grid.get("defaults", {}), **model_args, **method_args}
                     for override in grid.get("overrides", []):
                         if all(coords.get(key) == value for key, value in override["match"].items()):
                             args.update(override["set"])
-                    args.pop("slot", None)  # report metadata, not a train.py argument
                     args.update(dataset_name=dataset, seed=seed,
                                 output_dir=str(Path(grid["output_root"]) / model / dataset / method / f"seed{seed}"))
                     runs.append(GridRun(model, dataset, method, seed, args))
@@ -126,16 +131,27 @@ def execute(run: GridRun, python: str = sys.executable) -> int:
                               stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy()).returncode
 
 
-def run_grid(path: str, shard_spec: str | None = None, dry_run: bool = False, rerun_changed: bool = False) -> int:
+def select(runs: list[GridRun], filters: list[str] | None) -> list[GridRun]:
+    """Keep runs matching every ``coordinate=value`` filter (e.g. ``model=minilm``, ``seed=1``)."""
+    for spec in filters or []:
+        key, _, value = spec.partition("=")
+        if key not in ("model", "dataset", "method", "seed"):
+            raise ValueError(f"--only {spec}: filter on model, dataset, method or seed")
+        runs = [run for run in runs if str(getattr(run, key)) == value]
+    return runs
+
+
+def run_grid(path: str, shard_spec: str | None = None, dry_run: bool = False, rerun_changed: bool = False,
+             filters: list[str] | None = None) -> int:
     runs = expand(load_grid(path))
-    mine = shard(runs, shard_spec)
+    mine = shard(select(runs, filters), shard_spec)
     statuses = {run: run.status() for run in mine}
     changed = [run for run, status in statuses.items() if status == "changed"]
     if changed and not rerun_changed:
         for run in changed:
             print(f"CHANGED {run.label}: {run.output_dir} finished with other arguments; kept", flush=True)
     todo = [run for run in mine if statuses[run] in ("todo", "incomplete") or (rerun_changed and run in changed)]
-    print(f"{len(runs)} runs in the grid, {len(mine)} in this shard, {len(todo)} to run", flush=True)
+    print(f"{len(runs)} runs in the grid, {len(mine)} selected, {len(todo)} to run", flush=True)
     if dry_run:
         total = 0.0
         for run in mine:
@@ -172,8 +188,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="list the runs, their status and estimated time")
     parser.add_argument("--rerun-changed", action="store_true",
                         help="rerun finished runs whose arguments changed (default: keep them and say so)")
+    parser.add_argument("--only", action="append", metavar="KEY=VALUE",
+                        help="run only matching runs (model, dataset, method or seed); repeatable")
     args = parser.parse_args(argv)
-    return run_grid(args.grid, args.shard, args.dry_run, args.rerun_changed)
+    return run_grid(args.grid, args.shard, args.dry_run, args.rerun_changed, args.only)
 
 
 if __name__ == "__main__":

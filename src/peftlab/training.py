@@ -74,6 +74,14 @@ class ModelArguments:
                           "Qwen2.5-Coder-0.5B-Instruct, Qwen2.5-Coder-1.5B-Instruct."})
 
 
+def bf16_helps() -> bool:
+    """True on a CUDA device with bf16 or a CPU with AMX tiles (where bf16 matmuls are ~3x fp32)."""
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    cpuinfo = Path("/proc/cpuinfo")
+    return cpuinfo.exists() and "amx_bf16" in cpuinfo.read_text()
+
+
 @dataclass
 class PeftlabTrainingArguments(TrainingArguments):
     """``TrainingArguments`` with defaults for this task: small LR, 3 epochs, a test eval per epoch."""
@@ -91,7 +99,7 @@ class PeftlabTrainingArguments(TrainingArguments):
     report_to: None | str | list[str] = field(
         default="wandb", metadata={"help": "Trackers: wandb (offline unless logged in), or none."})
     bf16: bool = field(
-        default_factory=lambda: bf16_helps(),
+        default=bf16_helps(),
         metadata={"help": "bf16 autocast (fp32 master weights). Default on where the hardware runs bf16 matmuls "
                           "natively (CUDA bf16, or a CPU with AMX); measured on MiniLM/restaurant_sup: 1.7x faster "
                           "on this CPU, same accuracy."})
@@ -99,14 +107,6 @@ class PeftlabTrainingArguments(TrainingArguments):
                           metadata={"help": "Train on the CPU (the default without CUDA; bf16 then autocasts on CPU)."})
     do_train: bool = field(default=True, metadata={"help": "Train."})
     do_eval: bool = field(default=True, metadata={"help": "Report final test metrics."})
-
-
-def bf16_helps() -> bool:
-    """True on a CUDA device with bf16 or a CPU with AMX tiles (where bf16 matmuls are ~3x fp32)."""
-    if torch.cuda.is_available():
-        return torch.cuda.is_bf16_supported()
-    cpuinfo = Path("/proc/cpuinfo")
-    return cpuinfo.exists() and "amx_bf16" in cpuinfo.read_text()
 
 
 PARSED_TYPES = (DataArguments, ModelArguments, MethodArguments, PeftlabTrainingArguments)

@@ -1,0 +1,115 @@
+"""Grid runner: expansion, shards, resume after a kill; aggregation over fixture run directories."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from peftlab.experiments import expand, load_grid, run_grid, select, shard
+from peftlab.results import aggregate, collect, markdown_table, write_tables
+
+
+def grid_file(tmp_path, model_dir, data_dir, **changes):
+    grid = {
+        "output_root": str(tmp_path / "results"),
+        "defaults": {"num_train_epochs": 1, "report_to": "none", "disable_tqdm": True, "data_dir": str(data_dir),
+                     "per_device_train_batch_size": 4, "logging_steps": 1, "bf16": False},
+        "models": {"tiny": {"slot": "bert-base-uncased", "model_name_or_path": model_dir, "learning_rate": 1e-3}},
+        "datasets": ["restaurant_sup", "acl_sup"],
+        "methods": {"full": {"tuning_method": "full"}, "lora-r8": {"tuning_method": "lora", "lora_r": 8}},
+        "seeds": [1, 2],
+        "overrides": [{"match": {"dataset": "acl_sup", "method": "full"}, "set": {"max_train_samples": 6}}],
+        **changes,
+    }
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(grid))
+    return path
+
+
+def test_expand_merges_and_names_runs(tmp_path):
+    path = grid_file(tmp_path, "m", "d")
+    runs = expand(load_grid(path))
+    assert len(runs) == 8
+    acl_full = next(r for r in runs if (r.dataset, r.method, r.seed) == ("acl_sup", "full", 2))
+    assert acl_full.args["max_train_samples"] == 6 and acl_full.args["learning_rate"] == 1e-3
+    assert "slot" not in acl_full.args and acl_full.args["seed"] == 2
+    assert acl_full.output_dir == tmp_path / "results" / "tiny" / "acl_sup" / "full" / "seed2"
+    assert len({r.output_dir for r in runs}) == 8
+    assert [r.seed for r in select(runs, ["method=lora-r8", "dataset=acl_sup"])] == [1, 2]
+    grid = load_grid(path)
+    grid["models"]["tiny"]["methods"] = ["full"]
+    grid["models"]["tiny"]["datasets"] = ["acl_sup"]
+    assert [(r.dataset, r.method) for r in expand(grid)] == [("acl_sup", "full")] * 2
+
+
+def test_shards_cover_every_run_once(tmp_path):
+    runs = expand(load_grid(grid_file(tmp_path, "m", "d")))
+    parts = [shard(runs, f"{i}/3") for i in range(3)]
+    assert sorted(r.label for part in parts for r in part) == sorted(r.label for r in runs)
+    with pytest.raises(ValueError):
+        shard(runs, "3/3")
+
+
+def test_resume_after_kill_recomputes_nothing_finished(tmp_path, tiny_models, fixture_data_dir):
+    path = grid_file(tmp_path, tiny_models["bert"], fixture_data_dir, seeds=[1, 2, 3])
+    runs = expand(load_grid(path))
+    grid = subprocess.Popen([sys.executable, "-m", "peftlab.experiments", str(path), "--only", "method=full",
+                             "--only", "dataset=restaurant_sup"], start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = runs[0].output_dir / "metrics.json"
+    deadline = time.time() + 240
+    while not first.exists() and time.time() < deadline and grid.poll() is None:
+        time.sleep(0.2)
+    assert first.exists(), "the first run did not finish"
+    time.sleep(1.0)  # the grid is now inside the second run
+    os.killpg(grid.pid, signal.SIGKILL)
+    grid.wait()
+    stamp = first.stat().st_mtime_ns
+    statuses = [r.status() for r in runs[:3]]
+    assert statuses[0] == "done" and statuses[1] in ("incomplete", "todo") and statuses[2] == "todo"
+    assert run_grid(str(path), filters=["method=full", "dataset=restaurant_sup"]) == 0
+    assert first.stat().st_mtime_ns == stamp  # not recomputed
+    assert [r.status() for r in runs[:3]] == ["done"] * 3
+    # a changed argument is reported and kept, never overwritten silently
+    changed = grid_file(tmp_path, tiny_models["bert"], fixture_data_dir, seeds=[1, 2, 3],
+                        defaults={**load_grid(path)["defaults"], "num_train_epochs": 2})
+    assert expand(load_grid(changed))[0].status() == "changed"
+    run_grid(str(changed), dry_run=True, filters=["method=full", "dataset=restaurant_sup"])
+    assert first.stat().st_mtime_ns == stamp
+
+
+def write_fixture_run(root, model, dataset, method, seed, accuracy, macro_f1, runtime):
+    run = root / model / dataset / method / f"seed{seed}"
+    run.mkdir(parents=True)
+    (run / "grid_coordinates.json").write_text(json.dumps(
+        {"model": model, "dataset": dataset, "method": method, "seed": seed}))
+    (run / "run.json").write_text(json.dumps({"resolved_model": {"checkpoint": f"org/{model}"}}))
+    (run / "metrics.json").write_text(json.dumps({
+        "accuracy": accuracy, "micro_f1": accuracy, "macro_f1": macro_f1, "weighted_f1": accuracy,
+        "trainable_percent": 100.0 if method == "full" else 1.0, "trainable_params": 10, "train_runtime": runtime,
+        "train_tokens_per_second": 1000.0, "train_samples_per_second": 10.0, "peak_rss_mb": 2048.0}))
+
+
+def test_aggregation_of_fixture_runs(tmp_path):
+    for seed, acc, f1, secs in ((1, 0.80, 0.60, 100.0), (2, 0.82, 0.64, 110.0), (3, 0.84, 0.68, 120.0)):
+        write_fixture_run(tmp_path, "m", "acl_sup", "full", seed, acc, f1, secs)
+    write_fixture_run(tmp_path, "m", "acl_sup", "lora-r8", 1, 0.5, 0.25, 50.0)
+    rows = aggregate(collect(tmp_path))
+    assert [(r["method"], r["n"]) for r in rows] == [("full", 3), ("lora-r8", 1)]
+    full = rows[0]
+    assert full["accuracy_mean"] == pytest.approx(0.82) and full["accuracy_std"] == pytest.approx(0.02)
+    assert full["macro_f1_mean"] == pytest.approx(0.64) and full["macro_f1_std"] == pytest.approx(0.04)
+    assert full["train_runtime"] == pytest.approx(110.0) and full["checkpoint"] == "org/m"
+    assert math.isnan(rows[1]["accuracy_std"])
+    table = markdown_table(rows)
+    assert "| m | acl_sup | full | 3 | 82.0 ± 2.0 | 82.0 ± 2.0 | 64.0 ± 4.0 | 82.0 ± 2.0 | 100.00 | 110 |" in table
+    assert "| m | acl_sup | lora-r8 | 1 | 50.0 | " in table
+    write_tables(tmp_path, tmp_path / "out")
+    csv_text = (tmp_path / "out" / "results.csv").read_text()
+    assert csv_text.splitlines()[1].startswith("m,acl_sup,full,3,1 2 3,org/m,0.82,0.02,")
