@@ -143,9 +143,35 @@ def format_estimate(name: str, est: Estimate, args: dict) -> str:
     return "\n".join(lines)
 
 
+REPORT_SCENARIOS = (  # (label, method, precision, extra keyword arguments)
+    ("full, fp32", "full", "fp32", {}),
+    ("full, bf16 mixed", "full", "bf16-mixed", {}),
+    ("LoRA r=8 (q,v), bf16 mixed", "lora", "bf16-mixed", {"lora_r": 8}),
+    ("LoRA r=32 (q,v), bf16 mixed", "lora", "bf16-mixed", {"lora_r": 32}),
+    ("LoRA r=16 (all linear), bf16 mixed", "lora", "bf16-mixed", {"lora_r": 16, "lora_targets": "all-linear"}),
+    ("LoRA r=8 (q,v), bf16 weights", "lora", "bf16-pure", {"lora_r": 8}),
+    ("Houlsby adapter (rf 16), bf16 mixed", "adapter", "bf16-mixed", {}),
+)
+
+
+def scenario_table(model: str, batch_size: int = 16, seq_len: int = 256) -> str:
+    """A Markdown table of the standard scenarios for one model (for the report)."""
+    config = load_config(model)
+    lines = [f"Model `{model}`, AdamW, batch {batch_size} x {seq_len} tokens, SDPA attention.", "",
+             "| scenario | trainable params | weights GiB | gradients GiB | AdamW GiB | activations GiB "
+             "| total GiB |", "|---|---|---|---|---|---|---|"]
+    for label, method, precision, extra in REPORT_SCENARIOS:
+        est = estimate(config, method, precision, batch_size, seq_len, **extra)
+        lines.append(f"| {label} | {est.trainable_params:,} | {est.weights / GIB:.2f} | {est.gradients / GIB:.2f} "
+                     f"| {est.optimizer / GIB:.2f} | {est.activations / GIB:.2f} | {est.total / GIB:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Estimate training memory.", epilog=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--table", metavar="PATH",
+                        help="write the report's scenario table for --model (full/LoRA/adapter, fp32/bf16) to PATH")
     parser.add_argument("--model", required=True,
                         help=f"built-in config ({', '.join(builtin_config_names())}), local folder or hub id")
     parser.add_argument("--method", choices=["full", "lora", "adapter"], default="full")
@@ -159,6 +185,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--eager_attention", action="store_true", help="count the s^2 attention matrices")
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")
     args = parser.parse_args(argv)
+    if args.table:
+        Path(args.table).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.table).write_text(scenario_table(args.model, args.batch_size, args.seq_len))
+        print(f"wrote {args.table}")
+        return
     targets = args.lora_target_modules
     if targets and targets != "all-linear":
         targets = targets.split(",")

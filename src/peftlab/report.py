@@ -1,0 +1,205 @@
+"""The report: plots and ``reports/REPORT.md`` generated from run directories and prose files.
+
+No number is typed by hand: tables come from :mod:`peftlab.results`, and prose files may cite a
+result with a placeholder that is filled in from the runs:
+
+* ``{{metric:MODEL/DATASET/METHOD/KEY}}``: ``mean ± std`` (percent) of a quality metric over seeds,
+  e.g. ``{{metric:minilm/restaurant_sup/full/accuracy}}``;
+* ``{{cost:MODEL/DATASET/METHOD/KEY}}``: the seed mean of a cost column (train_runtime, ...);
+* ``{{file:PATH}}``: the text of a generated file (a benchmark or memory table), relative to the repo.
+
+A placeholder that names nothing is an error, so the report never shows a stale or made-up figure.
+Output is deterministic: the same inputs give the same bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from collections import defaultdict
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from .results import RunResult, aggregate, collect, markdown_table, pm, write_csv  # noqa: E402
+
+matplotlib.rcParams["svg.hashsalt"] = "peftlab"  # deterministic output
+
+
+def _curve(runs: list[RunResult], key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """Mean and std over seeds of a logged value against step (steps shared by every seed)."""
+    series = []
+    for run in runs:
+        points = {entry["step"]: entry[key] for entry in run.log_history() if key in entry}
+        if points:
+            series.append(points)
+    if not series:
+        return None
+    steps = sorted(set.intersection(*(set(s) for s in series)))
+    values = np.array([[s[step] for step in steps] for s in series])
+    return np.array(steps), values.mean(axis=0), values.std(axis=0, ddof=1) if len(series) > 1 else 0 * values[0]
+
+
+def _save(fig, axes, title: str, path: Path) -> Path:
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80, metadata={"Software": None})  # no version stamp: same inputs, same bytes
+    plt.close(fig)
+    return path
+
+
+def plot_curves(runs: list[RunResult], out_dir: Path) -> list[Path]:
+    """Per (model, dataset): train loss, test accuracy and test macro-F1 against step, one line per method."""
+    by_pair: dict[tuple[str, str], dict[str, list[RunResult]]] = defaultdict(lambda: defaultdict(list))
+    for run in runs:
+        by_pair[run.model, run.dataset][run.method].append(run)
+    paths = []
+    for (model, dataset), methods in sorted(by_pair.items()):
+        fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+        for method, members in sorted(methods.items()):
+            for axis, key in zip(axes, ("loss", "eval_accuracy", "eval_macro_f1"), strict=True):
+                curve = _curve(members, key)
+                if curve is None:
+                    continue
+                steps, mean, std = curve
+                line, = axis.plot(steps, mean, marker="o" if key != "loss" else None, markersize=3,
+                                  label=f"{method} (n={len(members)})")
+                axis.fill_between(steps, mean - std, mean + std, alpha=0.2, color=line.get_color())
+        for axis, title in zip(axes, ("train loss", "test accuracy", "test macro-F1"), strict=True):
+            axis.set_title(title)
+            axis.set_xlabel("step")
+            axis.grid(alpha=0.3)
+        paths.append(_save(fig, axes, f"{model} on {dataset}: mean over seeds, band = ±1 std",
+                           out_dir / f"curves_{model}_{dataset}.png"))
+    return paths
+
+
+def plot_bars(rows: list[dict], out_dir: Path) -> list[Path]:
+    """Per model: accuracy and macro-F1 by dataset and method, with ±1 std error bars."""
+    paths = []
+    for model in sorted({row["model"] for row in rows}):
+        mine = [row for row in rows if row["model"] == model]
+        datasets = sorted({row["dataset"] for row in mine})
+        methods = sorted({row["method"] for row in mine})
+        fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+        width = 0.8 / len(methods)
+        for axis, key in zip(axes, ("accuracy", "macro_f1"), strict=True):
+            for i, method in enumerate(methods):
+                cells = {row["dataset"]: row for row in mine if row["method"] == method}
+                means = [100 * cells[d][f"{key}_mean"] if d in cells else np.nan for d in datasets]
+                stds = [np.nan_to_num(100 * cells[d][f"{key}_std"]) if d in cells else 0 for d in datasets]
+                axis.bar(np.arange(len(datasets)) + i * width, means, width, yerr=stds, capsize=3, label=method)
+            axis.set_xticks(np.arange(len(datasets)) + width * (len(methods) - 1) / 2, datasets)
+            axis.set_title(f"{key} (%)")
+            axis.grid(axis="y", alpha=0.3)
+        paths.append(_save(fig, axes, f"{model}: test metrics, mean ± std over seeds", out_dir / f"bars_{model}.png"))
+    return paths
+
+
+PLACEHOLDER = re.compile(r"\{\{(metric|cost|file):([^}]+)\}\}")
+
+
+def fill_placeholders(text: str, rows: list[dict], repo_root: Path) -> str:
+    cells = {(row["model"], row["dataset"], row["method"]): row for row in rows}
+
+    def substitute(match: re.Match) -> str:
+        kind, target = match.groups()
+        if kind == "file":
+            path = repo_root / target
+            if not path.is_file():
+                raise FileNotFoundError(f"report placeholder {match.group(0)}: no file {path}")
+            return path.read_text().rstrip("\n")
+        model, dataset, method, key = target.split("/")
+        row = cells.get((model, dataset, method))
+        if row is None:
+            raise KeyError(f"report placeholder {match.group(0)}: no runs for {model}/{dataset}/{method}")
+        return pm(row, key) if kind == "metric" else f"{row[key]:.0f}" if row[key] >= 10 else f"{row[key]:.2f}"
+
+    return PLACEHOLDER.sub(substitute, text)
+
+
+def configuration_section(runs: list[RunResult]) -> str:
+    """Every hyperparameter that varies or matters, per (model, dataset, method) cell, from run.json."""
+    keys = [("training_args", "learning_rate"), ("training_args", "num_train_epochs"),
+            ("training_args", "per_device_train_batch_size"), ("training_args", "warmup_ratio"),
+            ("training_args", "weight_decay"), ("training_args", "lr_scheduler_type"), ("training_args", "bf16"),
+            ("data_args", "max_seq_length"), ("data_args", "max_train_samples"), ("method_args", "lora_r"),
+            ("method_args", "lora_alpha"), ("method_args", "lora_dropout"), ("method_args", "lora_target_modules"),
+            ("method_args", "adapter_config"), ("method_args", "adapter_reduction_factor")]
+    header = "| model | dataset | method | " + " | ".join(k for _, k in keys) + " |"
+    lines = [header, "|" + "---|" * (len(keys) + 3)]
+    seen = set()
+    for run in runs:
+        if run.cell in seen:
+            continue
+        seen.add(run.cell)
+        values = []
+        for group, key in keys:
+            value = run.record.get(group, {}).get(key)
+            is_method_key = group == "method_args"
+            if is_method_key and not key.startswith(run.record["method_args"]["tuning_method"]):
+                value = "–"
+            values.append(str(value))
+        lines.append(f"| {run.model} | {run.dataset} | {run.method} | " + " | ".join(values) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def environment_section(runs: list[RunResult]) -> str:
+    """Checkpoints that actually ran per model key, hardware and versions (from run.json)."""
+    lines = ["| model key | checkpoint that ran | source |", "|---|---|---|"]
+    first = {}
+    for run in runs:
+        first.setdefault(run.model, run)
+    for model, run in sorted(first.items()):
+        lines.append(f"| {model} | {run.checkpoint} | {run.record['resolved_model']['source']} |")
+    hardware = sorted({json.dumps(run.record.get("hardware", {}), sort_keys=True) for run in runs})
+    versions = sorted({json.dumps(run.record.get("versions", {}), sort_keys=True) for run in runs})
+    lines += ["", "Hardware seen in these runs:", ""] + [f"- `{h}`" for h in hardware]
+    lines += ["", "Software versions seen in these runs:", ""] + [f"- `{v}`" for v in versions]
+    return "\n".join(lines) + "\n"
+
+
+def build_report(results_root: Path, prose_dir: Path, out_dir: Path, repo_root: Path) -> Path:
+    """Write figures, results tables and ``REPORT.md`` into ``out_dir``."""
+    runs = collect(results_root)
+    rows = aggregate(runs)
+    figures = out_dir / "figures"
+    figures.mkdir(parents=True, exist_ok=True)
+    write_csv(rows, out_dir / "results.csv")
+    curve_paths = plot_curves(runs, figures)
+    bar_paths = plot_bars(rows, figures)
+
+    sections = {
+        "results_table": markdown_table(rows) if rows else "_no finished runs yet_\n",
+        "configurations": configuration_section(runs) if runs else "_no finished runs yet_\n",
+        "environment": environment_section(runs) if runs else "_no finished runs yet_\n",
+        "curves": "\n".join(f"![{p.stem}](figures/{p.name})" for p in curve_paths) + "\n",
+        "bars": "\n".join(f"![{p.stem}](figures/{p.name})" for p in bar_paths) + "\n",
+    }
+    template = (prose_dir / "REPORT.template.md").read_text()
+    for name, body in sections.items():
+        template = template.replace(f"{{{{section:{name}}}}}", body.rstrip("\n"))
+    report = fill_placeholders(template, rows, repo_root)
+    path = out_dir / "REPORT.md"
+    path.write_text(report)
+    return path
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Generate reports/REPORT.md from the results.")
+    parser.add_argument("--results", default="results", help="root of the run directories")
+    parser.add_argument("--prose", default="reports", help="folder of REPORT.template.md")
+    parser.add_argument("--out", default="reports", help="where REPORT.md, results.csv and figures/ go")
+    args = parser.parse_args(argv)
+    path = build_report(Path(args.results), Path(args.prose), Path(args.out), Path.cwd())
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,30 @@
+import pytest
+import torch
+
+from peftlab.benchmark import _batches, matmul_peak, measure
+
+
+def test_matmul_peak_is_positive():
+    assert matmul_peak(torch.float32, size=128, repeats=3) > 1e6
+
+
+def test_padding_strategies(tiny_models):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models["bert"])
+    texts = ["the food", "the food was great but service slow"] * 8
+    fixed = _batches(tokenizer, texts, 4, "max_length", 16, 4)
+    dynamic = _batches(tokenizer, texts, 4, "dynamic", 16, 4)
+    grouped = _batches(tokenizer, texts, 4, "grouped", 16, 4)
+    assert all(b["input_ids"].shape == (4, 16) for b in fixed)
+    assert all(b["input_ids"].shape[1] == 9 for b in dynamic)
+    assert sum(b["input_ids"].numel() for b in grouped) < sum(b["input_ids"].numel() for b in dynamic)
+
+
+@pytest.mark.parametrize("method", ["full", "lora-r8"])
+def test_measure_tiny(method, tiny_models, real_data_dir):
+    result = measure(tiny_models["qwen2"], method, "bf16", "dynamic", batch_size=4, steps=2, warmup=1, threads=1,
+                     data_dir=str(real_data_dir), max_length=32)
+    assert result["train_step_s"]["n"] == 2 and result["train_tokens_per_s"] > 0
+    assert result["infer_examples_per_s"] > 0 and result["peak_rss_mb"] > 0
+    assert ("merged_infer_examples_per_s" in result) == (method != "full")

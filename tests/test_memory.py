@@ -1,0 +1,71 @@
+"""VRAM estimator: a hand-computed tiny config, and trainable counts equal to real wrapping."""
+
+import pytest
+from transformers import BertConfig
+
+from peftlab.memory import (
+    GIB,
+    builtin_config_names,
+    estimate,
+    load_config,
+    meta_model,
+    scenario_table,
+    trainable_parameters,
+)
+from peftlab.methods import MethodArguments, get_method, parameter_counts
+from peftlab.models import get_model
+
+TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=64)
+
+
+def test_hand_computed_tiny_bert():
+    config = BertConfig(**TINY, num_labels=2)
+    # embeddings 64*32 + 512*32 + 2*32 + LayerNorm 64 = 18560; per layer q,k,v,o 4*(32*32+32) = 4224,
+    # 2 LayerNorms 128, MLP 32*64+64 + 64*32+32 = 4192 -> 8544, x2 = 17088; pooler 1056; classifier 66
+    est = estimate(config, "full", "fp32", batch_size=1, seq_len=8)
+    assert est.total_params == 18560 + 17088 + 1056 + 66 == 36770
+    assert (est.weights, est.gradients, est.optimizer) == (36770 * 4, 36770 * 4, 36770 * 8)
+    # per token and layer: 2h + h + 3h + h + h + 2i = 64 + 32 + 96 + 32 + 32 + 128 = 384 values of 4 bytes,
+    # x 8 tokens x 2 layers = 24576, plus the embedding output 8 x 32 x 4 = 1024
+    assert est.activations == 25600
+    eager = estimate(config, "full", "fp32", batch_size=1, seq_len=8, eager_attention=True)
+    assert eager.activations - est.activations == 2 * (4 * 1 * 4 * 8 * 8 * 2)  # scores + probs, 2 layers
+    mixed = estimate(config, "full", "bf16-mixed", batch_size=1, seq_len=8)
+    assert mixed.weights == est.weights and mixed.activations == est.activations // 2
+    lora = estimate(config, "lora", "bf16-mixed", batch_size=1, seq_len=8, lora_r=8)
+    assert lora.trainable_params == 2 * 2 * 8 * 64 + 66  # q and v in 2 layers, r*(in+out); head copy
+    assert lora.optimizer == lora.trainable_params * 8 and lora.weights == (36770 + lora.trainable_params) * 4
+
+
+@pytest.mark.parametrize("arch", ["roberta", "qwen2", "llama", "mpnet"])
+@pytest.mark.parametrize("method,kwargs", [("lora", {"lora_r": 8}), ("lora", {"lora_r": 16}),
+                                           ("adapter", {"adapter_reduction_factor": 16})])
+def test_trainable_counts_match_real_wrapping(arch, method, kwargs, tiny_models):
+    _, model = get_model(tiny_models[arch], 3)
+    predicted = trainable_parameters(meta_model(model.config), method,
+                                     lora_r=kwargs.get("lora_r", 8),
+                                     reduction_factor=kwargs.get("adapter_reduction_factor", 16))
+    wrapped = get_method(method).wrap(model, MethodArguments(tuning_method=method, **kwargs))
+    assert parameter_counts(wrapped)["trainable_params"] == predicted
+
+
+def test_builtin_configs_have_published_sizes():
+    assert set(builtin_config_names()) >= {"bert-base-uncased", "roberta-large", "Qwen2.5-0.5B", "Qwen2.5-1.5B",
+                                           "Qwen2.5-3B"}
+    sizes = {name: estimate(load_config(name), batch_size=1, seq_len=1).total_params - head
+             for name, head in (("bert-base-uncased", 2 * 768 + 2), ("roberta-large", 1024 * 1024 + 1024 + 2050),
+                                ("Qwen2.5-0.5B", 896 * 2), ("Qwen2.5-3B", 2048 * 2))}
+    # published body sizes; RoBERTa's classification model has no pooler (355,359,744 - 1024*1024 - 1024)
+    assert sizes == {"bert-base-uncased": 109_482_240, "roberta-large": 354_310_144,
+                     "Qwen2.5-0.5B": 494_032_768, "Qwen2.5-3B": 3_085_938_688}
+
+
+def test_3b_full_vs_lora():
+    config = load_config("Qwen2.5-3B")
+    full = estimate(config, "full", "bf16-mixed", batch_size=16, seq_len=256)
+    lora = estimate(config, "lora", "bf16-mixed", batch_size=16, seq_len=256, lora_r=8)
+    assert 16 * full.total_params == full.weights + full.gradients + full.optimizer  # 16 bytes per parameter
+    assert lora.gradients + lora.optimizer < 0.01 * (full.gradients + full.optimizer)
+    assert full.total / GIB > 45 and lora.total / GIB < full.total / GIB / 2
+    table = scenario_table("Qwen2.5-3B")
+    assert table.count("\n| ") == 8 and "| full, fp32 | 3,085,942,784 |" in table

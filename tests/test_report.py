@@ -1,0 +1,67 @@
+"""Report generation: tables, curves, placeholders, byte-for-byte regeneration."""
+
+import json
+
+import pytest
+
+from peftlab.report import build_report, fill_placeholders
+from peftlab.results import aggregate, collect
+
+
+def fixture_run(root, method, seed, accuracy):
+    run = root / "m" / "acl_sup" / method / f"seed{seed}"
+    run.mkdir(parents=True)
+    (run / "grid_coordinates.json").write_text(json.dumps(
+        {"model": "m", "dataset": "acl_sup", "method": method, "seed": seed}))
+    (run / "run.json").write_text(json.dumps({
+        "resolved_model": {"checkpoint": "org/m", "source": "package"},
+        "training_args": {"learning_rate": 1e-4, "num_train_epochs": 2, "bf16": True},
+        "data_args": {"max_seq_length": 256}, "method_args": {"tuning_method": method.split("-")[0], "lora_r": 8},
+        "hardware": {"cpu_count": 2}, "versions": {"torch": "2.13.0"}}))
+    (run / "metrics.json").write_text(json.dumps({
+        "accuracy": accuracy, "micro_f1": accuracy, "macro_f1": accuracy - 0.1, "weighted_f1": accuracy,
+        "trainable_percent": 1.0, "trainable_params": 5, "train_runtime": 12.0, "train_tokens_per_second": 100.0,
+        "train_samples_per_second": 3.0, "peak_rss_mb": 900.0}))
+    history = [{"step": s, "loss": 1.0 / s + seed / 100} for s in (1, 2, 3, 4)]
+    history += [{"step": 2, "eval_accuracy": accuracy - 0.05, "eval_macro_f1": 0.3},
+                {"step": 4, "eval_accuracy": accuracy, "eval_macro_f1": 0.4}]
+    (run / "trainer_state.json").write_text(json.dumps({"log_history": history}))
+
+
+@pytest.fixture
+def report_inputs(tmp_path):
+    results = tmp_path / "results"
+    for seed, acc in ((1, 0.7), (2, 0.8)):
+        fixture_run(results, "full", seed, acc)
+        fixture_run(results, "lora-r8", seed, acc - 0.1)
+    prose = tmp_path / "prose"
+    prose.mkdir()
+    (tmp_path / "table.md").write_text("| a |\n")
+    (prose / "REPORT.template.md").write_text(
+        "# R\n{{section:environment}}\n{{section:configurations}}\n{{section:results_table}}\n"
+        "{{section:curves}}\n{{section:bars}}\nFull reaches {{metric:m/acl_sup/full/accuracy}} in "
+        "{{cost:m/acl_sup/full/train_runtime}} s.\n{{file:table.md}}\n")
+    return results, prose, tmp_path
+
+
+def test_report_content_and_byte_identical_regeneration(report_inputs):
+    results, prose, root = report_inputs
+    first = build_report(results, prose, root / "out1", root)
+    second = build_report(results, prose, root / "out2", root)
+    text = first.read_text()
+    assert text == second.read_text()
+    assert "Full reaches 75.0 ± 7.1 in 12 s." in text
+    assert "| m | acl_sup | lora-r8 | 2 | 65.0 ± 7.1 |" in text
+    assert "| m | org/m | package |" in text and "| m | acl_sup | full | 0.0001 | 2 |" in text
+    assert "![curves_m_acl_sup](figures/curves_m_acl_sup.png)" in text and "| a |" in text
+    for name in ("curves_m_acl_sup.png", "bars_m.png"):
+        assert (root / "out1" / "figures" / name).read_bytes() == (root / "out2" / "figures" / name).read_bytes()
+
+
+def test_unknown_placeholder_is_an_error(report_inputs):
+    results, _, root = report_inputs
+    rows = aggregate(collect(results))
+    with pytest.raises(KeyError, match="no runs for m/agnews_sup/full"):
+        fill_placeholders("{{metric:m/agnews_sup/full/accuracy}}", rows, root)
+    with pytest.raises(FileNotFoundError):
+        fill_placeholders("{{file:nope.md}}", rows, root)
