@@ -69,3 +69,12 @@ def test_3b_full_vs_lora():
     assert full.total / GIB > 45 and lora.total / GIB < full.total / GIB / 2
     table = scenario_table("Qwen2.5-3B")
     assert table.count("\n| ") == 8 and "| full, fp32 | 3,085,942,784 |" in table
+
+
+def test_measurement_runs_and_tables(tiny_models):
+    from peftlab.memory import measure_step_memory, measurement_table
+
+    result = measure_step_memory(tiny_models["qwen2"], "lora-r8", batch_size=2, seq_len=8, steps=1)
+    assert result["measured_bytes"] > 0 and result["trainable_params"] > 0
+    table = measurement_table([result])
+    assert "| lora-r8 | 2 x 8 |" in table and table.count("\n") == 3

@@ -13,6 +13,7 @@ and context matmuls (4 * layers * seq * hidden per token forward, twice that bac
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -68,7 +69,7 @@ def _train_flops_per_token(model, trainable: int, seq_len: float) -> float:
 
 
 def measure(model_name: str, method: str, precision: str, padding: str, batch_size: int, steps: int,
-            warmup: int, threads: int, data_dir: str | None, max_length: int) -> dict:
+            warmup: int, threads: int, data_dir: str | None, max_length: int, fused_adamw: bool = False) -> dict:
     """One configuration, in this process."""
     from .data import get_dataset
     from .methods import MethodArguments, get_method, parameter_counts
@@ -87,7 +88,7 @@ def measure(model_name: str, method: str, precision: str, padding: str, batch_si
     tuning = get_method(args.tuning_method)
     model = tuning.wrap(model, args)
     counts = parameter_counts(model)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=fused_adamw)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
     batches = _batches(tokenizer, texts, batch_size, padding, max_length, warmup + steps)
     model.train()
@@ -108,7 +109,7 @@ def measure(model_name: str, method: str, precision: str, padding: str, batch_si
     total_time = sum(step_times)
     result = {
         "model": model_name, "method": method, "precision": precision, "padding": padding,
-        "batch_size": batch_size, "threads": threads, **counts,
+        "batch_size": batch_size, "threads": threads, "fused_adamw": fused_adamw, **counts,
         "train_step_s": _quartiles(step_times),
         "train_examples_per_s": batch_size * len(step_times) / total_time,
         "train_tokens_per_s": sum(real_tokens) / total_time,
@@ -149,9 +150,9 @@ def run_isolated(config: dict) -> dict:
 
 def markdown(results: list[dict], peaks: dict) -> str:
     lines = [
-        "| model | method | precision | padding | threads | train ex/s | train tokens/s | step s (median [q1, q3]) "
-        "| % of matmul peak | infer ex/s | merged infer ex/s | trainable % | peak RSS MB |",
-        "|" + "---|" * 13,
+        "| model | method | precision | padding | threads | AdamW | train ex/s | train tokens/s "
+        "| step s (median [q1, q3]) | % of matmul peak | infer ex/s | merged infer ex/s | trainable % | peak RSS MB |",
+        "|" + "---|" * 14,
     ]
     for r in results:
         step = r["train_step_s"]
@@ -159,6 +160,7 @@ def markdown(results: list[dict], peaks: dict) -> str:
         merged = f"{r['merged_infer_examples_per_s']:.1f}" if "merged_infer_examples_per_s" in r else "–"
         lines.append(
             f"| {r['model']} | {r['method']} | {r['precision']} | {r['padding']} | {r['threads']} "
+            f"| {'fused' if r.get('fused_adamw') else 'foreach'} "
             f"| {r['train_examples_per_s']:.1f} | {r['train_tokens_per_s']:.0f} "
             f"| {step['median']:.3f} [{step['q1']:.3f}, {step['q3']:.3f}] "
             f"| {100 * r['train_flops_per_s'] / peak:.1f} | {r['infer_examples_per_s']:.1f} | {merged} "
@@ -173,6 +175,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     parser.add_argument("--paddings", nargs="+", default=["dynamic"], choices=PADDINGS)
     parser.add_argument("--threads", nargs="+", type=int, default=[os.cpu_count()])
+    parser.add_argument("--fused_adamw", nargs="+", type=int, default=[0], choices=[0, 1],
+                        help="AdamW implementation: 0 = foreach (PyTorch's default), 1 = fused")
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--steps", type=int, default=8, help="timed steps per configuration")
     parser.add_argument("--warmup", type=int, default=2)
@@ -189,10 +193,11 @@ def main(argv: list[str] | None = None) -> None:
         for method in args.methods:
             for precision in args.precisions:
                 for padding in args.paddings:
-                    for threads in args.threads:
+                    for threads, fused in itertools.product(args.threads, args.fused_adamw):
                         config = dict(model_name=model, method=method, precision=precision, padding=padding,
                                       batch_size=args.batch_size, steps=args.steps, warmup=args.warmup,
-                                      threads=threads, data_dir=args.data_dir, max_length=args.max_length)
+                                      threads=threads, data_dir=args.data_dir, max_length=args.max_length,
+                                      fused_adamw=bool(fused))
                         result = run_isolated(config)
                         results.append(result)
                         print(markdown([result], peaks).splitlines()[-1], flush=True)

@@ -167,12 +167,97 @@ def scenario_table(model: str, batch_size: int = 16, seq_len: int = 256) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _rss() -> int:
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
+def measure_step_memory(model_name: str, method: str, batch_size: int = 16, seq_len: int = 128,
+                        steps: int = 2) -> dict:
+    """Peak RSS growth over the bare process while loading a model and taking AdamW steps with bf16
+    autocast on fixed-length random batches; beside it the estimate for the same setting."""
+    import ctypes
+    import gc
+    import threading
+    import time
+
+    from .methods import MethodArguments, get_method
+    from .models import get_model
+
+    libc = ctypes.CDLL("libc.so.6")
+    gc.collect()
+    libc.malloc_trim(0)
+    baseline = _rss()
+    peak = [baseline]
+    running = threading.Event()
+    running.set()
+
+    def sample():
+        while running.is_set():
+            peak[0] = max(peak[0], _rss())
+            time.sleep(0.002)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    torch.manual_seed(0)
+    _, model = get_model(model_name, 3)
+    args = MethodArguments(tuning_method=method.split("-")[0], lora_r=int(method.split("-r")[1]) if "-r" in method
+                           else 8)
+    model = get_method(args.tuning_method).wrap(model, args)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    model.train()
+    for _ in range(steps):
+        ids = torch.randint(0, min(model.config.vocab_size, 1000), (batch_size, seq_len))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, attention_mask=torch.ones_like(ids),
+                         labels=torch.zeros(batch_size, dtype=torch.long)).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    running.clear()
+    sampler.join()
+    est = estimate(model.config if not hasattr(model, "get_base_model") else model.get_base_model().config,
+                   args.tuning_method, "bf16-mixed", batch_size, seq_len, lora_r=args.lora_r)
+    return {"model": model_name, "method": method, "batch_size": batch_size, "seq_len": seq_len,
+            "measured_bytes": peak[0] - baseline, **est.as_dict()}
+
+
+def measurement_table(results: list[dict]) -> str:
+    lines = ["| model | method | batch x seq | estimated GiB (weights + grads + AdamW + activations) "
+             "| measured peak RSS growth GiB | measured / estimated |", "|---|---|---|---|---|---|"]
+    for r in results:
+        parts = " + ".join(f"{r[k] / GIB:.2f}" for k in ("weights_bytes", "gradients_bytes", "optimizer_bytes",
+                                                            "activations_bytes"))
+        lines.append(f"| {r['model']} | {r['method']} | {r['batch_size']} x {r['seq_len']} "
+                     f"| {r['total_bytes'] / GIB:.2f} ({parts}) | {r['measured_bytes'] / GIB:.2f} "
+                     f"| {r['measured_bytes'] / r['total_bytes']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def _measure_isolated(model_name: str, method: str) -> dict:
+    import subprocess
+    import sys
+
+    code = ("import json,sys; from peftlab.memory import measure_step_memory; "
+            "print('RESULT' + json.dumps(measure_step_memory(sys.argv[1], sys.argv[2])))")
+    done = subprocess.run([sys.executable, "-c", code, model_name, method], capture_output=True, text=True)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT")]
+    if done.returncode or not lines:
+        raise RuntimeError(f"memory measurement {model_name} {method} failed:\n{done.stderr[-3000:]}")
+    return json.loads(lines[-1][len("RESULT"):])
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Estimate training memory.", epilog=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--table", metavar="PATH",
                         help="write the report's scenario table for --model (full/LoRA/adapter, fp32/bf16) to PATH")
-    parser.add_argument("--model", required=True,
+    parser.add_argument("--check", metavar="PATH",
+                        help="measure peak RSS of real training steps for --check_models x full/LoRA/adapter, each "
+                             "in a fresh process, and write the estimated-vs-measured table to PATH")
+    parser.add_argument("--check_models", nargs="+", default=["all-MiniLM-L6-v2", "Qwen2.5-Coder-0.5B-Instruct"])
+    parser.add_argument("--model",
                         help=f"built-in config ({', '.join(builtin_config_names())}), local folder or hub id")
     parser.add_argument("--method", choices=["full", "lora", "adapter"], default="full")
     parser.add_argument("--precision", choices=["fp32", "bf16-mixed", "bf16-pure"], default="fp32")
@@ -185,6 +270,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--eager_attention", action="store_true", help="count the s^2 attention matrices")
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")
     args = parser.parse_args(argv)
+    if args.check:
+        results = [_measure_isolated(m, method) for m in args.check_models for method in ("full", "lora-r8", "adapter")]
+        Path(args.check).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.check).write_text(measurement_table(results))
+        Path(args.check).with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
+        print(measurement_table(results))
+        return
+    if args.model is None:
+        parser.error("--model is required")
     if args.table:
         Path(args.table).parent.mkdir(parents=True, exist_ok=True)
         Path(args.table).write_text(scenario_table(args.model, args.batch_size, args.seq_len))
