@@ -2,6 +2,7 @@
 # The throughput benchmark (issue 6): run on an otherwise idle machine.
 #  1. MiniLM and the 0.5B decoder x full / LoRA r=16 / adapter x fp32 / bf16 autocast
 #  2. padding strategies (MiniLM, full, bf16), 3. thread counts (MiniLM, full, bf16)
+#  4. foreach vs fused AdamW (0.5B decoder, full, fp32 and bf16): before/after of train.py's defaults
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
@@ -12,3 +13,5 @@ $PY -m peftlab.benchmark --models all-MiniLM-L6-v2 --methods full --precisions b
     --paddings max_length dynamic grouped --steps 20 --out benchmarks/results/padding "$@"
 $PY -m peftlab.benchmark --models all-MiniLM-L6-v2 --methods full --precisions bf16 --threads 1 2 \
     --steps 20 --out benchmarks/results/threads "$@"
+$PY -m peftlab.benchmark --models Qwen2.5-Coder-0.5B-Instruct --methods full --precisions fp32 bf16 \
+    --fused_adamw 0 1 --steps 6 --out benchmarks/results/adamw "$@"

