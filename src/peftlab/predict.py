@@ -9,12 +9,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from transformers import AutoTokenizer, DataCollatorWithPadding, HfArgumentParser, Trainer, TrainingArguments
+from transformers import AutoTokenizer, DataCollatorWithPadding, HfArgumentParser, Trainer
 
 from .methods import get_method
 from .metrics import classification_metrics
 from .models import resolve_model
-from .training import MODEL_SUBDIR, load_data, take_slice, tokenize
+from .training import MODEL_SUBDIR, PeftlabTrainingArguments, load_data, take_slice, tokenize
 
 
 @dataclass
@@ -52,8 +52,9 @@ def predict(args: PredictArguments) -> dict:
     training = record["training_args"]
     with tempfile.TemporaryDirectory() as scratch:
         trainer = Trainer(model=model, data_collator=DataCollatorWithPadding(tokenizer), processing_class=tokenizer,
-                          args=TrainingArguments(output_dir=scratch, report_to=[], bf16=training["bf16"],
-                                                 per_device_eval_batch_size=training["per_device_eval_batch_size"]))
+                          args=PeftlabTrainingArguments(
+                              output_dir=scratch, report_to=[], bf16=training["bf16"], eval_strategy="no",
+                              per_device_eval_batch_size=training["per_device_eval_batch_size"]))
         logits = trainer.predict(encoded).predictions
     predictions = np.argmax(logits[0] if isinstance(logits, tuple) else logits, axis=-1)
     names = rows.features["label"].names
