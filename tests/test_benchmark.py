@@ -28,3 +28,11 @@ def test_measure_tiny(method, tiny_models, real_data_dir):
     assert result["train_step_s"]["n"] == 2 and result["train_tokens_per_s"] > 0
     assert result["infer_examples_per_s"] > 0 and result["peak_rss_mb"] > 0
     assert ("merged_infer_examples_per_s" in result) == (method != "full")
+
+
+def test_fresh_process_call_and_its_errors():
+    from peftlab.isolated import call_in_fresh_process
+
+    assert call_in_fresh_process("peftlab.memory:builtin_config_names")[:1] == ["Qwen2.5-0.5B"]
+    with pytest.raises(RuntimeError, match="no_such_function"):
+        call_in_fresh_process("peftlab.memory:no_such_function")

@@ -19,12 +19,12 @@ import os
 import platform
 import resource
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import torch
+
+from .isolated import call_in_fresh_process
 
 PADDINGS = ("dynamic", "max_length", "grouped")
 
@@ -137,17 +137,6 @@ def measure(model_name: str, method: str, precision: str, padding: str, batch_si
     return result
 
 
-def run_isolated(config: dict) -> dict:
-    """``measure(**config)`` in a fresh Python process; returns its JSON result."""
-    code = ("import json,sys; from peftlab.benchmark import measure; "
-            "print('RESULT' + json.dumps(measure(**json.loads(sys.argv[1]))))")
-    done = subprocess.run([sys.executable, "-c", code, json.dumps(config)], capture_output=True, text=True)
-    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT")]
-    if done.returncode or not lines:
-        raise RuntimeError(f"benchmark {config} failed:\n{done.stderr[-3000:]}")
-    return json.loads(lines[-1][len("RESULT"):])
-
-
 def markdown(results: list[dict], peaks: dict) -> str:
     lines = [
         "| model | method | precision | padding | threads | AdamW | train ex/s | train tokens/s "
@@ -198,7 +187,7 @@ def main(argv: list[str] | None = None) -> None:
                                       batch_size=args.batch_size, steps=args.steps, warmup=args.warmup,
                                       threads=threads, data_dir=args.data_dir, max_length=args.max_length,
                                       fused_adamw=bool(fused))
-                        result = run_isolated(config)
+                        result = call_in_fresh_process("peftlab.benchmark:measure", **config)
                         results.append(result)
                         print(markdown([result], peaks).splitlines()[-1], flush=True)
     out = Path(args.out)

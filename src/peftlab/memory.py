@@ -235,19 +235,6 @@ def measurement_table(results: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _measure_isolated(model_name: str, method: str) -> dict:
-    import subprocess
-    import sys
-
-    code = ("import json,sys; from peftlab.memory import measure_step_memory; "
-            "print('RESULT' + json.dumps(measure_step_memory(sys.argv[1], sys.argv[2])))")
-    done = subprocess.run([sys.executable, "-c", code, model_name, method], capture_output=True, text=True)
-    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT")]
-    if done.returncode or not lines:
-        raise RuntimeError(f"memory measurement {model_name} {method} failed:\n{done.stderr[-3000:]}")
-    return json.loads(lines[-1][len("RESULT"):])
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Estimate training memory.", epilog=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -271,7 +258,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")
     args = parser.parse_args(argv)
     if args.check:
-        results = [_measure_isolated(m, method) for m in args.check_models for method in ("full", "lora-r8", "adapter")]
+        from .isolated import call_in_fresh_process
+
+        results = [call_in_fresh_process("peftlab.memory:measure_step_memory", model_name=m, method=method)
+                   for m in args.check_models for method in ("full", "lora-r8", "adapter")]
         Path(args.check).parent.mkdir(parents=True, exist_ok=True)
         Path(args.check).write_text(measurement_table(results))
         Path(args.check).with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
