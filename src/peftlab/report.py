@@ -71,7 +71,11 @@ def plot_curves(runs: list[RunResult], out_dir: Path) -> list[Path]:
                 line, = axis.plot(steps, mean, marker="o" if key != "loss" else None, markersize=3,
                                   label=f"{method} (n={len(members)})")
                 axis.fill_between(steps, mean - std, mean + std, alpha=0.2, color=line.get_color())
-        for axis, title in zip(axes, ("train loss", "test accuracy", "test macro-F1"), strict=True):
+                test_loss = _curve(members, "eval_loss") if key == "loss" else None
+                if test_loss is not None:  # dashed: the test loss at each epoch end
+                    axis.plot(test_loss[0], test_loss[1], linestyle="--", marker="o", markersize=3,
+                              color=line.get_color())
+        for axis, title in zip(axes, ("loss (train; dashed: test)", "test accuracy", "test macro-F1"), strict=True):
             axis.set_title(title)
             axis.set_xlabel("step")
             axis.grid(alpha=0.3)
@@ -129,6 +133,7 @@ def configuration_section(runs: list[RunResult]) -> str:
     keys = [("training_args", "learning_rate"), ("training_args", "num_train_epochs"),
             ("training_args", "per_device_train_batch_size"), ("training_args", "warmup_ratio"),
             ("training_args", "weight_decay"), ("training_args", "lr_scheduler_type"), ("training_args", "bf16"),
+            ("training_args", "optim"),
             ("data_args", "max_seq_length"), ("data_args", "max_train_samples"), ("method_args", "lora_r"),
             ("method_args", "lora_alpha"), ("method_args", "lora_dropout"), ("method_args", "lora_target_modules"),
             ("method_args", "adapter_config"), ("method_args", "adapter_reduction_factor")]
