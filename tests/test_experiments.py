@@ -11,7 +11,7 @@ import time
 import pytest
 import yaml
 
-from peftlab.experiments import expand, load_grid, run_grid, select, shard
+from peftlab.experiments import estimate_seconds, expand, load_grid, run_grid, select, shard
 from peftlab.results import aggregate, collect, markdown_table, write_tables
 
 
@@ -76,6 +76,13 @@ def test_resume_after_kill_recomputes_nothing_finished(tmp_path, tiny_models, fi
     assert run_grid(str(path), filters=["method=full", "dataset=restaurant_sup"]) == 0
     assert first.stat().st_mtime_ns == stamp  # not recomputed
     assert [r.status() for r in runs[:3]] == ["done"] * 3
+    # time estimates come from finished runs: the cell's mean, else the model and method's seconds per row
+    runtimes = [json.loads((r.output_dir / "metrics.json").read_text())["train_runtime"] for r in runs[:3]]
+    assert estimate_seconds(runs[0], runs) == pytest.approx(sum(runtimes) / 3)
+    acl_full = next(r for r in runs if (r.dataset, r.method) == ("acl_sup", "full"))
+    per_row = sum(t / 9 for t in runtimes) / 3  # 9 restaurant fixture rows, 1 epoch
+    assert estimate_seconds(acl_full, runs) == pytest.approx(per_row * 6)  # the override keeps 6 rows
+    assert estimate_seconds(next(r for r in runs if r.method == "lora-r8"), runs) is None
     # a changed argument is reported and kept, never overwritten silently
     changed = grid_file(tmp_path, tiny_models["bert"], fixture_data_dir, seeds=[1, 2, 3],
                         defaults={**load_grid(path)["defaults"], "num_train_epochs": 2})

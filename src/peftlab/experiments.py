@@ -108,14 +108,31 @@ def shard(runs: list[GridRun], spec: str | None) -> list[GridRun]:
     return runs[index::count]
 
 
+def _finished(run: GridRun) -> tuple[dict, dict]:
+    return (json.loads((run.output_dir / "metrics.json").read_text()),
+            json.loads((run.output_dir / "run.json").read_text()))
+
+
 def estimate_seconds(run: GridRun, runs: list[GridRun]) -> float | None:
-    """Mean wall time of finished runs in the same (model, dataset, method) cell."""
-    times = [json.loads((other.output_dir / "metrics.json").read_text()).get("train_runtime")
-             for other in runs
-             if (other.model, other.dataset, other.method) == (run.model, run.dataset, run.method)
-             and other.status() == "done"]
-    times = [t for t in times if t]
-    return sum(times) / len(times) if times else None
+    """Training seconds, from finished runs: the same cell's mean if it has any, else the seconds per
+    trained row of the same model and method times this run's rows and epochs (rows known from a
+    finished run on the same dataset)."""
+    done = [other for other in runs if other.status() == "done"]
+    same_cell = [_finished(o)[0]["train_runtime"] for o in done
+                 if (o.model, o.dataset, o.method) == (run.model, run.dataset, run.method)]
+    if same_cell:
+        return sum(same_cell) / len(same_cell)
+    rates = []
+    for other in done:
+        if (other.model, other.method) == (run.model, run.method):
+            metrics, record = _finished(other)
+            rates.append(metrics["train_runtime"] / (record["num_train_rows"] * metrics["epoch"]))
+    full_rows = [_finished(o)[1]["num_train_rows"] for o in done
+                 if o.dataset == run.dataset and not o.args.get("max_train_samples")]
+    if not rates or not (full_rows or run.args.get("max_train_samples")):
+        return None
+    rows = min([*full_rows, run.args.get("max_train_samples") or float("inf")])
+    return sum(rates) / len(rates) * rows * run.args.get("num_train_epochs", 3)
 
 
 def execute(run: GridRun, python: str = sys.executable) -> int:
@@ -159,7 +176,7 @@ def run_grid(path: str, shard_spec: str | None = None, dry_run: bool = False, re
             total += seconds or 0
             guess = f"~{seconds / 60:.1f} min" if seconds else "no estimate yet"
             print(f"  {statuses[run]:10s} {run.label}  ({guess})")
-        print(f"estimated training time of what is to run, from finished runs of the same cell: "
+        print(f"estimated training time of what is to run (from finished runs; evaluation not included): "
               f"{sum(estimate_seconds(r, runs) or 0 for r in todo) / 3600:.2f} h "
               f"({sum(1 for r in todo if estimate_seconds(r, runs) is None)} runs without an estimate)")
         return 0
