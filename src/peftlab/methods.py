@@ -8,6 +8,7 @@ A method is added with one :func:`register_method` call.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -65,20 +66,22 @@ def parameter_counts(model: torch.nn.Module) -> dict[str, float]:
     return {"trainable_params": trainable, "total_params": total, "trainable_percent": 100.0 * trainable / total}
 
 
-class TuningMethod:
+class TuningMethod(ABC):
     """The interface: ``wrap`` before training, ``save`` after it, ``load`` in a fresh process."""
 
     name: str
 
+    @abstractmethod
     def wrap(self, model: PreTrainedModel, args: MethodArguments) -> torch.nn.Module:
-        raise NotImplementedError
+        """The model to train, with exactly this method's parameters (and the new modules) trainable."""
 
+    @abstractmethod
     def save(self, model: torch.nn.Module, directory: Path) -> None:
-        raise NotImplementedError
+        """Write what trained (and the config) to ``directory``."""
 
+    @abstractmethod
     def load(self, base_path: str, directory: Path) -> torch.nn.Module:
-        """``base_path``: the pretrained checkpoint the run started from."""
-        raise NotImplementedError
+        """The trained model, from the pretrained checkpoint ``base_path`` and a saved ``directory``."""
 
     def for_inference(self, model: torch.nn.Module) -> torch.nn.Module:
         """The model to serve; LoRA merges its update into the base weights here."""
