@@ -74,12 +74,14 @@ class ModelArguments:
                           "Qwen2.5-Coder-0.5B-Instruct, Qwen2.5-Coder-1.5B-Instruct."})
 
 
-def bf16_helps() -> bool:
-    """True on a CUDA device with bf16 or a CPU with AMX tiles (where bf16 matmuls are ~3x fp32)."""
-    if torch.cuda.is_available():
-        return torch.cuda.is_bf16_supported()
+def cpu_has_amx_bf16() -> bool:
     cpuinfo = Path("/proc/cpuinfo")
     return cpuinfo.exists() and "amx_bf16" in cpuinfo.read_text()
+
+
+def bf16_helps() -> bool:
+    """True on a CUDA device with bf16 or a CPU with AMX tiles (where bf16 matmuls are ~3x fp32)."""
+    return torch.cuda.is_bf16_supported() if torch.cuda.is_available() else cpu_has_amx_bf16()
 
 
 @dataclass
@@ -130,12 +132,11 @@ def parse_args(argv: list[str] | None = None):
 def setup_logging(training_args: TrainingArguments) -> None:
     """Log to stdout and ``output_dir/train.log``; transformers and datasets at the same level."""
     Path(training_args.output_dir).mkdir(parents=True, exist_ok=True)
-    file_handler = logging.FileHandler(Path(training_args.output_dir) / "train.log")
+    handlers = [logging.StreamHandler(sys.stdout), logging.FileHandler(Path(training_args.output_dir) / "train.log")]
     formatter = logging.Formatter("%(asctime)s - %(levelname)s - %(name)s - %(message)s", "%m/%d/%Y %H:%M:%S")
-    file_handler.setFormatter(formatter)
-    logging.basicConfig(format=formatter._fmt, datefmt=formatter.datefmt, handlers=[logging.StreamHandler(sys.stdout)],
-                        force=True)
-    logging.getLogger().addHandler(file_handler)
+    for handler in handlers:
+        handler.setFormatter(formatter)
+    logging.basicConfig(handlers=handlers, force=True)
     level = training_args.get_process_log_level()  # WARNING unless --log_level says otherwise
     logger.setLevel(min(level, logging.INFO) if training_args.should_log else level)
     datasets.utils.logging.set_verbosity(level)
@@ -166,7 +167,7 @@ def wandb_enabled(training_args: TrainingArguments) -> bool:
 
 
 def configure_wandb(training_args: TrainingArguments) -> None:
-    """Offline unless a login is configured; the run's files stay in its output_dir."""
+    """Offline unless a login is configured; the run's wandb files go to its output_dir."""
     if not wandb_enabled(training_args):
         return
     logged_in = bool(os.environ.get("WANDB_API_KEY"))
@@ -175,7 +176,7 @@ def configure_wandb(training_args: TrainingArguments) -> None:
     if not logged_in:
         os.environ.setdefault("WANDB_MODE", "offline")
     os.environ.setdefault("WANDB_PROJECT", "peftlab")
-    os.environ.setdefault("WANDB_DIR", str(Path(training_args.output_dir).resolve()))
+    os.environ["WANDB_DIR"] = str(Path(training_args.output_dir).resolve())  # each run's files in its own folder
 
 
 def default_run_name(model_args: ModelArguments, data_args: DataArguments, method_args: MethodArguments,
@@ -198,14 +199,13 @@ def environment() -> dict:
         except (OSError, subprocess.CalledProcessError):
             return None
 
-    cpu_flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     return {
         "versions": {name: metadata.version(name) for name in packages} | {"python": platform.python_version()},
         "git_commit": git("rev-parse", "HEAD"),
         "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
         "hardware": {
             "machine": platform.machine(), "cpu_count": os.cpu_count(),
-            "cpu_amx_bf16": "amx_bf16" in cpu_flags, "torch_threads": torch.get_num_threads(),
+            "cpu_amx_bf16": cpu_has_amx_bf16(), "torch_threads": torch.get_num_threads(),
             "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         },
     }
