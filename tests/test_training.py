@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from peftlab.results import collect
 from peftlab.training import PeftlabTrainingArguments, main, parse_args
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,6 +50,12 @@ def test_full_fine_tune_end_to_end(tmp_path, real_data_dir, monkeypatch):
                 "train_tokens_per_second", "trainable_params", "total_params", "peak_rss_mb"):
         assert isinstance(saved[key], float | int), key
     assert saved["trainable_percent"] == 100.0 and saved["total_params"] > 22_000_000
+    # throughput leaves out the per-epoch test evaluations, and aggregation derives it the same way
+    assert 0 < saved["eval_seconds_during_training"] < saved["train_runtime"]
+    assert saved["train_tokens_per_second"] == pytest.approx(
+        record["train_tokens_per_epoch"] * 2 / (saved["train_runtime"] - saved["eval_seconds_during_training"]))
+    (collected,) = collect(tmp_path)
+    assert collected.metrics["train_tokens_per_second"] == pytest.approx(saved["train_tokens_per_second"])
     history = json.loads((out / "trainer_state.json").read_text())["log_history"]
     losses = [entry["loss"] for entry in history if "loss" in entry]
     assert len(losses) >= 8 and sum(losses[-3:]) / 3 < sum(losses[:3]) / 3  # the loss went down

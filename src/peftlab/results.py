@@ -40,6 +40,14 @@ class RunResult:
         return json.loads(state.read_text())["log_history"] if state.exists() else []
 
 
+def training_throughput(tokens_per_epoch: int, epochs: float, train_runtime: float,
+                        log_history: list[dict]) -> tuple[float, float]:
+    """(training tokens/s, seconds of test evaluation inside the run): the Trainer's train_runtime
+    includes the per-epoch evaluations, which the throughput leaves out."""
+    eval_seconds = sum(entry.get("eval_runtime", 0.0) for entry in log_history)
+    return tokens_per_epoch * epochs / (train_runtime - eval_seconds), eval_seconds
+
+
 def _method_label(method_args: dict) -> str:
     name = method_args["tuning_method"]
     return f"lora-r{method_args['lora_r']}" if name == "lora" else name
@@ -55,8 +63,13 @@ def load_run(directory: Path) -> RunResult:
         coordinates = {"model": Path(record["model_args"]["model_name_or_path"]).name,
                        "dataset": record["data_args"]["dataset_name"],
                        "method": _method_label(record["method_args"]), "seed": record["training_args"]["seed"]}
-    return RunResult(coordinates["model"], coordinates["dataset"], coordinates["method"], int(coordinates["seed"]),
-                     directory, record["resolved_model"]["checkpoint"], metrics, record)
+    result = RunResult(coordinates["model"], coordinates["dataset"], coordinates["method"],
+                       int(coordinates["seed"]), directory, record["resolved_model"]["checkpoint"], metrics, record)
+    if "train_tokens_per_epoch" in record and "train_runtime" in metrics:
+        # derived the same way for every run, whichever version of train.py wrote metrics.json
+        metrics["train_tokens_per_second"], metrics["eval_seconds_during_training"] = training_throughput(
+            record["train_tokens_per_epoch"], metrics["epoch"], metrics["train_runtime"], result.log_history())
+    return result
 
 
 def collect(root: str | Path) -> list[RunResult]:
@@ -105,7 +118,7 @@ def pm(row: dict, key: str, scale: float = 100.0) -> str:
 
 def markdown_table(rows: list[dict]) -> str:
     header = ("| model | dataset | method | n | accuracy | micro-F1 | macro-F1 | weighted-F1 | trainable % "
-              "| train time (s) | tokens/s | peak RSS (MB) |")
+              "| train time (s, with test evals) | train tokens/s | peak RSS (MB) |")
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for row in rows:
         lines.append(

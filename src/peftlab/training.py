@@ -40,6 +40,7 @@ from .data import get_dataset
 from .methods import MethodArguments, get_method, parameter_counts
 from .metrics import compute_metrics
 from .models import ResolvedModel, default_sep_token, get_model, resolve_model
+from .results import training_throughput
 
 logger = logging.getLogger("peftlab")
 
@@ -281,7 +282,8 @@ def run(data_args: DataArguments, model_args: ModelArguments, method_args: Metho
         result = trainer.train()
         trainer.save_state()  # trainer_state.json: the log history the curves come from
         metrics.update(result.metrics)
-        metrics["train_tokens_per_second"] = train_tokens * trainer.state.epoch / result.metrics["train_runtime"]
+        metrics["train_tokens_per_second"], metrics["eval_seconds_during_training"] = training_throughput(
+            train_tokens, trainer.state.epoch, result.metrics["train_runtime"], trainer.state.log_history)
         method.save(trainer.model, output_dir / MODEL_SUBDIR)
         tokenizer.save_pretrained(output_dir / MODEL_SUBDIR)
     if training_args.do_eval or training_args.do_predict:
