@@ -124,3 +124,15 @@ def test_head_parameters_find_each_architecture_head(tiny_models):
     for arch in ARCHS:
         _, model = get_model(tiny_models[arch], 3, LABELS)
         assert head_parameters(model), arch
+
+
+@pytest.mark.parametrize("method", ["lora", "adapter"])
+def test_head_trains_even_when_the_checkpoint_has_one(method, tiny_models, tmp_path):
+    # a classifier saved with the same labels loads with nothing missing; its head still trains
+    tokenizer, model = get_model(tiny_models["roberta"], 3, LABELS)
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    _, reloaded = get_model(str(tmp_path), 3, LABELS)
+    assert reloaded.newly_initialized_modules == []
+    wrapped_model = get_method(method).wrap(reloaded, MethodArguments(tuning_method=method))
+    assert any("classifier" in n for n in trainable_names(wrapped_model))

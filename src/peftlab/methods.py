@@ -46,12 +46,11 @@ class MethodArguments:
 
 
 def new_modules(model: torch.nn.Module) -> list[str]:
-    """Modules that start random: those ``get_model`` found missing from the checkpoint, else the head."""
+    """Modules that train and are saved with every method: the classification head, and whatever
+    ``get_model`` found missing from the checkpoint (none nested in another)."""
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    names = getattr(inner, "newly_initialized_modules", None)
-    if names is None:
-        names = [name for name in HEAD_MODULES if hasattr(inner, name)]
-    return names
+    names = set(getattr(inner, "newly_initialized_modules", ())) | {n for n in HEAD_MODULES if hasattr(inner, n)}
+    return sorted(n for n in names if not any(n.startswith(f"{other}.") for other in names))
 
 
 def head_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
