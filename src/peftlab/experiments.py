@@ -170,15 +170,13 @@ def run_grid(path: str, shard_spec: str | None = None, dry_run: bool = False, re
     todo = [run for run in mine if statuses[run] in ("todo", "incomplete") or (rerun_changed and run in changed)]
     print(f"{len(runs)} runs in the grid, {len(mine)} selected, {len(todo)} to run", flush=True)
     if dry_run:
-        total = 0.0
+        estimates = {run: estimate_seconds(run, runs) for run in mine}
         for run in mine:
-            seconds = estimate_seconds(run, runs)
-            total += seconds or 0
-            guess = f"~{seconds / 60:.1f} min" if seconds else "no estimate yet"
+            guess = f"~{estimates[run] / 60:.1f} min" if estimates[run] else "no estimate yet"
             print(f"  {statuses[run]:10s} {run.label}  ({guess})")
-        print(f"estimated training time of what is to run (from finished runs; evaluation not included): "
-              f"{sum(estimate_seconds(r, runs) or 0 for r in todo) / 3600:.2f} h "
-              f"({sum(1 for r in todo if estimate_seconds(r, runs) is None)} runs without an estimate)")
+        print(f"estimated time of what is to run (Trainer train_runtime of finished runs, per-epoch test "
+              f"evaluations included): {sum(estimates[r] or 0 for r in todo) / 3600:.2f} h "
+              f"({sum(1 for r in todo if estimates[r] is None)} runs without an estimate)")
         return 0
     failures = 0
     for number, run in enumerate(todo, start=1):
