@@ -45,6 +45,11 @@ class MethodArguments:
             raise ValueError("lora_r and adapter_reduction_factor must be positive")
 
 
+def method_label(tuning_method: str, lora_r: int) -> str:
+    """A method's short name in run names and result tables: ``full``, ``lora-r16``, ``adapter``."""
+    return f"lora-r{lora_r}" if tuning_method == "lora" else tuning_method
+
+
 def new_modules(model: torch.nn.Module) -> list[str]:
     """Modules that train and are saved with every method: the classification head, and whatever
     ``get_model`` found missing from the checkpoint (none nested in another)."""

@@ -14,6 +14,8 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .methods import method_label
+
 QUALITY = ("accuracy", "micro_f1", "macro_f1", "weighted_f1")
 COSTS = ("trainable_percent", "trainable_params", "train_runtime", "train_tokens_per_second",
          "train_samples_per_second", "peak_rss_mb")
@@ -48,11 +50,6 @@ def training_throughput(tokens_per_epoch: int, epochs: float, train_runtime: flo
     return tokens_per_epoch * epochs / (train_runtime - eval_seconds), eval_seconds
 
 
-def _method_label(method_args: dict) -> str:
-    name = method_args["tuning_method"]
-    return f"lora-r{method_args['lora_r']}" if name == "lora" else name
-
-
 def load_run(directory: Path) -> RunResult:
     record = json.loads((directory / "run.json").read_text())
     metrics = json.loads((directory / "metrics.json").read_text())
@@ -60,9 +57,11 @@ def load_run(directory: Path) -> RunResult:
     if coordinates_file.exists():
         coordinates = json.loads(coordinates_file.read_text())
     else:  # a run made by hand: its coordinates come from its arguments
+        method_args = record["method_args"]
         coordinates = {"model": Path(record["model_args"]["model_name_or_path"]).name,
                        "dataset": record["data_args"]["dataset_name"],
-                       "method": _method_label(record["method_args"]), "seed": record["training_args"]["seed"]}
+                       "method": method_label(method_args["tuning_method"], method_args["lora_r"]),
+                       "seed": record["training_args"]["seed"]}
     result = RunResult(coordinates["model"], coordinates["dataset"], coordinates["method"],
                        int(coordinates["seed"]), directory, record["resolved_model"]["checkpoint"], metrics, record)
     if "train_tokens_per_epoch" in record and "train_runtime" in metrics:

@@ -37,7 +37,7 @@ from transformers import (
 )
 
 from .data import get_dataset
-from .methods import MethodArguments, get_method, parameter_counts
+from .methods import MethodArguments, get_method, method_label, parameter_counts
 from .metrics import compute_metrics
 from .models import ResolvedModel, default_sep_token, get_model, resolve_model
 from .results import training_throughput
@@ -182,9 +182,7 @@ def configure_wandb(training_args: TrainingArguments) -> None:
 
 def default_run_name(model_args: ModelArguments, data_args: DataArguments, method_args: MethodArguments,
                      seed: int) -> str:
-    method = method_args.tuning_method
-    if method == "lora":
-        method += f"-r{method_args.lora_r}"
+    method = method_label(method_args.tuning_method, method_args.lora_r)
     model = Path(model_args.model_name_or_path.rstrip("/")).name
     return f"{model}__{data_args.dataset_name.replace(',', '+')}__{method}__seed{seed}"
 
