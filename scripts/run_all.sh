@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
-# Every experiment of the report, in the priority order of the plan: cheap cells first, and seed by
-# seed, so that a stop at any time leaves every started cell with as many seeds as possible.
+# Every experiment of the report, in the priority order of the plan (issue 7): Task 2 (full
+# fine-tuning) for every model before Task 3 (PEFT), then the 1.5B decoder. Within a task, seed by
+# seed across the models, so that a stop at any time leaves every model with as many seeds as possible.
 # Resumable: run it again and finished runs are skipped. Long: start it in the background, e.g.
 #   setsid nohup scripts/run_all.sh > results/run_all.log 2>&1 &
 set -uo pipefail
 cd "$(dirname "$0")/.."
-for model in minilm mpnet qwen-0.5b; do
+for task in task2 task3; do
   for seed in 1 2 3; do
-    scripts/task2.sh --only model=$model --only seed=$seed
-    scripts/task3.sh --only model=$model --only seed=$seed
+    for model in minilm mpnet qwen-0.5b; do
+      scripts/$task.sh --only model=$model --only seed=$seed
+    done
   done
 done
 scripts/task3.sh --only model=qwen-1.5b
