@@ -53,6 +53,7 @@ def test_report_content_and_byte_identical_regeneration(report_inputs):
     assert "Full reaches 75.0 ± 7.1 in 12 s." in text
     assert "| m | acl_sup | lora-r8 | 2 | 65.0 ± 7.1 |" in text
     assert "| m | org/m | package |" in text and "| m | acl_sup | full | 0.0001 | 2 |" in text
+    assert "(`LORA_DEFAULT_TARGETS`): bert: query, value;" in text
     assert "![curves_m_acl_sup](figures/curves_m_acl_sup.png)" in text and "| a |" in text
     for name in ("curves_m_acl_sup.png", "bars_m.png"):
         assert (root / "out1" / "figures" / name).read_bytes() == (root / "out2" / "figures" / name).read_bytes()

@@ -26,6 +26,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from .methods import LORA_DEFAULT_TARGETS  # noqa: E402
 from .results import RunResult, aggregate, collect, markdown_table, pm, write_csv  # noqa: E402
 
 matplotlib.rcParams["svg.hashsalt"] = "peftlab"  # deterministic output
@@ -150,8 +151,12 @@ def configuration_section(runs: list[RunResult]) -> str:
             is_method_key = group == "method_args"
             if is_method_key and not key.startswith(run.record["method_args"]["tuning_method"]):
                 value = "–"
+            elif value is None:  # the fields whose None means something
+                value = {"max_train_samples": "all", "lora_target_modules": "default"}.get(key, value)
             values.append(str(value))
         lines.append(f"| {run.model} | {run.dataset} | {run.method} | " + " | ".join(values) + " |")
+    defaults = "; ".join(f"{model_type}: {', '.join(modules)}" for model_type, modules in LORA_DEFAULT_TARGETS.items())
+    lines += ["", f"LoRA's `default` target modules, by architecture (`LORA_DEFAULT_TARGETS`): {defaults}."]
     return "\n".join(lines) + "\n"
 
 

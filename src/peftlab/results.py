@@ -84,7 +84,8 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def aggregate(runs: list[RunResult]) -> list[dict]:
-    """Per (model, dataset, method): n, mean and sample std of the quality metrics, means of the costs."""
+    """Per (model, dataset, method): n, mean and sample std of the quality metrics, medians of the costs
+    (wall-clock times on a shared machine: the median ignores one run slowed by other work)."""
     groups: dict[tuple, list[RunResult]] = defaultdict(list)
     for run in runs:
         groups[run.cell].append(run)
@@ -96,7 +97,7 @@ def aggregate(runs: list[RunResult]) -> list[dict]:
             row[f"{key}_mean"], row[f"{key}_std"] = mean_std([m.metrics[key] for m in members])
         for key in COSTS:
             values = [m.metrics[key] for m in members if m.metrics.get(key) is not None]
-            row[key] = statistics.fmean(values) if values else math.nan
+            row[key] = statistics.median(values) if values else math.nan
         rows.append(row)
     return rows
 
@@ -117,7 +118,7 @@ def pm(row: dict, key: str, scale: float = 100.0) -> str:
 
 def markdown_table(rows: list[dict]) -> str:
     header = ("| model | dataset | method | n | accuracy | micro-F1 | macro-F1 | weighted-F1 | trainable % "
-              "| train time (s, with test evals) | train tokens/s | peak RSS (MB) |")
+              "| train time (s, with test evals) | train tokens/s | peak RSS (MB) |")  # costs: medians over seeds
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for row in rows:
         lines.append(
