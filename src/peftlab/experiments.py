@@ -28,6 +28,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -196,7 +197,14 @@ def run_grid(path: str, shard_spec: str | None = None, dry_run: bool = False, re
     return 1 if failures else 0
 
 
+def _stop_on_sigterm(signum, frame):
+    # SystemExit raised inside subprocess.run kills the run in flight: `kill <grid pid>` leaves no
+    # orphaned training process behind (it would keep the CPU and write into a run directory)
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
     parser = argparse.ArgumentParser(description="Run an experiment grid (resumable).")
     parser.add_argument("grid", help="YAML grid file")
     parser.add_argument("--shard", help="i/n: run every n-th run from the i-th (0-based)")
