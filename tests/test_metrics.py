@@ -3,7 +3,7 @@ import pytest
 from sklearn.metrics import accuracy_score, f1_score
 from transformers import EvalPrediction
 
-from peftlab.metrics import classification_metrics, compute_metrics
+from peftlab.metrics import classification_metrics, compute_metrics, per_class_f1
 
 
 def test_hand_checked_example():
@@ -31,3 +31,13 @@ def test_tuple_predictions_use_logits():
     logits = np.array([[0.1, 0.9], [0.8, 0.2]])
     scores = compute_metrics(EvalPrediction(predictions=(logits, np.zeros((2, 4))), label_ids=np.array([1, 1])))
     assert scores["accuracy"] == 0.5
+
+
+def test_per_class_f1_is_what_macro_f1_averages():
+    # the hand-checked example above, plus a class that is neither predicted nor present
+    scores = per_class_f1([0, 1, 1, 1, 0, 2], [0, 0, 1, 1, 2, 2], ["a", "b", "c", "rare"])
+    assert scores == pytest.approx({"f1_a": 0.5, "f1_b": 0.8, "f1_c": 2 / 3, "f1_rare": 0.0})
+    logits = np.eye(3)[[0, 1, 1, 1, 0, 2]]
+    named = compute_metrics(EvalPrediction(predictions=logits, label_ids=np.array([0, 0, 1, 1, 2, 2])),
+                            label_names=["a", "b", "c"])
+    assert named["f1_b"] == pytest.approx(0.8) and named["macro_f1"] == pytest.approx((0.5 + 0.8 + 2 / 3) / 3)

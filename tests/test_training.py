@@ -50,6 +50,8 @@ def test_full_fine_tune_end_to_end(tmp_path, real_data_dir, monkeypatch):
                 "train_tokens_per_second", "trainable_params", "total_params", "peak_rss_mb"):
         assert isinstance(saved[key], float | int), key
     assert saved["trainable_percent"] == 100.0 and saved["total_params"] > 22_000_000
+    per_class = [saved[f"f1_{name}"] for name in record["label_names"]]  # what macro-F1 averages
+    assert saved["macro_f1"] == pytest.approx(sum(per_class) / 3)  # all three occur in the 64 test rows
     # throughput leaves out the per-epoch test evaluations, and aggregation derives it the same way
     assert 0 < saved["eval_seconds_during_training"] < saved["train_runtime"]
     assert saved["train_tokens_per_second"] == pytest.approx(

@@ -19,6 +19,7 @@ import resource
 import subprocess
 import sys
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from importlib import metadata
 from pathlib import Path
 
@@ -274,7 +275,7 @@ def run(data_args: DataArguments, model_args: ModelArguments, method_args: Metho
 
     trainer = Trainer(model=model, args=training_args, train_dataset=encoded["train"], eval_dataset=encoded["test"],
                       processing_class=tokenizer, data_collator=DataCollatorWithPadding(tokenizer),
-                      compute_metrics=compute_metrics)
+                      compute_metrics=partial(compute_metrics, label_names=label_names))
     metrics: dict = dict(counts)
     if training_args.do_train:
         result = trainer.train()
