@@ -16,12 +16,13 @@ def fixture_run(root, method, seed, accuracy):
     (run / "run.json").write_text(json.dumps({
         "resolved_model": {"checkpoint": "org/m", "source": "package"},
         "training_args": {"learning_rate": 1e-4, "num_train_epochs": 2, "bf16": True},
-        "data_args": {"max_seq_length": 256}, "method_args": {"tuning_method": method.split("-")[0], "lora_r": 8},
+        "data_args": {"max_seq_length": 256}, "label_names": ["Uses", "Future"],
+        "method_args": {"tuning_method": method.split("-")[0], "lora_r": 8},
         "hardware": {"cpu_count": 2}, "versions": {"torch": "2.13.0"}}))
     (run / "metrics.json").write_text(json.dumps({
         "accuracy": accuracy, "micro_f1": accuracy, "macro_f1": accuracy - 0.1, "weighted_f1": accuracy,
         "trainable_percent": 1.0, "trainable_params": 5, "train_runtime": 12.0, "train_tokens_per_second": 100.0,
-        "train_samples_per_second": 3.0, "peak_rss_mb": 900.0}))
+        "train_samples_per_second": 3.0, "peak_rss_mb": 900.0, "f1_Uses": accuracy, "f1_Future": 0.0}))
     history = [{"step": s, "loss": 1.0 / s + seed / 100} for s in (1, 2, 3, 4)]
     history += [{"step": 2, "eval_accuracy": accuracy - 0.05, "eval_macro_f1": 0.3},
                 {"step": 4, "eval_accuracy": accuracy, "eval_macro_f1": 0.4}]
@@ -39,7 +40,8 @@ def report_inputs(tmp_path):
     (tmp_path / "table.md").write_text("| a |\n")
     (prose / "REPORT.template.md").write_text(
         "# R\n{{section:environment}}\n{{section:configurations}}\n{{section:results_table}}\n"
-        "{{section:curves}}\n{{section:bars}}\nFull reaches {{metric:m/acl_sup/full/accuracy}} in "
+        "{{section:curves}}\n{{section:bars}}\n{{section:per_class}}\n"
+        "Full reaches {{metric:m/acl_sup/full/accuracy}} in "
         "{{cost:m/acl_sup/full/train_runtime}} s.\n{{file:table.md}}\n")
     return results, prose, tmp_path
 
@@ -54,6 +56,7 @@ def test_report_content_and_byte_identical_regeneration(report_inputs):
     assert "| m | acl_sup | lora-r8 | 2 | 65.0 ± 7.1 |" in text
     assert "| m | org/m | package |" in text and "| m | acl_sup | full | 0.0001 | 2 |" in text
     assert "(`LORA_DEFAULT_TARGETS`): bert: query, value;" in text
+    assert "| model | method | n | Uses | Future |" in text and "| m | full | 2 | 75.0 ± 7.1 | 0.0 ± 0.0 |" in text
     assert "![curves_m_acl_sup](figures/curves_m_acl_sup.png)" in text and "| a |" in text
     for name in ("curves_m_acl_sup.png", "bars_m.png"):
         assert (root / "out1" / "figures" / name).read_bytes() == (root / "out2" / "figures" / name).read_bytes()

@@ -27,7 +27,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from .methods import LORA_DEFAULT_TARGETS  # noqa: E402
-from .results import RunResult, aggregate, collect, markdown_table, pm, write_csv  # noqa: E402
+from .results import RunResult, aggregate, collect, markdown_table, mean_std, pm, write_csv  # noqa: E402
 
 matplotlib.rcParams["svg.hashsalt"] = "peftlab"  # deterministic output
 
@@ -160,6 +160,32 @@ def configuration_section(runs: list[RunResult]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def per_class_section(runs: list[RunResult]) -> str:
+    """Per dataset, the test F1 of each class per cell: mean ± std over the runs that recorded it."""
+    by_dataset: dict[str, list[RunResult]] = defaultdict(list)
+    for run in runs:
+        if any(key.startswith("f1_") for key in run.metrics):
+            by_dataset[run.dataset].append(run)
+    if not by_dataset:
+        return "_no finished run has recorded per-class F1 yet_\n"
+    blocks = []
+    for dataset, members in sorted(by_dataset.items()):
+        classes = members[0].record["label_names"]
+        lines = [f"`{dataset}`:", "", "| model | method | n | " + " | ".join(classes) + " |",
+                 "|" + "---|" * (len(classes) + 3)]
+        cells: dict[tuple, list[RunResult]] = defaultdict(list)
+        for run in members:
+            cells[(run.model, run.method)].append(run)
+        for (model, method), group in sorted(cells.items()):
+            row = {}
+            for name in classes:
+                row[f"{name}_mean"], row[f"{name}_std"] = mean_std([run.metrics[f"f1_{name}"] for run in group])
+            scores = " | ".join(pm(row, name) for name in classes)
+            lines.append(f"| {model} | {method} | {len(group)} | {scores} |")
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks) + "\n"
+
+
 def environment_section(runs: list[RunResult]) -> str:
     """Checkpoints that actually ran per model key, hardware and versions (from run.json)."""
     lines = ["| model key | checkpoint that ran | source |", "|---|---|---|"]
@@ -189,6 +215,7 @@ def build_report(results_root: Path, prose_dir: Path, out_dir: Path, repo_root: 
         "results_table": markdown_table(rows) if rows else "_no finished runs yet_\n",
         "configurations": configuration_section(runs) if runs else "_no finished runs yet_\n",
         "environment": environment_section(runs) if runs else "_no finished runs yet_\n",
+        "per_class": per_class_section(runs),
         "curves": "\n".join(f"![{p.stem}](figures/{p.name})" for p in curve_paths) + "\n",
         "bars": "\n".join(f"![{p.stem}](figures/{p.name})" for p in bar_paths) + "\n",
     }
