@@ -2,6 +2,8 @@
 # Every experiment of the report, in the priority order of the plan (issue 7): Task 2 (full
 # fine-tuning) for every model before Task 3 (PEFT), then the 1.5B decoder. Within a task, seed by
 # seed across the models, so that a stop at any time leaves every model with as many seeds as possible.
+# The control grid (MiniLM on the decoder's 1000-row slices, minutes) follows the first Task 2 seed:
+# it is what the first model comparison needs.
 # Resumable: run it again and finished runs are skipped. Long: start it in the background, e.g.
 #   setsid nohup scripts/run_all.sh > results/run_all.log 2>&1 &
 set -uo pipefail
@@ -11,6 +13,9 @@ for task in task2 task3; do
     for model in minilm mpnet qwen-0.5b; do
       scripts/$task.sh --only model=$model --only seed=$seed
     done
+    if [ $task = task2 ] && [ $seed = 1 ]; then
+      .venv/bin/python -m peftlab.experiments configs/grids/control.yaml
+    fi
   done
 done
 scripts/task3.sh --only model=qwen-1.5b
