@@ -78,3 +78,19 @@ def test_measurement_runs_and_tables(tiny_models):
     assert result["measured_bytes"] > 0 and result["trainable_params"] > 0
     table = measurement_table([result])
     assert "| lora-r8 | 2 x 8 |" in table and table.count("\n") == 3
+
+
+def test_device_measurement_on_cpu(tiny_models):
+    """The accelerator check's code path, run on the CPU: times but no CUDA memory, and its table."""
+    from peftlab.memory import device_table, measure_device_step
+
+    results = [measure_device_step(tiny_models["qwen2"], method, batch_size=2, seq_len=8, steps=2, warmup=1,
+                                   device="cpu") for method in ("lora-r8", "adapter")]
+    lora, adapter = results
+    assert lora["peak_bytes"] is None and lora["train_step_s"]["n"] == 2 and "merged_infer_batch_s" in lora
+    assert "merged_infer_batch_s" not in adapter
+    assert 0 < lora["trainable_params"] < lora["total_params"]
+    assert lora["estimated_trainable_params"] == lora["trainable_params"]  # estimator counts what peft adds
+    table = device_table(results).splitlines()
+    assert table[0].startswith("Device: cpu") and len(table) == 6
+    assert "| lora-r8 | 2 x 8 |" in table[4] and table[4].count("|") == 12
