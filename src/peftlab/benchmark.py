@@ -121,11 +121,11 @@ def measure(model_name: str, method: str, precision: str, padding: str, batch_si
     def infer(served) -> dict:
         served.eval()
         times = []
-        with torch.no_grad(), autocast:
-            for batch in batches[warmup:]:
-                start = time.perf_counter()
+        for batch in batches[warmup:]:
+            start = time.perf_counter()
+            with torch.no_grad(), autocast:  # per batch: see memory.measure_device_step
                 served(**batch)
-                times.append(time.perf_counter() - start)
+            times.append(time.perf_counter() - start)
         return {"infer_batch_s": _quartiles(times), "infer_examples_per_s": batch_size * len(times) / sum(times)}
 
     result.update(infer(model))
