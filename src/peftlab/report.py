@@ -5,7 +5,7 @@ result with a placeholder that is filled in from the runs:
 
 * ``{{metric:MODEL/DATASET/METHOD/KEY}}``: ``mean ± std`` (percent) of a quality metric over seeds,
   e.g. ``{{metric:minilm/restaurant_sup/full/accuracy}}``;
-* ``{{cost:MODEL/DATASET/METHOD/KEY}}``: the seed mean of a cost column (train_runtime, ...);
+* ``{{cost:MODEL/DATASET/METHOD/KEY}}``: the median over seeds of a cost column (train_runtime, ...);
 * ``{{file:PATH}}``: the text of a generated file (a benchmark or memory table), relative to the repo.
 
 A placeholder that names nothing is an error, so the report never shows a stale or made-up figure.
