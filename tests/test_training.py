@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from peftlab.results import collect
 from peftlab.training import PeftlabTrainingArguments, main, parse_args
@@ -76,6 +77,22 @@ def test_peft_methods_end_to_end(method, tmp_path, real_data_dir):
     out, metrics = train(tmp_path, real_data_dir, method, "--num_train_epochs", "1", "--learning_rate", "1e-3",
                          "--report_to", "none")
     assert 0 < metrics["trainable_percent"] < 5
+    assert fresh_process_predict(out) == (out / "predict_results.txt").read_text().splitlines()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("method", ["full", "lora", "adapter"])
+def test_train_and_predict_on_cuda(method, tmp_path, tiny_models, fixture_data_dir):
+    """The same train.py and predict.py on a GPU: bf16 by default there, CUDA memory recorded."""
+    out = tmp_path / method
+    metrics = main(["--model_name_or_path", tiny_models["bert"], "--dataset_name", "restaurant_sup",
+                    "--data_dir", str(fixture_data_dir), "--output_dir", str(out), "--tuning_method", method,
+                    "--num_train_epochs", "2", "--learning_rate", "1e-3", "--report_to", "none",
+                    "--do_predict", "true"])
+    record = json.loads((out / "run.json").read_text())
+    assert record["hardware"]["cuda"] == torch.cuda.get_device_name()
+    assert record["training_args"]["bf16"] is True and record["training_args"]["use_cpu"] is False
+    assert metrics["cuda_max_allocated_mb"] > 0 and 0 <= metrics["accuracy"] <= 1
     assert fresh_process_predict(out) == (out / "predict_results.txt").read_text().splitlines()
 
 

@@ -188,6 +188,14 @@ def default_run_name(model_args: ModelArguments, data_args: DataArguments, metho
     return f"{model}__{data_args.dataset_name.replace(',', '+')}__{method}__seed{seed}"
 
 
+def version(package: str) -> str | None:
+    """The installed version, or None (wandb, say, is only needed when a run reports to it)."""
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
 def environment() -> dict:
     """Package versions, commit and hardware, for ``run.json``."""
     packages = ["torch", "transformers", "peft", "adapters", "datasets", "evaluate", "accelerate", "wandb"]
@@ -200,7 +208,7 @@ def environment() -> dict:
             return None
 
     return {
-        "versions": {name: metadata.version(name) for name in packages} | {"python": platform.python_version()},
+        "versions": {name: version(name) for name in packages} | {"python": platform.python_version()},
         "git_commit": git("rev-parse", "HEAD"),
         "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
         "hardware": {
