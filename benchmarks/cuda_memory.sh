@@ -14,4 +14,4 @@ if [ -d .whl ]; then
 fi
 export PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-$PY -m peftlab.memory --check_device "${1:-reports/vram_cuda}" --batch_size 16 --seq_len 256
+$PY -m peftlab.memory --check_device "${1:-reports/vram_cuda}" --batch_size 16 --seq_len 256 --steps 30 --warmup 5

@@ -371,6 +371,8 @@ def main(argv: list[str] | None = None) -> None:
                              "full/LoRA r=8/adapter, and write the estimated-vs-measured table to PATH (.md, .json)")
     parser.add_argument("--device_configs", nargs="+", default=["bert-base-uncased", "roberta-large", "Qwen2.5-0.5B",
                                                                 "Qwen2.5-1.5B", "Qwen2.5-3B"])
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per --check_device measurement")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps before them")
     parser.add_argument("--model",
                         help=f"built-in config ({', '.join(builtin_config_names())}), local folder or hub id")
     parser.add_argument("--method", choices=["full", "lora", "adapter"], default="full")
@@ -400,7 +402,8 @@ def main(argv: list[str] | None = None) -> None:
         results = []
         for config_name in args.device_configs:
             for method in ("full", "lora-r8", "adapter"):
-                results.append(measure_device_step(config_name, method, args.batch_size, args.seq_len))
+                results.append(measure_device_step(config_name, method, args.batch_size, args.seq_len, args.steps,
+                                                   args.warmup))
                 print(device_table(results[-1:]).splitlines()[-1], flush=True)
                 # written after every row, so a run stopped early keeps what it measured
                 out.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
