@@ -1,6 +1,7 @@
 """VRAM estimator: a hand-computed tiny config, and trainable counts equal to real wrapping."""
 
 import pytest
+import torch
 from transformers import BertConfig
 
 from peftlab.memory import (
@@ -94,3 +95,12 @@ def test_device_measurement_on_cpu(tiny_models):
     table = device_table(results).splitlines()
     assert table[0].startswith("Device: cpu") and len(table) == 6
     assert "| lora-r8 | 2 x 8 |" in table[4] and table[4].count("|") == 12
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the error is for machines without CUDA")
+def test_device_check_without_cuda_is_a_clear_error(tmp_path, capsys):
+    from peftlab.memory import main
+
+    with pytest.raises(SystemExit):
+        main(["--check_device", str(tmp_path / "vram")])
+    assert "needs a CUDA device" in capsys.readouterr().err and not list(tmp_path.iterdir())

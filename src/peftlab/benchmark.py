@@ -55,7 +55,7 @@ def _batches(tokenizer, texts: list[str], batch_size: int, padding: str, max_len
                       return_tensors="pt") for i in range(0, len(rows), batch_size)]
 
 
-def _quartiles(values: list[float]) -> dict:
+def quartiles(values: list[float]) -> dict:
     q = statistics.quantiles(values, n=4) if len(values) > 1 else [values[0]] * 3
     return {"median": q[1], "q1": q[0], "q3": q[2], "n": len(values)}
 
@@ -110,7 +110,7 @@ def measure(model_name: str, method: str, precision: str, padding: str, batch_si
     result = {
         "model": model_name, "method": method, "precision": precision, "padding": padding,
         "batch_size": batch_size, "threads": threads, "fused_adamw": fused_adamw, **counts,
-        "train_step_s": _quartiles(step_times),
+        "train_step_s": quartiles(step_times),
         "train_examples_per_s": batch_size * len(step_times) / total_time,
         "train_tokens_per_s": sum(real_tokens) / total_time,
         "train_padded_tokens_per_s": sum(padded_tokens) / total_time,
@@ -126,7 +126,7 @@ def measure(model_name: str, method: str, precision: str, padding: str, batch_si
             with torch.no_grad(), autocast:  # per batch: see memory.measure_device_step
                 served(**batch)
             times.append(time.perf_counter() - start)
-        return {"infer_batch_s": _quartiles(times), "infer_examples_per_s": batch_size * len(times) / sum(times)}
+        return {"infer_batch_s": quartiles(times), "infer_examples_per_s": batch_size * len(times) / sum(times)}
 
     result.update(infer(model))
     if args.tuning_method == "lora":

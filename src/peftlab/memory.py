@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification
 
-from .benchmark import _quartiles
+from .benchmark import quartiles
 
 BUILTIN_CONFIGS = Path(__file__).parent / "configs"
 GIB = 2**30
@@ -206,7 +206,6 @@ def measure_step_memory(model_name: str, method: str, batch_size: int = 16, seq_
     import ctypes
     import gc
     import threading
-    import time
 
     from .methods import get_method
     from .models import get_model
@@ -277,8 +276,6 @@ def measure_device_step(config_name: str, method: str, batch_size: int = 16, seq
     (the CUDA context is not in it); inference is timed unmerged and, for LoRA, merged."""
     import gc
 
-    from transformers import AutoModelForSequenceClassification
-
     from .methods import get_method, parameter_counts
 
     cuda = device == "cuda"
@@ -321,11 +318,11 @@ def measure_device_step(config_name: str, method: str, batch_size: int = 16, seq
             return _timed(forward, warmup + steps, device)[warmup:]
 
         tokens = batch_size * seq_len
-        result["train_step_s"] = _quartiles(step_times)
+        result["train_step_s"] = quartiles(step_times)
         result["train_tokens_per_s"] = tokens / result["train_step_s"]["median"]
-        result["infer_batch_s"] = _quartiles(infer_times(model))
+        result["infer_batch_s"] = quartiles(infer_times(model))
         if args.tuning_method == "lora":
-            result["merged_infer_batch_s"] = _quartiles(infer_times(tuning.for_inference(model)))
+            result["merged_infer_batch_s"] = quartiles(infer_times(tuning.for_inference(model)))
     except torch.OutOfMemoryError:
         result["error"] = "out of memory"
     return result
@@ -397,6 +394,8 @@ def main(argv: list[str] | None = None) -> None:
         print(measurement_table(results))
         return
     if args.check_device:
+        if not torch.cuda.is_available():
+            parser.error("--check_device measures CUDA memory and needs a CUDA device; --check measures this CPU")
         out = Path(args.check_device)
         out.parent.mkdir(parents=True, exist_ok=True)
         results = []
