@@ -3,7 +3,15 @@
 import pytest
 import torch
 
-from peftlab.methods import METHODS, MethodArguments, get_method, head_parameters, parameter_counts
+from peftlab.methods import (
+    METHODS,
+    MethodArguments,
+    get_method,
+    head_parameters,
+    method_from_label,
+    method_label,
+    parameter_counts,
+)
 from peftlab.models import get_model
 
 LABELS = {0: "a", 1: "b", 2: "c"}
@@ -108,6 +116,20 @@ def test_lora_target_defaults_and_errors(tiny_models):
     assert any("intermediate.dense.lora_A" in n for n in trainable_names(model))
     with pytest.raises(ValueError, match="unknown tuning_method 'prefix'"):
         MethodArguments(tuning_method="prefix")
+
+
+@pytest.mark.parametrize("label", ["full", "adapter", "lora-r8", "lora-r32"])
+def test_method_label_round_trips(label):
+    args = method_from_label(label)
+    assert method_label(args.tuning_method, args.lora_r) == label
+
+
+def test_method_from_bad_label_is_clear():
+    assert method_from_label("lora").lora_r == MethodArguments().lora_r
+    with pytest.raises(ValueError, match="unknown tuning_method 'prefix'"):
+        method_from_label("prefix")
+    with pytest.raises(ValueError):
+        method_from_label("lora-rx")
 
 
 def test_adapter_unsupported_architecture_is_clear():

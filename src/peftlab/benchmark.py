@@ -72,7 +72,7 @@ def measure(model_name: str, method: str, precision: str, padding: str, batch_si
             warmup: int, threads: int, data_dir: str | None, max_length: int, fused_adamw: bool = False) -> dict:
     """One configuration, in this process."""
     from .data import get_dataset
-    from .methods import MethodArguments, get_method, parameter_counts
+    from .methods import get_method, method_from_label, parameter_counts
     from .models import default_sep_token, get_model
 
     torch.set_num_threads(threads)
@@ -82,9 +82,7 @@ def measure(model_name: str, method: str, precision: str, padding: str, batch_si
     dataset = get_dataset("restaurant_sup", default_sep_token(tokenizer), data_dir=data_dir)
     texts = list(dataset["train"].shuffle(seed=0)["text"])
     labels = torch.tensor(dataset["train"].shuffle(seed=0)["label"])
-    args = MethodArguments(tuning_method="lora" if method.startswith("lora") else method,
-                           lora_r=int(method.split("-r")[1]) if "-r" in method else 16,
-                           lora_alpha=2 * (int(method.split("-r")[1]) if "-r" in method else 16))
+    args = method_from_label(method)
     tuning = get_method(args.tuning_method)
     model = tuning.wrap(model, args)
     counts = parameter_counts(model)

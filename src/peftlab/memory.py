@@ -176,14 +176,6 @@ def _rss() -> int:
     return psutil.Process().memory_info().rss
 
 
-def _method_arguments(method: str):
-    """``full``, ``lora-r8`` or ``adapter`` as MethodArguments."""
-    from .methods import MethodArguments
-
-    return MethodArguments(tuning_method=method.split("-")[0],
-                           lora_r=int(method.split("-r")[1]) if "-r" in method else 8)
-
-
 def _random_batch(config, batch_size: int, seq_len: int, device: str) -> dict:
     """Fixed-length random tokens: memory and speed do not depend on what the tokens are."""
     ids = torch.randint(0, min(config.vocab_size, 1000), (batch_size, seq_len), device=device)
@@ -207,7 +199,7 @@ def measure_step_memory(model_name: str, method: str, batch_size: int = 16, seq_
     import gc
     import threading
 
-    from .methods import get_method
+    from .methods import get_method, method_from_label
     from .models import get_model
 
     libc = ctypes.CDLL("libc.so.6")
@@ -227,7 +219,7 @@ def measure_step_memory(model_name: str, method: str, batch_size: int = 16, seq_
     sampler.start()
     torch.manual_seed(0)
     _, model = get_model(model_name, 3)
-    args = _method_arguments(method)
+    args = method_from_label(method)
     model = get_method(args.tuning_method).wrap(model, args)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     model.train()
@@ -276,7 +268,7 @@ def measure_device_step(config_name: str, method: str, batch_size: int = 16, seq
     (the CUDA context is not in it); inference is timed unmerged and, for LoRA, merged."""
     import gc
 
-    from .methods import get_method, parameter_counts
+    from .methods import get_method, method_from_label, parameter_counts
 
     cuda = device == "cuda"
     gc.collect()
@@ -288,7 +280,7 @@ def measure_device_step(config_name: str, method: str, batch_size: int = 16, seq
     config = load_config(config_name, num_labels=3)
     if config.pad_token_id is None:  # decoders classify the last non-pad token; the batches have no padding
         config.pad_token_id = 0
-    args = _method_arguments(method)
+    args = method_from_label(method)
     tuning = get_method(args.tuning_method)
     result = {"model": config_name, "method": method, "batch_size": batch_size, "seq_len": seq_len,
               "device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__}

@@ -50,6 +50,13 @@ def method_label(tuning_method: str, lora_r: int) -> str:
     return f"lora-r{lora_r}" if tuning_method == "lora" else tuning_method
 
 
+def method_from_label(label: str) -> MethodArguments:
+    """The inverse of :func:`method_label`: ``full``, ``adapter``, ``lora`` (the default rank) or ``lora-r16``.
+    Other fields keep their defaults: the benchmarks that take labels measure cost, which alpha does not change."""
+    tuning_method, _, rank = label.partition("-r")
+    return MethodArguments(tuning_method=tuning_method, **({"lora_r": int(rank)} if rank else {}))
+
+
 def new_modules(model: torch.nn.Module) -> list[str]:
     """Modules that train and are saved with every method: the classification head, and whatever
     ``get_model`` found missing from the checkpoint (none nested in another)."""
