@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The throughput benchmark (issue 6): run on an otherwise idle machine.
-#  1. MiniLM and the 0.5B decoder x full / LoRA r=16 / adapter x fp32 / bf16 autocast
+#  1. MiniLM and the 0.5B decoder x full / LoRA r=16 / adapter x fp32 / bf16 autocast, fused AdamW as in train.py
 #  2. padding strategies (MiniLM, full, bf16), 3. thread counts (MiniLM, full, bf16)
 #  4. foreach vs fused AdamW (0.5B decoder, full, fp32 and bf16): before/after of train.py's defaults
 set -euo pipefail
@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 PY=.venv/bin/python
 set -x
 $PY -m peftlab.benchmark --models all-MiniLM-L6-v2 Qwen2.5-Coder-0.5B-Instruct --methods full lora-r16 adapter \
-    --precisions fp32 bf16 --steps 10 --out benchmarks/results/methods_precision "$@"
+    --precisions fp32 bf16 --fused_adamw 1 --steps 10 --out benchmarks/results/methods_precision "$@"
 $PY -m peftlab.benchmark --models all-MiniLM-L6-v2 --methods full --precisions bf16 \
     --paddings max_length dynamic grouped --steps 20 --out benchmarks/results/padding "$@"
 $PY -m peftlab.benchmark --models all-MiniLM-L6-v2 --methods full --precisions bf16 --threads 1 2 \
