@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every experiment of the report, in the priority order of the plan (issue 7): Task 2 (full
-# fine-tuning) for every model before Task 3 (PEFT), then the 1.5B decoder. Within a task, seed by
-# seed across the models, so that a stop at any time leaves every model with as many seeds as possible.
+# fine-tuning) for every model before Task 3 (PEFT). Within a task, seed by seed across the models
+# (the 1.5B decoder, PEFT only, is the last model of each Task 3 seed), so that a stop at any time
+# leaves every model with as many seeds as possible.
 # The control grid (MiniLM on the decoder's 1000-row slices, minutes) follows the first Task 2 seed:
 # it is what the first model comparison needs.
 # Resumable: run it again and finished runs are skipped. Long: start it in the background, e.g.
@@ -9,8 +10,10 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 for task in task2 task3; do
+  models="minilm mpnet qwen-0.5b"
+  if [ $task = task3 ]; then models="$models qwen-1.5b"; fi
   for seed in 1 2 3; do
-    for model in minilm mpnet qwen-0.5b; do
+    for model in $models; do
       scripts/$task.sh --only model=$model --only seed=$seed
     done
     if [ $task = task2 ] && [ $seed = 1 ]; then
@@ -18,4 +21,3 @@ for task in task2 task3; do
     fi
   done
 done
-scripts/task3.sh --only model=qwen-1.5b
