@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every experiment of the report, in the priority order of the plan (issue 7): Task 2 (full
-# fine-tuning) for every model before Task 3 (PEFT). Within a task, seed by seed across the models
-# (the 1.5B decoder, PEFT only, is the last model of each Task 3 seed), so that a stop at any time
+# fine-tuning) for every model before Task 3 (PEFT). Within a task, seed by seed, each seed over the
+# models in the grid file's order (the 1.5B decoder, PEFT only, last), so that a stop at any time
 # leaves every model with as many seeds as possible.
 # The control grid (MiniLM on the decoder's 1000-row slices, minutes) follows the first Task 2 seed:
 # it is what the first model comparison needs.
@@ -10,12 +10,8 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 for task in task2 task3; do
-  models="minilm mpnet qwen-0.5b"
-  if [ $task = task3 ]; then models="$models qwen-1.5b"; fi
   for seed in 1 2 3; do
-    for model in $models; do
-      scripts/$task.sh --only model=$model --only seed=$seed
-    done
+    scripts/$task.sh --only seed=$seed
     if [ $task = task2 ] && [ $seed = 1 ]; then
       .venv/bin/python -m peftlab.experiments configs/grids/control.yaml
     fi
