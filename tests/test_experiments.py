@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -45,6 +46,18 @@ def test_expand_merges_and_names_runs(tmp_path):
     grid["models"]["tiny"]["methods"] = ["full"]
     grid["models"]["tiny"]["datasets"] = ["acl_sup"]
     assert [(r.dataset, r.method) for r in expand(grid)] == [("acl_sup", "full")] * 2
+
+
+def test_grids_must_pin_host_dependent_precision(tmp_path):
+    defaults = load_grid(grid_file(tmp_path, "m", "d"))["defaults"]
+    del defaults["bf16"]
+    with pytest.raises(ValueError, match="bf16"):
+        load_grid(grid_file(tmp_path, "m", "d", defaults=defaults))
+    one_model_pinned = {"tiny": {"model_name_or_path": "m", "bf16": True}, "other": {"model_name_or_path": "m"}}
+    with pytest.raises(ValueError, match="bf16"):
+        load_grid(grid_file(tmp_path, "m", "d", defaults=defaults, models=one_model_pinned))
+    for shipped in sorted((Path(__file__).resolve().parents[1] / "configs" / "grids").glob("*.yaml")):
+        assert all(run.args["bf16"] is True for run in expand(load_grid(shipped))), shipped
 
 
 def test_shards_cover_every_run_once(tmp_path):

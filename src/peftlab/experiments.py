@@ -42,6 +42,9 @@ COORDINATES_FILE = "grid_coordinates.json"  # the run's place in its grid, for a
 # Keys of a model entry that describe the grid, not train.py: the assignment's model it stands in for,
 # and the subsets of datasets and methods it runs (default: all of the grid's).
 MODEL_METADATA = ("slot", "datasets", "methods")
+# train.py arguments whose default follows the host (bf16: on where bf16 matmuls are native). A grid
+# must set them, or the seeds of one cell could train in different precisions on different machines.
+HOST_DEPENDENT_ARGS = ("bf16",)
 
 
 @dataclass(frozen=True, eq=False)  # hashed by identity: a run is one place in one grid
@@ -76,6 +79,9 @@ def load_grid(path: str | Path) -> dict:
     missing = {"output_root", "models", "datasets", "methods", "seeds"} - set(grid or {})
     if missing:
         raise ValueError(f"{path}: grid file lacks {sorted(missing)}")
+    unpinned = sorted({key for run in expand(grid) for key in HOST_DEPENDENT_ARGS if key not in run.args})
+    if unpinned:
+        raise ValueError(f"{path}: set {unpinned} (e.g. under defaults): their default depends on the host")
     return grid
 
 
