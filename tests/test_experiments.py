@@ -113,12 +113,13 @@ def test_resume_after_kill_recomputes_nothing_finished(tmp_path, tiny_models, fi
     assert first.stat().st_mtime_ns == stamp
 
 
-def write_fixture_run(root, model, dataset, method, seed, accuracy, macro_f1, runtime):
+def write_fixture_run(root, model, dataset, method, seed, accuracy, macro_f1, runtime, amx=True):
     run = root / model / dataset / method / f"seed{seed}"
     run.mkdir(parents=True)
     (run / "grid_coordinates.json").write_text(json.dumps(
         {"model": model, "dataset": dataset, "method": method, "seed": seed}))
-    (run / "run.json").write_text(json.dumps({"resolved_model": {"checkpoint": f"org/{model}"}}))
+    (run / "run.json").write_text(json.dumps({"resolved_model": {"checkpoint": f"org/{model}"},
+                                              "hardware": {"cpu_amx_bf16": amx}}))
     (run / "metrics.json").write_text(json.dumps({
         "accuracy": accuracy, "micro_f1": accuracy, "macro_f1": macro_f1, "weighted_f1": accuracy,
         "trainable_percent": 100.0 if method == "full" else 1.0, "trainable_params": 10, "train_runtime": runtime,
@@ -129,8 +130,13 @@ def test_aggregation_of_fixture_runs(tmp_path):
     for seed, acc, f1, secs in ((1, 0.80, 0.60, 100.0), (2, 0.82, 0.64, 110.0), (3, 0.84, 0.68, 300.0)):
         write_fixture_run(tmp_path, "m", "acl_sup", "full", seed, acc, f1, secs)
     write_fixture_run(tmp_path, "m", "acl_sup", "lora-r8", 1, 0.5, 0.25, 50.0)
+    # two runs on a host without AMX: their quality counts, their times are not comparable
+    write_fixture_run(tmp_path, "m", "acl_sup", "lora-r8", 2, 0.7, 0.45, 900.0, amx=False)
+    write_fixture_run(tmp_path, "m", "acl_sup", "lora-r16", 1, 0.6, 0.35, 800.0, amx=False)
     rows = aggregate(collect(tmp_path))
-    assert [(r["method"], r["n"]) for r in rows] == [("full", 3), ("lora-r8", 1)]
+    assert [(r["method"], r["n"]) for r in rows] == [("full", 3), ("lora-r16", 1), ("lora-r8", 2)]
+    assert rows[2]["accuracy_mean"] == pytest.approx(0.6) and rows[2]["train_runtime"] == pytest.approx(50.0)
+    assert math.isnan(rows[1]["train_runtime"]) and rows[1]["peak_rss_mb"] == pytest.approx(2048.0)
     full = rows[0]
     assert full["accuracy_mean"] == pytest.approx(0.82) and full["accuracy_std"] == pytest.approx(0.02)
     assert full["macro_f1_mean"] == pytest.approx(0.64) and full["macro_f1_std"] == pytest.approx(0.04)
@@ -138,8 +144,9 @@ def test_aggregation_of_fixture_runs(tmp_path):
     assert full["train_runtime"] == pytest.approx(110.0) and full["checkpoint"] == "org/m"
     assert math.isnan(rows[1]["accuracy_std"])
     table = markdown_table(rows)
+    assert "| m | acl_sup | lora-r16 | 1 | 60.0 | 60.0 | 35.0 | 60.0 | 1.00 | – | – | 2048 |" in table
     assert "| m | acl_sup | full | 3 | 82.0 ± 2.0 | 82.0 ± 2.0 | 64.0 ± 4.0 | 82.0 ± 2.0 | 100.00 | 110 |" in table
-    assert "| m | acl_sup | lora-r8 | 1 | 50.0 | " in table
+    assert "| m | acl_sup | lora-r8 | 2 | 60.0 ± 14.1 | " in table
     write_tables(tmp_path, tmp_path / "out")
     csv_text = (tmp_path / "out" / "results.csv").read_text()
     assert csv_text.splitlines()[1].startswith("m,acl_sup,full,3,1 2 3,org/m,0.82,0.02,")

@@ -8,7 +8,7 @@ from peftlab.report import build_report, fill_placeholders
 from peftlab.results import aggregate, collect
 
 
-def fixture_run(root, method, seed, accuracy):
+def fixture_run(root, method, seed, accuracy, hardware=None):
     run = root / "m" / "acl_sup" / method / f"seed{seed}"
     run.mkdir(parents=True)
     (run / "grid_coordinates.json").write_text(json.dumps(
@@ -18,7 +18,7 @@ def fixture_run(root, method, seed, accuracy):
         "training_args": {"learning_rate": 1e-4, "num_train_epochs": 2, "bf16": True},
         "data_args": {"max_seq_length": 256}, "label_names": ["Uses", "Future"],
         "method_args": {"tuning_method": method.split("-")[0], "lora_r": 8},
-        "hardware": {"cpu_count": 2}, "versions": {"torch": "2.13.0"}}))
+        "hardware": hardware or {"cpu_count": 2}, "versions": {"torch": "2.13.0"}}))
     (run / "metrics.json").write_text(json.dumps({
         "accuracy": accuracy, "micro_f1": accuracy, "macro_f1": accuracy - 0.1, "weighted_f1": accuracy,
         "trainable_percent": 1.0, "trainable_params": 5, "train_runtime": 12.0, "train_tokens_per_second": 100.0,
@@ -60,6 +60,18 @@ def test_report_content_and_byte_identical_regeneration(report_inputs):
     assert "![curves_m_acl_sup](figures/curves_m_acl_sup.png)" in text and "| a |" in text
     for name in ("curves_m_acl_sup.png", "bars_m.png"):
         assert (root / "out1" / "figures" / name).read_bytes() == (root / "out2" / "figures" / name).read_bytes()
+
+
+def test_runs_on_another_host_are_named_and_untimed(report_inputs):
+    results, prose, root = report_inputs
+    fixture_run(results, "adapter", 1, 0.6, hardware={"cpu_count": 4})
+    text = build_report(results, prose, root / "out", root).read_text()
+    assert '- `{"cpu_count": 2}`: 4 runs, the reference host' in text
+    assert '- `{"cpu_count": 4}`: 1 run (m/acl_sup/adapter/seed1)' in text
+    rows = aggregate(collect(results))
+    with pytest.raises(ValueError, match="reference host"):
+        fill_placeholders("{{cost:m/acl_sup/adapter/train_runtime}}", rows, root)
+    assert fill_placeholders("{{cost:m/acl_sup/adapter/peak_rss_mb}}", rows, root) == "900"
 
 
 def test_unknown_placeholder_is_an_error(report_inputs):

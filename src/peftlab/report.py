@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 from collections import defaultdict
 from pathlib import Path
@@ -27,7 +28,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from .methods import LORA_DEFAULT_TARGETS  # noqa: E402
-from .results import RunResult, aggregate, collect, markdown_table, mean_std, pm, write_csv  # noqa: E402
+from .results import RunResult, aggregate, collect, markdown_table, mean_std, pm, reference_host, write_csv  # noqa: E402
 
 matplotlib.rcParams["svg.hashsalt"] = "peftlab"  # deterministic output
 
@@ -124,7 +125,11 @@ def fill_placeholders(text: str, rows: list[dict], repo_root: Path) -> str:
         row = cells.get((model, dataset, method))
         if row is None:
             raise KeyError(f"report placeholder {match.group(0)}: no runs for {model}/{dataset}/{method}")
-        return pm(row, key) if kind == "metric" else f"{row[key]:.0f}" if row[key] >= 10 else f"{row[key]:.2f}"
+        if kind == "metric":
+            return pm(row, key)
+        if math.isnan(row[key]):
+            raise ValueError(f"report placeholder {match.group(0)}: no value (times need runs on the reference host)")
+        return f"{row[key]:.0f}" if row[key] >= 10 else f"{row[key]:.2f}"
 
     return PLACEHOLDER.sub(substitute, text)
 
@@ -194,9 +199,19 @@ def environment_section(runs: list[RunResult]) -> str:
         first.setdefault(run.model, run)
     for model, run in sorted(first.items()):
         lines.append(f"| {model} | {run.checkpoint} | {run.record['resolved_model']['source']} |")
-    hardware = sorted({json.dumps(run.record.get("hardware", {}), sort_keys=True) for run in runs})
+    reference = reference_host(runs)
+    by_host: dict[str, list[RunResult]] = defaultdict(list)
+    for run in runs:
+        by_host[run.host].append(run)
+    lines += ["", "Hardware seen in these runs (times in the tables come from the reference host's runs only):", ""]
+    for host, members in sorted(by_host.items(), key=lambda item: item[0] != reference):
+        if host == reference:
+            lines.append(f"- `{host}`: {len(members)} runs, the reference host")
+        else:
+            names = ", ".join(f"{r.model}/{r.dataset}/{r.method}/seed{r.seed}" for r in members[:10])
+            plural = "s" if len(members) > 1 else ""
+            lines.append(f"- `{host}`: {len(members)} run{plural} ({names}{', ...' if len(members) > 10 else ''})")
     versions = sorted({json.dumps(run.record.get("versions", {}), sort_keys=True) for run in runs})
-    lines += ["", "Hardware seen in these runs:", ""] + [f"- `{h}`" for h in hardware]
     lines += ["", "Software versions seen in these runs:", ""] + [f"- `{v}`" for v in versions]
     return "\n".join(lines) + "\n"
 

@@ -10,7 +10,7 @@ import csv
 import json
 import math
 import statistics
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +19,8 @@ from .methods import method_label
 QUALITY = ("accuracy", "micro_f1", "macro_f1", "weighted_f1")
 COSTS = ("trainable_percent", "trainable_params", "train_runtime", "train_tokens_per_second",
          "train_samples_per_second", "peak_rss_mb")
+# Wall-clock costs compare only between runs on one host (without AMX, bf16 runs slower than fp32).
+TIMED = ("train_runtime", "train_tokens_per_second", "train_samples_per_second")
 CELL = ("model", "dataset", "method")
 
 
@@ -36,6 +38,11 @@ class RunResult:
     @property
     def cell(self) -> tuple[str, str, str]:
         return self.model, self.dataset, self.method
+
+    @property
+    def host(self) -> str:
+        """The hardware this run recorded in run.json, as one comparable string."""
+        return json.dumps(self.record.get("hardware", {}), sort_keys=True)
 
     def log_history(self) -> list[dict]:
         state = self.directory / "trainer_state.json"
@@ -83,9 +90,17 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else math.nan
 
 
+def reference_host(runs: list[RunResult]) -> str | None:
+    """The host most runs ran on (ties: the first in sorted order), whose runs alone give wall-clock costs."""
+    counts = Counter(run.host for run in runs)
+    return max(sorted(counts), key=counts.get) if counts else None
+
+
 def aggregate(runs: list[RunResult]) -> list[dict]:
     """Per (model, dataset, method): n, mean and sample std of the quality metrics, medians of the costs
-    (wall-clock times on a shared machine: the median ignores one run slowed by other work)."""
+    (wall-clock times on a shared machine: the median ignores one run slowed by other work). Times come
+    from the reference host's runs only; a cell without any has NaN times."""
+    reference = reference_host(runs)
     groups: dict[tuple, list[RunResult]] = defaultdict(list)
     for run in runs:
         groups[run.cell].append(run)
@@ -96,7 +111,8 @@ def aggregate(runs: list[RunResult]) -> list[dict]:
         for key in QUALITY:
             row[f"{key}_mean"], row[f"{key}_std"] = mean_std([m.metrics[key] for m in members])
         for key in COSTS:
-            values = [m.metrics[key] for m in members if m.metrics.get(key) is not None]
+            values = [m.metrics[key] for m in members if m.metrics.get(key) is not None
+                      and (key not in TIMED or m.host == reference)]
             row[key] = statistics.median(values) if values else math.nan
         rows.append(row)
     return rows
@@ -116,6 +132,10 @@ def pm(row: dict, key: str, scale: float = 100.0) -> str:
     return f"{mean:.1f}" if math.isnan(std) else f"{mean:.1f} ± {std:.1f}"
 
 
+def whole(value: float) -> str:
+    return "–" if math.isnan(value) else f"{value:.0f}"
+
+
 def markdown_table(rows: list[dict]) -> str:
     header = ("| model | dataset | method | n | accuracy | micro-F1 | macro-F1 | weighted-F1 | trainable % "
               "| train time (s, with test evals) | train tokens/s | peak RSS (MB) |")  # costs: medians over seeds
@@ -124,8 +144,8 @@ def markdown_table(rows: list[dict]) -> str:
         lines.append(
             f"| {row['model']} | {row['dataset']} | {row['method']} | {row['n']} | {pm(row, 'accuracy')} "
             f"| {pm(row, 'micro_f1')} | {pm(row, 'macro_f1')} | {pm(row, 'weighted_f1')} "
-            f"| {row['trainable_percent']:.2f} | {row['train_runtime']:.0f} | {row['train_tokens_per_second']:.0f} "
-            f"| {row['peak_rss_mb']:.0f} |")
+            f"| {row['trainable_percent']:.2f} | {whole(row['train_runtime'])} "
+            f"| {whole(row['train_tokens_per_second'])} | {whole(row['peak_rss_mb'])} |")
     return "\n".join(lines) + "\n"
 
 
