@@ -205,12 +205,12 @@ def environment_section(runs: list[RunResult]) -> str:
         by_host[run.host].append(run)
     lines += ["", "Hardware seen in these runs (times in the tables come from the reference host's runs only):", ""]
     for host, members in sorted(by_host.items(), key=lambda item: item[0] != reference):
+        count = f"{len(members)} run{'s' if len(members) > 1 else ''}"
         if host == reference:
-            lines.append(f"- `{host}`: {len(members)} runs, the reference host")
+            lines.append(f"- `{host}`: {count}, the reference host")
         else:
             names = ", ".join(f"{r.model}/{r.dataset}/{r.method}/seed{r.seed}" for r in members[:10])
-            plural = "s" if len(members) > 1 else ""
-            lines.append(f"- `{host}`: {len(members)} run{plural} ({names}{', ...' if len(members) > 10 else ''})")
+            lines.append(f"- `{host}`: {count} ({names}{', ...' if len(members) > 10 else ''})")
     versions = sorted({json.dumps(run.record.get("versions", {}), sort_keys=True) for run in runs})
     lines += ["", "Software versions seen in these runs:", ""] + [f"- `{v}`" for v in versions]
     return "\n".join(lines) + "\n"
