@@ -1,7 +1,7 @@
-"""Course entry point for Task 1: ``from dataHelper import get_dataset``.
+"""Course entry point for Task 1: ``from dataHelper import get_dataset, get_fs``.
 
-The datasets live in :mod:`peftlab.data`; set ``PEFTLAB_DATA_DIR`` (or pass ``data_dir=``) to the
-folder that holds ``restaurant_sup/``, ``laptop_sup/``, ``acl_sup/`` and ``agnews_sup/``.
+The datasets live in :mod:`peftlab.data` and are read from the repository's ``data/`` folder by
+default (``PEFTLAB_DATA_DIR`` or ``data_dir=`` point elsewhere).
 """
 
 from peftlab.data import get_dataset, get_fs

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-REAL_DATA = Path(os.environ.get("PEFTLAB_DATA_DIR", Path(__file__).resolve().parents[1] / ".." / "shared" / "data"))
+# The data vendored in the repository (or PEFTLAB_DATA_DIR, where a user points elsewhere).
+REAL_DATA = Path(os.environ.get("PEFTLAB_DATA_DIR") or Path(__file__).resolve().parents[1] / "data")
 # CI sets PEFTLAB_REQUIRE_DATA=1: there, a missing data directory fails instead of skipping.
 REQUIRE_DATA = os.environ.get("PEFTLAB_REQUIRE_DATA") == "1"
 
@@ -16,7 +17,7 @@ def real_data_dir() -> Path:
     if not (REAL_DATA / "restaurant_sup" / "train.json").is_file():
         if REQUIRE_DATA:
             pytest.fail(f"PEFTLAB_REQUIRE_DATA=1 but the real data is not at {REAL_DATA}")
-        pytest.skip(f"real data not found at {REAL_DATA}; set PEFTLAB_DATA_DIR")
+        pytest.skip(f"real data not found at {REAL_DATA}")
     return REAL_DATA
 
 
@@ -36,10 +37,11 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 
 @pytest.fixture
 def fixture_data_dir(tmp_path: Path) -> Path:
-    """A tiny data directory in the real formats (10 AG News rows, a few of each other)."""
+    """A tiny data directory in the real formats (20 AG News rows, 30 SemEval training rows: 10% of them
+    hold out one per class, a few of each other)."""
     polarities = ["positive", "neutral", "negative"]
     semeval = {split: [(f"term{i}", f"the term{i} was fine {split}", polarities[i % 3]) for i in range(n)]
-               for split, n in (("train", 9), ("dev", 3), ("test", 6))}
+               for split, n in (("train", 30), ("dev", 3), ("test", 6))}
     write_semeval(tmp_path / "restaurant_sup", semeval)
     write_semeval(tmp_path / "laptop_sup", semeval)
     intents = ["Background", "CompareOrContrast", "Extends", "Future", "Motivation", "Uses"]

@@ -1,11 +1,21 @@
+import hashlib
 import json
 from collections import Counter
+from pathlib import Path
 
 import pytest
 from datasets import ClassLabel, DatasetDict
 
 from dataHelper import get_dataset, get_fs
-from peftlab.data import DATA_DIR_ENV, DataFormatError, dataset_names, resolve_data_dir, sample_balanced
+from peftlab import data as data_module
+from peftlab.data import (
+    DATA_DIR_ENV,
+    REPO_DATA_DIR,
+    DataFormatError,
+    dataset_names,
+    resolve_data_dir,
+    sample_balanced,
+)
 
 SEP = " [SEP] "
 
@@ -19,7 +29,7 @@ def test_semeval_text_and_labels(fixture_data_dir):
     assert ds["train"].column_names == ["text", "label"]
     assert ds["train"][0] == {"text": "term0 [SEP] the term0 was fine train", "label": 0}
     assert ds["train"].features["label"] == ClassLabel(names=["positive", "neutral", "negative"])
-    assert ds["train"]["label"] == [0, 1, 2] * 3
+    assert ds["train"]["label"] == [0, 1, 2] * 10
 
 
 def test_acl_and_agnews_formats(fixture_data_dir):
@@ -41,8 +51,10 @@ def test_data_dir_resolution_order(fixture_data_dir, tmp_path, monkeypatch):
     assert resolve_data_dir() == fixture_data_dir
     assert resolve_data_dir(tmp_path) == tmp_path  # explicit argument wins
     monkeypatch.delenv(DATA_DIR_ENV)
-    monkeypatch.chdir(tmp_path)
-    with pytest.raises(FileNotFoundError, match=r"'data'.*PEFTLAB_DATA_DIR"):
+    monkeypatch.chdir(tmp_path)  # the default is the repository's data/, wherever the command starts
+    assert resolve_data_dir() == REPO_DATA_DIR == Path(__file__).resolve().parents[1] / "data"
+    monkeypatch.setattr(data_module, "DEFAULT_DATA_DIR", tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match=r"nowhere'.*the default.*PEFTLAB_DATA_DIR"):
         resolve_data_dir()
     assert len(get_dataset("acl_sup", SEP, data_dir=fixture_data_dir)["train"]) == 12
 
@@ -217,3 +229,32 @@ def test_real_aggregation_of_four_few_shot(real_data_dir):
 def test_known_names():
     bases = ("restaurant", "laptop", "acl", "agnews")
     assert set(dataset_names()) == {f"{b}_{k}" for b in bases for k in ("sup", "fs")}
+
+
+def test_vendored_data_matches_its_sums():
+    """The copy in the repository is byte-identical to the reference (SHA256SUMS lists every data file)."""
+    listed = [line.split(maxsplit=1) for line in (REPO_DATA_DIR / "SHA256SUMS").read_text().splitlines()]
+    assert {name for _, name in listed} >= {"restaurant_sup/train.json", "acl_sup/test.jsonl", "agnews_sup/test.csv"}
+    for digest, name in listed:
+        assert hashlib.sha256((REPO_DATA_DIR / name).read_bytes()).hexdigest() == digest, name
+    assert "Licence and source" in (REPO_DATA_DIR / "PROVENANCE.md").read_text()
+
+
+@pytest.mark.parametrize("names", [["restaurant", "restaurant_sup"], ["laptop_sup", "laptop_fs"],
+                                   "acl_fs,agnews_fs,acl_sup"])
+def test_aggregating_one_dataset_twice_is_refused(names, fixture_data_dir):
+    """The same rows twice would give every text two labels (6904 rows for restaurant + restaurant_sup)."""
+    with pytest.raises(ValueError, match="more than once"):
+        get_dataset(names, SEP, data_dir=fixture_data_dir)
+
+
+@pytest.mark.parametrize(("folder", "file", "good_line"), [
+    ("restaurant_sup", "train.json", '{"a": {"term": "x", "sentence": "fine", "polarity": "positive", "id": "a"},\n'),
+    ("acl_sup", "train.jsonl", '{"text": "fine", "label": "Uses"}\n'),
+    ("agnews_sup", "test.csv", '"1","t","fine"\n'),
+])
+def test_non_utf8_byte_names_file_and_line(folder, file, good_line, fixture_data_dir):
+    bad_line = good_line.replace("fine", "caf\udce9", 1).encode("utf-8", "surrogateescape")  # a Latin-1 é
+    (fixture_data_dir / folder / file).write_bytes(good_line.encode() * 2 + bad_line)
+    with pytest.raises(DataFormatError, match=rf"{folder}/{file} line 3: byte 0xe9 is not UTF-8"):
+        get_dataset(folder, SEP, data_dir=fixture_data_dir)

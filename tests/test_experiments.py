@@ -102,7 +102,7 @@ def test_resume_after_kill_recomputes_nothing_finished(tmp_path, tiny_models, fi
     runtimes = [json.loads((r.output_dir / "metrics.json").read_text())["train_runtime"] for r in runs[:3]]
     assert estimate_seconds(runs[0], runs) == pytest.approx(sum(runtimes) / 3)
     acl_full = next(r for r in runs if (r.dataset, r.method) == ("acl_sup", "full"))
-    per_row = sum(t / 9 for t in runtimes) / 3  # 9 restaurant fixture rows, 1 epoch
+    per_row = sum(t / 27 for t in runtimes) / 3  # 30 restaurant fixture rows, 3 held out, 1 epoch
     assert estimate_seconds(acl_full, runs) == pytest.approx(per_row * 6)  # the override keeps 6 rows
     assert estimate_seconds(next(r for r in runs if r.method == "lora-r8"), runs) is None
     # a changed argument is reported and kept, never overwritten silently

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from .cli import non_negative_int, positive_int
 from .isolated import call_in_fresh_process
 
 PADDINGS = ("dynamic", "max_length", "grouped")
@@ -161,13 +162,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--methods", nargs="+", default=["full", "lora-r16", "adapter"])
     parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     parser.add_argument("--paddings", nargs="+", default=["dynamic"], choices=PADDINGS)
-    parser.add_argument("--threads", nargs="+", type=int, default=[os.cpu_count()])
+    parser.add_argument("--threads", nargs="+", type=positive_int, default=[os.cpu_count()])
     parser.add_argument("--fused_adamw", nargs="+", type=int, default=[0], choices=[0, 1],
                         help="AdamW implementation: 0 = foreach (PyTorch's default), 1 = fused")
-    parser.add_argument("--batch_size", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=8, help="timed steps per configuration")
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--max_length", type=int, default=256)
+    parser.add_argument("--batch_size", type=positive_int, default=16)
+    parser.add_argument("--steps", type=positive_int, default=8, help="timed steps per configuration")
+    parser.add_argument("--warmup", type=non_negative_int, default=2)
+    parser.add_argument("--max_length", type=positive_int, default=256)
     parser.add_argument("--data_dir", default=None)
     parser.add_argument("--out", default="benchmarks/results/throughput", help="path stem for .json and .md")
     args = parser.parse_args(argv)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import csv
 import difflib
+import hashlib
+import io
 import json
 import os
 from collections.abc import Callable, Sequence
@@ -19,15 +21,21 @@ from pathlib import Path
 import numpy as np
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Value, concatenate_datasets
 
+from .errors import InvalidArgument, MissingFile, UserError
+
 DATA_DIR_ENV = "PEFTLAB_DATA_DIR"
-DEFAULT_DATA_DIR = "data"
+# The repository's vendored copy (src/peftlab/data.py -> <repo>/data), found from wherever a command
+# starts; an installed (non-editable) package has none and falls back to ./data.
+REPO_DATA_DIR = Path(__file__).resolve().parents[2] / "data"
+DEFAULT_DATA_DIR = REPO_DATA_DIR if REPO_DATA_DIR.is_dir() else Path("data")
 SPLITS = ("train", "test")
 FEW_SHOT_SIZE = 32  # PPT (arXiv 2109.04332): 32 training and 32 held-out examples
 FEW_SHOT_SEED = 2025
 AGNEWS_SPLIT_SEED = 2025
+SLICE_SEED = 2025  # --max_*_samples take the same rows whatever the training seed
 
 
-class DataFormatError(ValueError):
+class DataFormatError(UserError, ValueError):
     """A data file that cannot be read as its dataset's format, or a split that is empty."""
 
 
@@ -64,7 +72,7 @@ def dataset_names() -> list[str]:
 
 
 def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
-    """The explicit argument, else ``$PEFTLAB_DATA_DIR``, else ``./data``; it must exist."""
+    """The explicit argument, else ``$PEFTLAB_DATA_DIR``, else the repository's ``data/``; it must exist."""
     if data_dir is not None:
         source = "the data_dir argument"
     elif os.environ.get(DATA_DIR_ENV):
@@ -73,7 +81,7 @@ def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
         data_dir, source = DEFAULT_DATA_DIR, "the default"
     path = Path(data_dir).expanduser()
     if not path.is_dir():
-        raise FileNotFoundError(
+        raise MissingFile(
             f"data directory {str(path)!r} (from {source}) does not exist; pass data_dir=... "
             f"(--data_dir on the command line) or set {DATA_DIR_ENV} to the folder holding "
             "restaurant_sup/, laptop_sup/, acl_sup/ and agnews_sup/"
@@ -84,11 +92,22 @@ def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
 def _data_file(directory: Path, name: str) -> Path:
     path = directory / name
     if not path.is_file():
-        raise FileNotFoundError(
+        raise MissingFile(
             f"missing data file {str(path)!r}; check the data directory ({DATA_DIR_ENV} or "
             "--data_dir) holds the dataset folders"
         )
     return path
+
+
+def _read_text(path: Path) -> str:
+    """The file as UTF-8 text; a byte that is not UTF-8 is reported with its file and line."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw[:err.start].count(b"\n") + 1
+        raise DataFormatError(f"{path} line {line}: byte {raw[err.start]:#04x} is not UTF-8 "
+                              "(the data files must be UTF-8)") from None
 
 
 def _label_index(classes: Sequence[str], value: object, where: str) -> int:
@@ -113,7 +132,7 @@ def _semeval_loader(folder: str):
         for split in SPLITS:
             path = _data_file(data_dir / folder, f"{split}.json")
             try:
-                records = json.loads(path.read_text(encoding="utf-8"))
+                records = json.loads(_read_text(path))
             except json.JSONDecodeError as err:
                 raise DataFormatError(f"{path}: invalid JSON at line {err.lineno}: {err.msg}") from None
             if not isinstance(records, dict):
@@ -136,17 +155,16 @@ def _load_acl_arc(data_dir: Path, sep_token: str):
     for split in SPLITS:
         path = _data_file(data_dir / "acl_sup", f"{split}.jsonl")
         texts, labels = [], []
-        with path.open(encoding="utf-8") as lines:
-            for number, line in enumerate(lines, start=1):
-                where = f"{path} line {number}"
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise DataFormatError(f"{where}: invalid JSON: {err.msg}") from None
-                if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                    raise DataFormatError(f"{where}: expected an object with a text string and a label")
-                texts.append(record["text"])
-                labels.append(_label_index(ACL_ARC_INTENTS, record.get("label"), where))
+        for number, line in enumerate(_read_text(path).splitlines(), start=1):
+            where = f"{path} line {number}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataFormatError(f"{where}: invalid JSON: {err.msg}") from None
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                raise DataFormatError(f"{where}: expected an object with a text string and a label")
+            texts.append(record["text"])
+            labels.append(_label_index(ACL_ARC_INTENTS, record.get("label"), where))
         splits[split] = texts, labels
     return splits
 
@@ -155,15 +173,15 @@ def _load_agnews(data_dir: Path, sep_token: str):
     """The official AG News test split only (course rule), description as text, split 9:1."""
     path = _data_file(data_dir / "agnews_sup", "test.csv")
     texts, labels = [], []
-    with path.open(encoding="utf-8", newline="") as handle:
-        for number, row in enumerate(csv.reader(handle), start=1):
-            where = f"{path} line {number}"
-            if len(row) != 3:
-                raise DataFormatError(f"{where}: expected 3 fields (class, title, description), got {len(row)}")
-            if row[0] not in {"1", "2", "3", "4"}:
-                raise DataFormatError(f"{where}: unknown label {row[0]!r}; expected one of 1..4")
-            texts.append(row[2])
-            labels.append(int(row[0]) - 1)
+    reader = csv.reader(io.StringIO(_read_text(path), newline=""))
+    for row in reader:
+        where = f"{path} line {reader.line_num}"
+        if len(row) != 3:
+            raise DataFormatError(f"{where}: expected 3 fields (class, title, description), got {len(row)}")
+        if row[0] not in {"1", "2", "3", "4"}:
+            raise DataFormatError(f"{where}: unknown label {row[0]!r}; expected one of 1..4")
+        texts.append(row[2])
+        labels.append(int(row[0]) - 1)
     if not texts:
         raise DataFormatError(f"{path}: no rows")
     full = _to_dataset(texts, labels, AGNEWS_CLASSES)
@@ -201,7 +219,7 @@ def _parse_name(name: object) -> tuple[DatasetSpec, str]:
         known = dataset_names()
         close = difflib.get_close_matches(name, known + list(DATASETS), n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"unknown dataset {name!r}.{hint} Known datasets: {', '.join(known)}")
+        raise InvalidArgument(f"unknown dataset {name!r}.{hint} Known datasets: {', '.join(known)}")
     return DATASETS[base], kind
 
 
@@ -288,10 +306,60 @@ def get_dataset(dataset_name: str | Sequence[str], sep_token: str, data_dir=None
         return load_supervised(spec, sep_token, data_dir)
     if not isinstance(dataset_name, (list, tuple)) or not dataset_name:
         raise TypeError(f"dataset_name must be a name or a non-empty list of names, got {dataset_name!r}")
-    if len(set(dataset_name)) != len(dataset_name):
-        raise ValueError(f"dataset list names a dataset twice: {list(dataset_name)}")
+    # Compared after resolving names: "restaurant" and "restaurant_sup" are one dataset, and its _sup and
+    # _fs forms share rows, so either pair would give texts with two labels.
     bases = [_parse_name(name)[0].name for name in dataset_name]
-    # The base name is the readable prefix; fall back to the full name when two share a base.
-    prefixes = bases if len(set(bases)) == len(bases) else list(dataset_name)
-    return aggregate([(prefix, get_dataset(name, sep_token, data_dir))
-                      for prefix, name in zip(prefixes, dataset_name, strict=True)])
+    repeated = sorted({base for base in bases if bases.count(base) > 1})
+    if repeated:
+        raise InvalidArgument(f"dataset list {list(dataset_name)} names {', '.join(repeated)} more than once "
+                              "(as its _sup or _fs form, or by its base name); aggregate each dataset once")
+    return aggregate([(base, get_dataset(name, sep_token, data_dir))
+                      for base, name in zip(bases, dataset_name, strict=True)])
+
+
+# ----------------------------------------------------------------------------- preparing for a model
+
+
+def load_data(dataset_name: str, sep_token: str = "<SEP>", data_dir=None) -> tuple[DatasetDict, int]:
+    """The course's ``load_data``: the dataset and its number of classes."""
+    dataset = get_dataset(dataset_name, sep_token, data_dir=data_dir)
+    return dataset, dataset["train"].features["label"].num_classes
+
+
+def take_slice(dataset: Dataset, size: int | None) -> Dataset:
+    """A fixed random ``size`` rows (the same whatever the training seed), or all of them."""
+    if size is None or size >= len(dataset):
+        return dataset
+    return dataset.shuffle(seed=SLICE_SEED).select(range(size))
+
+
+def tokenize(dataset, tokenizer, max_seq_length: int):
+    """Token ids without padding: ``DataCollatorWithPadding`` pads each batch to its own longest row."""
+    return dataset.map(lambda batch: tokenizer(batch["text"], truncation=True, max_length=max_seq_length),
+                       batched=True, remove_columns=["text"], desc="Tokenizing")
+
+
+VALIDATION_SEED = 2025  # the held-out rows are the same for every training seed and method
+
+
+def hold_out_validation(train: Dataset, ratio: float,
+                        seed: int = VALIDATION_SEED) -> tuple[Dataset, Dataset | None, dict]:
+    """Split ``train`` into (train, validation), stratified by label, with a fixed seed.
+
+    Returns the two splits (validation None for ``ratio`` 0) and a record of the split for ``run.json``:
+    ratio, seed, row counts and a sha256 of the held-out row indices (into the given ``train``).
+    """
+    if not 0 <= ratio < 1:
+        raise InvalidArgument(f"--validation_split must be in [0, 1), got {ratio}")
+    if ratio == 0:
+        return train, None, {"ratio": 0.0, "seed": seed, "train_rows": len(train), "validation_rows": 0}
+    indexed = train.add_column("source_row", list(range(len(train))))
+    try:
+        halves = indexed.train_test_split(test_size=ratio, seed=seed, stratify_by_column="label")
+    except ValueError as err:
+        raise InvalidArgument(f"cannot hold out a stratified {ratio:.0%} of {len(train)} training rows ({err}); "
+                              "raise --validation_split, or set it to 0 for no validation split") from None
+    held_out = sorted(halves["test"]["source_row"])
+    record = {"ratio": ratio, "seed": seed, "train_rows": len(halves["train"]), "validation_rows": len(held_out),
+              "held_out_sha256": hashlib.sha256(",".join(map(str, held_out)).encode()).hexdigest()}
+    return halves["train"].remove_columns("source_row"), halves["test"].remove_columns("source_row"), record

@@ -25,7 +25,6 @@ most the run in flight.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import signal
@@ -37,8 +36,9 @@ from pathlib import Path
 
 import yaml
 
-ARGS_FILE = "grid_args.json"
-COORDINATES_FILE = "grid_coordinates.json"  # the run's place in its grid, for aggregation
+from .errors import InvalidArgument, MissingFile, exit_on_user_error
+from .runrecord import FINISHED, GRID_ARGS_FILE, GRID_COORDINATES_FILE, GRID_LOG_FILE, RunDirectory, write_json
+
 # Keys of a model entry that describe the grid, not train.py: the assignment's model it stands in for,
 # and the subsets of datasets and methods it runs (default: all of the grid's).
 MODEL_METADATA = ("slot", "datasets", "methods")
@@ -60,28 +60,34 @@ class GridRun:
         return Path(self.args["output_dir"])
 
     @property
+    def directory(self) -> RunDirectory:
+        return RunDirectory(self.output_dir)
+
+    @property
     def label(self) -> str:
         return f"{self.model} {self.dataset} {self.method} seed{self.seed}"
 
     def status(self) -> str:
-        """``done``, ``todo``, ``incomplete`` (started, no metrics) or ``changed`` (done with other arguments)."""
-        args_file = self.output_dir / ARGS_FILE
-        if not args_file.exists():
+        """``done``, ``todo``, ``incomplete`` (started, not finished: killed, failed, or files cut short) or
+        ``changed`` (finished with other arguments)."""
+        grid_args = self.directory.grid_args()
+        if grid_args is None:
             return "incomplete" if self.output_dir.exists() and any(self.output_dir.iterdir()) else "todo"
-        same = json.loads(args_file.read_text()) == self.args
-        if not (self.output_dir / "metrics.json").exists():
+        if self.directory.state() != FINISHED:
             return "incomplete"
-        return "done" if same else "changed"
+        return "done" if grid_args == self.args else "changed"
 
 
 def load_grid(path: str | Path) -> dict:
+    if not Path(path).is_file():
+        raise MissingFile(f"no grid file {path}")
     grid = yaml.safe_load(Path(path).read_text())
     missing = {"output_root", "models", "datasets", "methods", "seeds"} - set(grid or {})
     if missing:
-        raise ValueError(f"{path}: grid file lacks {sorted(missing)}")
+        raise InvalidArgument(f"{path}: grid file lacks {sorted(missing)}")
     unpinned = sorted({key for run in expand(grid) for key in HOST_DEPENDENT_ARGS if key not in run.args})
     if unpinned:
-        raise ValueError(f"{path}: set {unpinned} (e.g. under defaults): their default depends on the host")
+        raise InvalidArgument(f"{path}: set {unpinned} (e.g. under defaults): their default depends on the host")
     return grid
 
 
@@ -111,13 +117,12 @@ def shard(runs: list[GridRun], spec: str | None) -> list[GridRun]:
         return runs
     index, count = (int(part) for part in spec.split("/"))
     if not 0 <= index < count:
-        raise ValueError(f"--shard {spec}: need 0 <= i < n")
+        raise InvalidArgument(f"--shard {spec}: need 0 <= i < n")
     return runs[index::count]
 
 
 def _finished(run: GridRun) -> tuple[dict, dict]:
-    return (json.loads((run.output_dir / "metrics.json").read_text()),
-            json.loads((run.output_dir / "run.json").read_text()))
+    return run.directory.metrics(), run.directory.record()
 
 
 def estimate_seconds(run: GridRun, runs: list[GridRun]) -> float | None:
@@ -147,11 +152,11 @@ def execute(run: GridRun, python: str = sys.executable) -> int:
     if run.output_dir.exists():
         shutil.rmtree(run.output_dir)  # an incomplete run: only status() decides we may get here
     run.output_dir.mkdir(parents=True)
-    (run.output_dir / ARGS_FILE).write_text(json.dumps(run.args, indent=2) + "\n")
-    coordinates = {"model": run.model, "dataset": run.dataset, "method": run.method, "seed": run.seed}
-    (run.output_dir / COORDINATES_FILE).write_text(json.dumps(coordinates) + "\n")
-    with (run.output_dir / "stdout.log").open("w") as log:
-        return subprocess.run([python, "-m", "peftlab.training", str(run.output_dir / ARGS_FILE)],
+    write_json(run.output_dir / GRID_ARGS_FILE, run.args)
+    write_json(run.output_dir / GRID_COORDINATES_FILE,
+               {"model": run.model, "dataset": run.dataset, "method": run.method, "seed": run.seed})
+    with (run.output_dir / GRID_LOG_FILE).open("w") as log:
+        return subprocess.run([python, "-m", "peftlab.training", str(run.output_dir / GRID_ARGS_FILE)],
                               stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy()).returncode
 
 
@@ -160,7 +165,7 @@ def select(runs: list[GridRun], filters: list[str] | None) -> list[GridRun]:
     for spec in filters or []:
         key, _, value = spec.partition("=")
         if key not in ("model", "dataset", "method", "seed"):
-            raise ValueError(f"--only {spec}: filter on model, dataset, method or seed")
+            raise InvalidArgument(f"--only {spec}: filter on model, dataset, method or seed")
         runs = [run for run in runs if str(getattr(run, key)) == value]
     return runs
 
@@ -195,9 +200,9 @@ def run_grid(path: str, shard_spec: str | None = None, dry_run: bool = False, re
         elapsed = (time.time() - started) / 60
         if code:
             failures += 1
-            print(f"    FAILED (exit {code}) after {elapsed:.1f} min; see {run.output_dir / 'stdout.log'}", flush=True)
+            print(f"    FAILED (exit {code}) after {elapsed:.1f} min; see {run.output_dir / GRID_LOG_FILE}", flush=True)
             continue
-        metrics = json.loads((run.output_dir / "metrics.json").read_text())
+        metrics = run.directory.metrics()
         print(f"    done in {elapsed:.1f} min: accuracy {metrics.get('accuracy', float('nan')):.4f}, "
               f"macro_f1 {metrics.get('macro_f1', float('nan')):.4f}", flush=True)
     return 1 if failures else 0
@@ -224,4 +229,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(exit_on_user_error(main))

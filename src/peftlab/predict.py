@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import json
-import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-from transformers import AutoTokenizer, DataCollatorWithPadding, HfArgumentParser, Trainer
+from transformers import AutoTokenizer, DataCollatorWithPadding, Trainer, TrainingArguments
 
+from .cli import parse_dataclasses
+from .data import load_data, take_slice, tokenize
+from .errors import InvalidArgument, MissingFile, exit_on_user_error
 from .methods import get_method
 from .metrics import classification_metrics
 from .models import resolve_model
-from .training import MODEL_SUBDIR, PeftlabTrainingArguments, load_data, take_slice, tokenize
+from .runrecord import FINISHED, PREDICT_OUTPUT_FILE, RunDirectory, predicted_ids, write_predictions
 
 
 @dataclass
@@ -25,19 +26,26 @@ class PredictArguments:
     data_dir: str | None = field(default=None, metadata={"help": "Data folder; default as in train.py."})
     merge_lora: bool = field(default=True, metadata={"help": "Merge LoRA into the base weights before predicting."})
     output_file: str | None = field(
-        default=None, metadata={"help": "Where to write index<TAB>prediction; default run_dir/predictions.txt."})
+        default=None,
+        metadata={"help": f"Where to write index<TAB>prediction; default run_dir/{PREDICT_OUTPUT_FILE}."})
+
+    def __post_init__(self):
+        if self.split not in ("train", "test"):
+            raise InvalidArgument(f"--split must be train or test, got {self.split!r}")
 
 
 def load_trained(run_dir: str | Path, for_inference: bool = True):
     """(tokenizer, model, run record) of a finished run, its base checkpoint resolved anew."""
-    run_dir = Path(run_dir)
-    record = json.loads((run_dir / "run.json").read_text())
+    run = RunDirectory(Path(run_dir))
+    if run.state() != FINISHED or not run.model_dir.is_dir():
+        raise MissingFile(f"{run.path} holds no finished run with its trained weights (state: {run.state()})")
+    record = run.record()
     method = get_method(record["method_args"]["tuning_method"])
     base = resolve_model(record["model_args"]["model_name_or_path"]).path
-    model = method.load(base, run_dir / MODEL_SUBDIR)
+    model = method.load(base, run.model_dir)
     if for_inference:
         model = method.for_inference(model)
-    return AutoTokenizer.from_pretrained(run_dir / MODEL_SUBDIR), model.eval(), record
+    return AutoTokenizer.from_pretrained(run.model_dir), model.eval(), record
 
 
 def predict(args: PredictArguments) -> dict:
@@ -46,27 +54,26 @@ def predict(args: PredictArguments) -> dict:
     dataset_name = args.dataset_name or data_args["dataset_name"]
     dataset, _ = load_data(dataset_name, record["sep_token"], args.data_dir or data_args["data_dir"])
     rows = dataset[args.split]
+    names = rows.features["label"].names
+    if names != record["label_names"]:
+        raise InvalidArgument(f"{dataset_name} has the classes {names}, but the run in {args.run_dir} was trained on "
+                              f"{record['label_names']}; predict on a dataset with the run's classes")
     if args.dataset_name is None and args.split == "test":
         rows = take_slice(rows, data_args["max_eval_samples"])  # the rows the run itself scored
     encoded = tokenize(rows, tokenizer, data_args["max_seq_length"])
     training = record["training_args"]
     with tempfile.TemporaryDirectory() as scratch:
         trainer = Trainer(model=model, data_collator=DataCollatorWithPadding(tokenizer), processing_class=tokenizer,
-                          args=PeftlabTrainingArguments(
-                              output_dir=scratch, report_to=[], bf16=training["bf16"], eval_strategy="no",
+                          args=TrainingArguments(
+                              output_dir=scratch, report_to=[], bf16=training["bf16"], use_cpu=training["use_cpu"],
                               per_device_eval_batch_size=training["per_device_eval_batch_size"]))
-        logits = trainer.predict(encoded).predictions
-    predictions = np.argmax(logits[0] if isinstance(logits, tuple) else logits, axis=-1)
-    names = rows.features["label"].names
-    output = Path(args.output_file or Path(args.run_dir) / "predictions.txt")
-    with output.open("w") as out:
-        out.write("index\tprediction\n")
-        out.writelines(f"{i}\t{names[p]}\n" for i, p in enumerate(predictions))
+        predictions = predicted_ids(trainer.predict(encoded).predictions)
+    output = Path(args.output_file or Path(args.run_dir) / PREDICT_OUTPUT_FILE)
+    write_predictions(output, predictions, names)  # only now: a failed prediction leaves an earlier file whole
     metrics = classification_metrics(predictions, rows["label"])
     print(json.dumps({"output_file": str(output), "rows": len(rows), **metrics}, indent=2))
     return {"predictions": predictions.tolist(), **metrics}
 
 
 def main(argv: list[str] | None = None) -> dict:
-    (args,) = HfArgumentParser(PredictArguments).parse_args_into_dataclasses(sys.argv[1:] if argv is None else argv)
-    return predict(args)
+    return exit_on_user_error(lambda: predict(*parse_dataclasses((PredictArguments,), argv)))

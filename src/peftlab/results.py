@@ -1,7 +1,6 @@
 """Results: collect finished runs from their directories and aggregate them over seeds.
 
-Everything here reads only run directories (``run.json``, ``metrics.json``,
-``trainer_state.json`` and, for grid runs, ``grid_coordinates.json``).
+Everything here reads finished run directories through :mod:`peftlab.runrecord`.
 """
 
 from __future__ import annotations
@@ -15,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .methods import method_label
+from .runrecord import RunDirectory, finished_runs
 
 QUALITY = ("accuracy", "micro_f1", "macro_f1", "weighted_f1")
 COSTS = ("trainable_percent", "trainable_params", "train_runtime", "train_tokens_per_second",
@@ -45,8 +45,7 @@ class RunResult:
         return json.dumps(self.record.get("hardware", {}), sort_keys=True)
 
     def log_history(self) -> list[dict]:
-        state = self.directory / "trainer_state.json"
-        return json.loads(state.read_text())["log_history"] if state.exists() else []
+        return RunDirectory(self.directory).log_history()
 
 
 def training_throughput(tokens_per_epoch: int, epochs: float, train_runtime: float,
@@ -57,20 +56,17 @@ def training_throughput(tokens_per_epoch: int, epochs: float, train_runtime: flo
     return tokens_per_epoch * epochs / (train_runtime - eval_seconds), eval_seconds
 
 
-def load_run(directory: Path) -> RunResult:
-    record = json.loads((directory / "run.json").read_text())
-    metrics = json.loads((directory / "metrics.json").read_text())
-    coordinates_file = directory / "grid_coordinates.json"
-    if coordinates_file.exists():
-        coordinates = json.loads(coordinates_file.read_text())
-    else:  # a run made by hand: its coordinates come from its arguments
+def load_run(run_dir: RunDirectory) -> RunResult:
+    record, metrics = run_dir.record(), run_dir.metrics()
+    coordinates = run_dir.grid_coordinates()
+    if coordinates is None:  # a run made by hand: its coordinates come from its arguments
         method_args = record["method_args"]
         coordinates = {"model": Path(record["model_args"]["model_name_or_path"]).name,
                        "dataset": record["data_args"]["dataset_name"],
                        "method": method_label(method_args["tuning_method"], method_args["lora_r"]),
                        "seed": record["training_args"]["seed"]}
     result = RunResult(coordinates["model"], coordinates["dataset"], coordinates["method"],
-                       int(coordinates["seed"]), directory, record["resolved_model"]["checkpoint"], metrics, record)
+                       int(coordinates["seed"]), run_dir.path, record["resolved_model"]["checkpoint"], metrics, record)
     if "train_tokens_per_epoch" in record and "train_runtime" in metrics:
         # derived the same way for every run, whichever version of train.py wrote metrics.json
         metrics["train_tokens_per_second"], metrics["eval_seconds_during_training"] = training_throughput(
@@ -79,9 +75,8 @@ def load_run(directory: Path) -> RunResult:
 
 
 def collect(root: str | Path) -> list[RunResult]:
-    """Every finished run (``metrics.json`` beside ``run.json``) under ``root``, in a fixed order."""
-    runs = [load_run(path.parent) for path in sorted(Path(root).rglob("metrics.json"))
-            if (path.parent / "run.json").exists()]
+    """Every finished run under ``root`` (started or broken ones are left out), in a fixed order."""
+    runs = [load_run(run_dir) for run_dir in finished_runs(root)]
     return sorted(runs, key=lambda r: (r.model, r.dataset, r.method, r.seed))
 
 

@@ -1,60 +1,53 @@
 """The Trainer pipeline behind ``train.py``: arguments, data, model, method, train, record.
 
-Each step is a small function; :func:`run` composes them in order and leaves in
-``output_dir``: ``run.json`` (arguments, resolved checkpoint, versions, commit),
-``metrics.json`` (final test metrics and costs), ``trainer_state.json`` (log history),
-``train.log``, the trained weights under ``model/``, and ``predict_results.txt`` with
-``--do_predict``.
+Each step is a small function; :func:`run` composes them in order and leaves in ``output_dir``
+the files :mod:`peftlab.runrecord` defines (``run.json`` first, ``metrics.json`` last).
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import netrc
 import os
-import platform
-import resource
-import subprocess
 import sys
 from dataclasses import asdict, dataclass, field
 from functools import partial
-from importlib import metadata
 from pathlib import Path
 
 import datasets
-import numpy as np
 import torch
 import transformers
 from datasets import DatasetDict
 from transformers import (
-    AutoTokenizer,
     DataCollatorWithPadding,
-    HfArgumentParser,
     Trainer,
     TrainingArguments,
     set_seed,
 )
+from transformers.trainer_utils import IntervalStrategy
 
-from .data import get_dataset
+from .cli import parse_dataclasses
+from .data import VALIDATION_SEED, hold_out_validation, load_data, take_slice, tokenize
+from .errors import InvalidArgument, TrainingDiverged, exit_on_user_error
+from .hardware import bf16_helps
 from .methods import MethodArguments, get_method, method_label, parameter_counts
 from .metrics import compute_metrics
-from .models import ResolvedModel, default_sep_token, get_model, resolve_model
+from .models import default_sep_token, load_classifier, load_tokenizer, resolve_model
 from .results import training_throughput
+from .runrecord import LOG_FILE, RunDirectory, environment, peak_memory_mb, predicted_ids
 
 logger = logging.getLogger("peftlab")
 
-MODEL_SUBDIR = "model"
-SLICE_SEED = 2025  # --max_*_samples take the same rows whatever the training seed
 
 
 @dataclass
 class DataArguments:
     dataset_name: str = field(
         default="restaurant_sup",
-        metadata={"help": "Dataset name (restaurant_sup, laptop_sup, acl_sup, agnews_sup, or *_fs), or several "
-                          "comma-separated to aggregate them."})
+        metadata={"aliases": ["--dataset"],
+                  "help": "Dataset name (restaurant_sup, laptop_sup, acl_sup, agnews_sup, or *_fs), or several "
+                          "comma-separated to aggregate them. Short form: --dataset."})
     data_dir: str | None = field(
         default=None, metadata={"help": "Folder holding the dataset folders; default $PEFTLAB_DATA_DIR, else ./data."})
     sep_token: str | None = field(
@@ -65,7 +58,26 @@ class DataArguments:
     max_train_samples: int | None = field(
         default=None, metadata={"help": "Train on this many rows (a fixed random slice), for quick runs."})
     max_eval_samples: int | None = field(
-        default=None, metadata={"help": "Evaluate on this many test rows (a fixed random slice)."})
+        default=None, metadata={"help": "Evaluate on this many test (and validation) rows (a fixed random slice)."})
+    validation_split: float = field(
+        default=0.1,
+        metadata={"help": "Fraction of the training rows held out, stratified by label, as the validation split: "
+                          "per-epoch evaluation, curves, best-checkpoint choice and sweeps use it; the test split is "
+                          "evaluated once, after training. 0 turns it off (and the per-epoch evaluation with it)."})
+    validation_split_seed: int = field(
+        default=VALIDATION_SEED,
+        metadata={"help": "Seed of the held-out rows; independent of --seed, so every seed and method of a cell "
+                          "holds out the same rows."})
+
+    def __post_init__(self):
+        if self.max_seq_length <= 0:
+            raise InvalidArgument(f"--max_seq_length must be positive, got {self.max_seq_length}")
+        for name in ("max_train_samples", "max_eval_samples"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise InvalidArgument(f"--{name} must be positive (or left out for every row), got {value}")
+        if not 0 <= self.validation_split < 1:
+            raise InvalidArgument(f"--validation_split must be in [0, 1), got {self.validation_split}")
 
 
 @dataclass
@@ -76,19 +88,9 @@ class ModelArguments:
                           "Qwen2.5-Coder-0.5B-Instruct, Qwen2.5-Coder-1.5B-Instruct."})
 
 
-def cpu_has_amx_bf16() -> bool:
-    cpuinfo = Path("/proc/cpuinfo")
-    return cpuinfo.exists() and "amx_bf16" in cpuinfo.read_text()
-
-
-def bf16_helps() -> bool:
-    """True on a CUDA device with bf16 or a CPU with AMX tiles (where bf16 matmuls are ~3x fp32)."""
-    return torch.cuda.is_bf16_supported() if torch.cuda.is_available() else cpu_has_amx_bf16()
-
-
 @dataclass
 class PeftlabTrainingArguments(TrainingArguments):
-    """``TrainingArguments`` with defaults for this task: small LR, 3 epochs, a test eval per epoch."""
+    """``TrainingArguments`` with defaults for this task: small LR, 3 epochs, a validation eval per epoch."""
 
     output_dir: str = field(default="runs/last", metadata={"help": "Where the run's files go."})
     learning_rate: float = field(default=2e-5, metadata={"help": "Peak AdamW learning rate."})
@@ -96,7 +98,13 @@ class PeftlabTrainingArguments(TrainingArguments):
     per_device_train_batch_size: int = field(default=16, metadata={"help": "Training batch size."})
     per_device_eval_batch_size: int = field(default=64, metadata={"help": "Evaluation batch size."})
     warmup_ratio: float = field(default=0.06, metadata={"help": "Linear warmup over this fraction of steps."})
-    eval_strategy: str = field(default="epoch", metadata={"help": "Evaluate on the test split every epoch (curves)."})
+    eval_strategy: str = field(
+        default="epoch", metadata={"help": "When to evaluate on the validation split (curves, best checkpoint)."})
+    load_best_model_at_end: bool = field(
+        default=False,
+        metadata={"help": "Test the checkpoint with the best validation --metric_for_best_model (default macro_f1) "
+                          "instead of the final one; checkpoints are then saved at every evaluation, and removed "
+                          "after training."})
     logging_steps: float = field(default=10, metadata={"help": "Log the training loss every N steps."})
     save_strategy: str = field(
         default="no", metadata={"help": "Checkpointing; the final model is saved under output_dir/model anyway."})
@@ -114,7 +122,26 @@ class PeftlabTrainingArguments(TrainingArguments):
     use_cpu: bool = field(default=not torch.cuda.is_available(),
                           metadata={"help": "Train on the CPU (the default without CUDA; bf16 then autocasts on CPU)."})
     do_train: bool = field(default=True, metadata={"help": "Train."})
-    do_eval: bool = field(default=True, metadata={"help": "Report final test metrics."})
+    do_eval: bool = field(default=True, metadata={"help": "Evaluate on the validation split (on whenever "
+                                                          "--eval_strategy is not 'no')."})
+    do_test: bool = field(
+        default=True, metadata={"help": "Evaluate the chosen model on the test split, once, after training (sweep "
+                                        "trials turn it off: nothing is chosen on test)."})
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Replace a finished or failed run in output_dir (its files are removed first); "
+                          "without it, a folder holding a run's files is refused."})
+
+    def __post_init__(self):
+        if self.num_train_epochs <= 0 and self.max_steps <= 0 and self.do_train:
+            raise InvalidArgument(f"--num_train_epochs must be positive (or set --max_steps), "
+                                  f"got {self.num_train_epochs}")
+        if self.load_best_model_at_end:
+            # Trainer needs a checkpoint at every evaluation to go back to the best one.
+            self.metric_for_best_model = self.metric_for_best_model or "macro_f1"
+            if self.save_strategy == "no":
+                self.save_strategy, self.save_steps, self.save_total_limit = self.eval_strategy, self.eval_steps, 1
+        super().__post_init__()
 
 
 PARSED_TYPES = (DataArguments, ModelArguments, MethodArguments, PeftlabTrainingArguments)
@@ -122,19 +149,13 @@ PARSED_TYPES = (DataArguments, ModelArguments, MethodArguments, PeftlabTrainingA
 
 def parse_args(argv: list[str] | None = None):
     """Command line, or one JSON/YAML file holding the same keys."""
-    parser = HfArgumentParser(PARSED_TYPES)
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) == 1 and argv[0].endswith(".json"):
-        return parser.parse_json_file(argv[0])
-    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
-        return parser.parse_yaml_file(argv[0])
-    return parser.parse_args_into_dataclasses(argv)
+    return parse_dataclasses(PARSED_TYPES, argv)
 
 
 def setup_logging(training_args: TrainingArguments) -> None:
     """Log to stdout and ``output_dir/train.log``; transformers and datasets at the same level."""
     Path(training_args.output_dir).mkdir(parents=True, exist_ok=True)
-    handlers = [logging.StreamHandler(sys.stdout), logging.FileHandler(Path(training_args.output_dir) / "train.log")]
+    handlers = [logging.StreamHandler(sys.stdout), logging.FileHandler(Path(training_args.output_dir) / LOG_FILE)]
     formatter = logging.Formatter("%(asctime)s - %(levelname)s - %(name)s - %(message)s", "%m/%d/%Y %H:%M:%S")
     for handler in handlers:
         handler.setFormatter(formatter)
@@ -145,23 +166,6 @@ def setup_logging(training_args: TrainingArguments) -> None:
     transformers.utils.logging.set_verbosity(level)
     transformers.utils.logging.disable_default_handler()
     transformers.utils.logging.enable_propagation()  # through the root handlers, file included
-
-
-def load_data(dataset_name: str, sep_token: str = "<SEP>", data_dir: str | None = None) -> tuple[DatasetDict, int]:
-    dataset = get_dataset(dataset_name, sep_token, data_dir=data_dir)
-    return dataset, dataset["train"].features["label"].num_classes
-
-
-def take_slice(dataset, size: int | None):
-    if size is None or size >= len(dataset):
-        return dataset
-    return dataset.shuffle(seed=SLICE_SEED).select(range(size))
-
-
-def tokenize(dataset, tokenizer, max_seq_length: int):
-    """Token ids without padding: ``DataCollatorWithPadding`` pads each batch to its own longest row."""
-    return dataset.map(lambda batch: tokenizer(batch["text"], truncation=True, max_length=max_seq_length),
-                       batched=True, remove_columns=["text"], desc="Tokenizing")
 
 
 def wandb_enabled(training_args: TrainingArguments) -> bool:
@@ -188,88 +192,62 @@ def default_run_name(model_args: ModelArguments, data_args: DataArguments, metho
     return f"{model}__{data_args.dataset_name.replace(',', '+')}__{method}__seed{seed}"
 
 
-def version(package: str) -> str | None:
-    """The installed version, or None (wandb, say, is only needed when a run reports to it)."""
-    try:
-        return metadata.version(package)
-    except metadata.PackageNotFoundError:
-        return None
+class PeftlabTrainer(Trainer):
+    """``Trainer`` that stops at the first non-finite training loss instead of training on to NaN weights
+    and a majority-class "result"."""
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if not torch.isfinite(loss):
+            raise TrainingDiverged(
+                f"the training loss is {loss.item()} at step {self.state.global_step + 1}: lower the learning "
+                "rate, or check the checkpoint's weights for inf/NaN; the run is left unfinished")
+        return loss
 
 
-def environment() -> dict:
-    """Package versions, commit and hardware, for ``run.json``."""
-    packages = ["torch", "transformers", "peft", "adapters", "datasets", "evaluate", "accelerate", "wandb"]
-    here = Path(__file__).resolve().parent
-
-    def git(*args):
-        try:
-            return subprocess.run(["git", *args], cwd=here, capture_output=True, text=True, check=True).stdout.strip()
-        except (OSError, subprocess.CalledProcessError):
-            return None
-
-    return {
-        "versions": {name: version(name) for name in packages} | {"python": platform.python_version()},
-        "git_commit": git("rev-parse", "HEAD"),
-        "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
-        "hardware": {
-            "machine": platform.machine(), "cpu_count": os.cpu_count(),
-            "cpu_amx_bf16": cpu_has_amx_bf16(), "torch_threads": torch.get_num_threads(),
-            "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-        },
-    }
-
-
-def peak_memory_mb() -> dict[str, float | None]:
-    rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux
-    cuda = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
-    return {"peak_rss_mb": rss_kb / 1024, "cuda_max_allocated_mb": cuda}
-
-
-def write_json(path: Path, payload: dict) -> None:
-    path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
-
-
-def final_test_metrics(trainer: Trainer, test_dataset, label_names: list[str], output_dir: Path,
-                       do_predict: bool) -> dict[str, float]:
-    """Metrics of the final model on the test split (never a best epoch picked on it)."""
-    if do_predict:
-        output = trainer.predict(test_dataset, metric_key_prefix="eval")
-        predictions = np.argmax(output.predictions, axis=-1)
-        with (output_dir / "predict_results.txt").open("w") as out:
-            out.write("index\tprediction\n")
-            out.writelines(f"{i}\t{label_names[p]}\n" for i, p in enumerate(predictions))
-        return output.metrics
-    last_eval = next((e for e in reversed(trainer.state.log_history) if "eval_accuracy" in e), None)
-    if last_eval is not None and last_eval.get("step") == trainer.state.global_step:
-        return last_eval  # the per-epoch evaluation already scored the final weights
-    return trainer.evaluate()
+def prepare_output_dir(training_args: TrainingArguments) -> RunDirectory:
+    """The run's folder, refused if it holds another run's files (Trainer's convention) unless
+    ``--overwrite_output_dir``, which removes them first: a folder never mixes two runs."""
+    run_dir = RunDirectory(Path(training_args.output_dir))
+    if run_dir.has_outputs():
+        if not training_args.overwrite_output_dir:
+            raise InvalidArgument(
+                f"output_dir {str(run_dir.path)!r} already holds a run ({run_dir.state()}); pass "
+                "--overwrite_output_dir to replace it, or choose another --output_dir")
+        run_dir.clear()
+    run_dir.path.mkdir(parents=True, exist_ok=True)
+    return run_dir
 
 
 def run(data_args: DataArguments, model_args: ModelArguments, method_args: MethodArguments,
-        training_args: TrainingArguments) -> dict:
-    output_dir = Path(training_args.output_dir)
+        training_args: TrainingArguments, callbacks: list | None = None) -> dict:
+    """One run, start to finish; ``callbacks`` (``TrainerCallback``) join the Trainer's (a sweep's pruning)."""
+    run_dir = prepare_output_dir(training_args)
     setup_logging(training_args)
     set_seed(training_args.seed)
     configure_wandb(training_args)
     if training_args.run_name in (None, training_args.output_dir):
         training_args.run_name = default_run_name(model_args, data_args, method_args, training_args.seed)
-    logger.info("Run %s -> %s", training_args.run_name, output_dir)
+    logger.info("Run %s -> %s", training_args.run_name, run_dir.path)
     if training_args.bf16 and not bf16_helps():
         logger.warning("bf16 without AMX or CUDA bf16: slower than fp32 on such a CPU "
                        "(measured 0.16 against 0.27 TFLOP/s)")
 
-    resolved: ResolvedModel = resolve_model(model_args.model_name_or_path)
+    resolved = resolve_model(model_args.model_name_or_path)
     logger.info("Model %r resolves to %s (%s: %s)", resolved.requested, resolved.checkpoint, resolved.source,
                 resolved.path)
-    sep_token = data_args.sep_token or default_sep_token(AutoTokenizer.from_pretrained(resolved.path))
-    dataset, num_labels = load_data(data_args.dataset_name, sep_token, data_args.data_dir)
-    dataset = DatasetDict({"train": take_slice(dataset["train"], data_args.max_train_samples),
-                           "test": take_slice(dataset["test"], data_args.max_eval_samples)})
+    tokenizer = load_tokenizer(resolved)
+    sep_token = data_args.sep_token or default_sep_token(tokenizer)
+    dataset, split_record = prepare_splits(data_args, sep_token)
     label_names = dataset["train"].features["label"].names
-    logger.info("Dataset %s: %d train / %d test rows, %d classes, sep_token %r", data_args.dataset_name,
-                len(dataset["train"]), len(dataset["test"]), num_labels, sep_token)
+    num_labels = len(label_names)
+    if "validation" not in dataset and training_args.eval_strategy != "no":
+        logger.info("No validation split (--validation_split 0): no evaluation during training")
+        training_args.eval_strategy = IntervalStrategy.NO
+    logger.info("Dataset %s: %s rows, %d classes, sep_token %r", data_args.dataset_name,
+                " / ".join(f"{len(rows)} {split}" for split, rows in dataset.items()), num_labels, sep_token)
 
-    tokenizer, model = get_model(resolved.path, num_labels, dict(enumerate(label_names)))
+    model = load_classifier(resolved, tokenizer, num_labels, dict(enumerate(label_names)))
     method = get_method(method_args.tuning_method)
     model = method.wrap(model, method_args)
     counts = parameter_counts(model)
@@ -278,30 +256,32 @@ def run(data_args: DataArguments, model_args: ModelArguments, method_args: Metho
 
     encoded = tokenize(dataset, tokenizer, data_args.max_seq_length)
     train_tokens = int(sum(len(ids) for ids in encoded["train"]["input_ids"]))
-    record = {"data_args": asdict(data_args), "model_args": asdict(model_args), "method_args": asdict(method_args),
-              "training_args": training_args.to_dict(), "resolved_model": asdict(resolved), "sep_token": sep_token,
-              "label_names": label_names, "num_train_rows": len(dataset["train"]),
-              "num_test_rows": len(dataset["test"]), "train_tokens_per_epoch": train_tokens, **environment()}
-    write_json(output_dir / "run.json", record)
+    run_id = run_dir.start({
+        "data_args": asdict(data_args), "model_args": asdict(model_args), "method_args": asdict(method_args),
+        "training_args": training_args.to_dict(), "resolved_model": asdict(resolved), "sep_token": sep_token,
+        "label_names": label_names, "num_train_rows": len(dataset["train"]), "num_test_rows": len(dataset["test"]),
+        "validation_split": split_record, "train_tokens_per_epoch": train_tokens, **environment()})
 
-    trainer = Trainer(model=model, args=training_args, train_dataset=encoded["train"], eval_dataset=encoded["test"],
-                      processing_class=tokenizer, data_collator=DataCollatorWithPadding(tokenizer),
-                      compute_metrics=partial(compute_metrics, label_names=label_names))
+    trainer = PeftlabTrainer(
+        model=model, args=training_args, train_dataset=encoded["train"], eval_dataset=encoded.get("validation"),
+        processing_class=tokenizer, data_collator=DataCollatorWithPadding(tokenizer),
+        compute_metrics=partial(compute_metrics, label_names=label_names), callbacks=callbacks)
     metrics: dict = dict(counts)
     if training_args.do_train:
         result = trainer.train()
-        trainer.save_state()  # trainer_state.json: the log history the curves come from
+        run_dir.write_state(trainer.state)  # the log history the curves come from
         metrics.update(result.metrics)
         metrics["train_tokens_per_second"], metrics["eval_seconds_during_training"] = training_throughput(
             train_tokens, trainer.state.epoch, result.metrics["train_runtime"], trainer.state.log_history)
-        method.save(trainer.model, output_dir / MODEL_SUBDIR)
-        tokenizer.save_pretrained(output_dir / MODEL_SUBDIR)
-    if training_args.do_eval or training_args.do_predict:
-        final = final_test_metrics(trainer, encoded["test"], label_names, output_dir, training_args.do_predict)
-        metrics.update({key.removeprefix("eval_"): value for key, value in final.items()
-                        if key.startswith("eval_")})
+        run_dir.remove_checkpoints()  # load_best_model_at_end's; the chosen weights go to model/
+        method.save(trainer.model, run_dir.model_dir)
+        tokenizer.save_pretrained(run_dir.model_dir)
+        if "validation" in encoded:
+            metrics.update(selected_validation_metrics(trainer, encoded["validation"]))
+    if training_args.do_test or training_args.do_predict:
+        metrics.update(final_test_metrics(trainer, encoded["test"], label_names, run_dir, training_args.do_predict))
     metrics.update(peak_memory_mb())
-    write_json(output_dir / "metrics.json", metrics)
+    metrics = run_dir.finish(run_id, metrics)
     logger.info("Final test metrics: %s", {k: metrics[k] for k in ("accuracy", "macro_f1") if k in metrics})
     if wandb_enabled(training_args):
         import wandb
@@ -310,8 +290,41 @@ def run(data_args: DataArguments, model_args: ModelArguments, method_args: Metho
     return metrics
 
 
+def prepare_splits(data_args: DataArguments, sep_token: str) -> tuple[DatasetDict, dict]:
+    """train / validation / test: the validation rows are held out of the whole training split first (so a
+    row cap never changes them), then the --max_*_samples caps apply."""
+    dataset, _ = load_data(data_args.dataset_name, sep_token, data_args.data_dir)
+    train, validation, split_record = hold_out_validation(dataset["train"], data_args.validation_split,
+                                                          data_args.validation_split_seed)
+    splits = {"train": take_slice(train, data_args.max_train_samples),
+              "test": take_slice(dataset["test"], data_args.max_eval_samples)}
+    if validation is not None:
+        splits["validation"] = take_slice(validation, data_args.max_eval_samples)
+    return DatasetDict(splits), split_record
+
+
+def selected_validation_metrics(trainer: Trainer, validation_dataset) -> dict[str, float]:
+    """``validation_*`` metrics of the weights the protocol picked (the best checkpoint with
+    load_best_model_at_end, else the final one), and the step they come from."""
+    state = trainer.state
+    step = state.best_global_step if trainer.args.load_best_model_at_end else state.global_step
+    chosen = next((e for e in state.log_history if e.get("step") == step and "eval_accuracy" in e), None)
+    chosen = chosen or trainer.evaluate(validation_dataset)  # no evaluation fell on the final step
+    return {"selected_step": step} | {f"validation_{key.removeprefix('eval_')}": value
+                                      for key, value in chosen.items() if key.startswith("eval_")}
+
+
+def final_test_metrics(trainer: Trainer, test_dataset, label_names: list[str], run_dir: RunDirectory,
+                       do_predict: bool) -> dict[str, float]:
+    """Metrics of the chosen model on the test split, evaluated once, here, after training."""
+    output = trainer.predict(test_dataset, metric_key_prefix="test")
+    if do_predict:
+        run_dir.write_predictions(predicted_ids(output.predictions), label_names)
+    return {key.removeprefix("test_"): value for key, value in output.metrics.items()}
+
+
 def main(argv: list[str] | None = None) -> dict:
-    return run(*parse_args(argv))
+    return exit_on_user_error(lambda: run(*parse_args(argv)))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,44 @@
+"""Errors a user can act on, and the one place that turns them into a clean exit.
+
+A command-line entry point runs inside :func:`exit_on_user_error`: a :class:`UserError` (a bad name,
+value or file, or a run that diverged) prints one line to stderr and exits non-zero, with no
+traceback; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from typing import TypeVar
+
+T = TypeVar("T")
+USER_ERROR_EXIT_CODE = 2
+
+
+class UserError(Exception):
+    """Something the user can fix: printed as one line, without a traceback."""
+
+
+class InvalidArgument(UserError, ValueError):
+    """A value that makes no sense, or a name that names nothing."""
+
+
+class MissingFile(UserError, FileNotFoundError):
+    """A file or folder the command needs is not there."""
+
+
+class ModelNotFound(UserError, OSError):
+    """A model name that neither resolves offline nor loads from the hub."""
+
+
+class TrainingDiverged(UserError, FloatingPointError):
+    """The training loss became inf or NaN (too high a learning rate, or weights that hold inf/NaN)."""
+
+
+def exit_on_user_error(function: Callable[[], T]) -> T:
+    """``function()``; a :class:`UserError` becomes ``error: <message>`` on stderr and exit code 2."""
+    try:
+        return function()
+    except UserError as err:
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+        raise SystemExit(USER_ERROR_EXIT_CODE) from None
