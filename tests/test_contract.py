@@ -59,7 +59,8 @@ def test_course_imports_relative_to_a_package(course_package, tiny_models, monke
         assert model.config.num_labels == 6 and tokenizer("a citation")["input_ids"]
     logits = np.array([[2.0, 0.0], [0.0, 1.0], [3.0, 1.0], [0.0, 2.0]])
     scores = course.compute_metrics(EvalPrediction(predictions=logits, label_ids=np.array([0, 1, 1, 1])))
-    assert scores == pytest.approx({"accuracy": 0.75, "micro_f1": 0.75, "macro_f1": 0.7333333, "weighted_f1": 0.7666666})
+    assert scores == pytest.approx(
+        {"accuracy": 0.75, "micro_f1": 0.75, "macro_f1": 0.7333333, "weighted_f1": 0.7666666})
     import huggingface_hub
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # fail fast, no network retries
@@ -209,7 +210,8 @@ def test_predict_refuses_another_label_set(tmp_path, tiny_models, fixture_data_d
                       "--output_file", str(earlier)])
     error = capsys.readouterr().err
     assert stop.value.code == 2
-    assert "acl_sup has the classes ['Background'" in error and "trained on ['positive', 'neutral', 'negative']" in error
+    assert "acl_sup has the classes ['Background'" in error
+    assert "trained on ['positive', 'neutral', 'negative']" in error
     assert earlier.read_text() == "index\tprediction\n0\tpositive\n"  # opened only after predicting
     laptop = predict_main(["--run_dir", str(out), "--dataset_name", "laptop_sup", "--data_dir", str(fixture_data_dir),
                            "--output_file", str(earlier)])

@@ -48,7 +48,8 @@ def test_epochs_evaluate_on_validation_and_test_is_scored_once(tmp_path, tiny_mo
     assert [entry["epoch"] for entry in evals] == [1.0, 2.0, 3.0]
     assert not any(key.startswith("test_") for entry in history for key in entry)  # test stays out of the curves
     # validation_* are the final evaluation's, the test metrics keep their names
-    assert metrics["validation_macro_f1"] == evals[-1]["eval_macro_f1"] and metrics["selected_step"] == evals[-1]["step"]
+    assert metrics["validation_macro_f1"] == evals[-1]["eval_macro_f1"]
+    assert metrics["selected_step"] == evals[-1]["step"]
     assert {"accuracy", "macro_f1", "micro_f1", "weighted_f1", "f1_neutral"} <= set(metrics)
     assert json.loads(run.file("metrics.json").read_text())["accuracy"] == metrics["accuracy"]
 

@@ -12,9 +12,18 @@ A grid file looks like::
       full: {tuning_method: full}
       lora-r8: {tuning_method: lora, lora_r: 8, lora_alpha: 16, learning_rate: 5.0e-4}
     seeds: [1, 2, 3]
+    seeds_by_dataset: {acl_sup: [1, 2, 3, 4, 5]}  # more seeds where the test split is small
     overrides:                      # cuts for single cells, stated in the report
       - match: {model: minilm, dataset: agnews_sup}
         set: {max_train_samples: 2000}
+    selection: configs/selected.yaml  # settings chosen by sweeps (peftlab.sweep), per model/dataset/method
+    require_selection: true           # run only cells with selected settings (the others wait for their sweep)
+    transfers:                        # cells that were not swept take a swept cell's settings
+      - match: {model: minilm, method: lora-r8}
+        from: {method: lora-r16}
+
+Arguments merge in this order: defaults, the model's, the method's, the cell's selected settings
+(its own, or those of the cell its transfer names), overrides.
 
 Each run gets ``output_root/<model>/<dataset>/<method>/seed<k>/`` with its arguments in
 ``grid_args.json``; ``python train.py that/grid_args.json`` reproduces it alone. A run whose
@@ -38,6 +47,7 @@ import yaml
 
 from .errors import InvalidArgument, MissingFile, exit_on_user_error
 from .runrecord import FINISHED, GRID_ARGS_FILE, GRID_COORDINATES_FILE, GRID_LOG_FILE, RunDirectory, write_json
+from .selection import apply_params, cell_key, read_selection
 
 # Keys of a model entry that describe the grid, not train.py: the assignment's model it stands in for,
 # and the subsets of datasets and methods it runs (default: all of the grid's).
@@ -54,6 +64,7 @@ class GridRun:
     method: str
     seed: int
     args: dict  # every train.py argument of this run, output_dir included
+    settings: dict | None = None  # where selected settings came from: {from: cell key, study, trial}
 
     @property
     def output_dir(self) -> Path:
@@ -91,23 +102,37 @@ def load_grid(path: str | Path) -> dict:
     return grid
 
 
+def selected_settings(grid: dict, selection: dict, coords: dict) -> tuple[dict, dict | None]:
+    """(search-space parameters, their provenance) for a cell: its own sweep's, else a transfer's."""
+    sources = [coords] + [{**coords, **transfer["from"]} for transfer in grid.get("transfers", [])
+                          if all(coords.get(key) == value for key, value in transfer["match"].items())]
+    for source in sources:
+        entry = selection.get(cell_key(source))
+        if entry is not None:
+            return entry["params"], {"from": cell_key(source), "study": entry["study"], "trial": entry["trial"]}
+    return {}, None
+
+
 def expand(grid: dict) -> list[GridRun]:
     """Every run of the grid in a fixed order, with its merged arguments."""
+    selection = read_selection(grid["selection"]) if grid.get("selection") else {}
     runs = []
     for model, model_entry in grid["models"].items():
         model_args = {k: v for k, v in model_entry.items() if k not in MODEL_METADATA}
         for dataset in model_entry.get("datasets", grid["datasets"]):
             for method in model_entry.get("methods", list(grid["methods"])):
                 method_args = grid["methods"][method]
-                for seed in grid["seeds"]:
+                for seed in grid.get("seeds_by_dataset", {}).get(dataset, grid["seeds"]):
                     coords = {"model": model, "dataset": dataset, "method": method, "seed": seed}
                     args = {**grid.get("defaults", {}), **model_args, **method_args}
+                    params, settings = selected_settings(grid, selection, coords)
+                    args = apply_params(args, params)
                     for override in grid.get("overrides", []):
                         if all(coords.get(key) == value for key, value in override["match"].items()):
                             args.update(override["set"])
                     args.update(dataset_name=dataset, seed=seed,
                                 output_dir=str(Path(grid["output_root"]) / model / dataset / method / f"seed{seed}"))
-                    runs.append(GridRun(model, dataset, method, seed, args))
+                    runs.append(GridRun(model, dataset, method, seed, args, settings))
     return runs
 
 
@@ -154,7 +179,8 @@ def execute(run: GridRun, python: str = sys.executable) -> int:
     run.output_dir.mkdir(parents=True)
     write_json(run.output_dir / GRID_ARGS_FILE, run.args)
     write_json(run.output_dir / GRID_COORDINATES_FILE,
-               {"model": run.model, "dataset": run.dataset, "method": run.method, "seed": run.seed})
+               {"model": run.model, "dataset": run.dataset, "method": run.method, "seed": run.seed,
+                **({"settings": run.settings} if run.settings else {})})
     with (run.output_dir / GRID_LOG_FILE).open("w") as log:
         return subprocess.run([python, "-m", "peftlab.training", str(run.output_dir / GRID_ARGS_FILE)],
                               stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy()).returncode
@@ -172,8 +198,15 @@ def select(runs: list[GridRun], filters: list[str] | None) -> list[GridRun]:
 
 def run_grid(path: str, shard_spec: str | None = None, dry_run: bool = False, rerun_changed: bool = False,
              filters: list[str] | None = None) -> int:
-    runs = expand(load_grid(path))
+    grid = load_grid(path)
+    runs = expand(grid)
     mine = shard(select(runs, filters), shard_spec)
+    if grid.get("require_selection"):
+        waiting = [run for run in mine if run.settings is None]
+        if waiting:
+            cells = sorted({f"{r.model}/{r.dataset}/{r.method}" for r in waiting})
+            print(f"{len(waiting)} runs wait for selected settings (no sweep yet): {', '.join(cells)}", flush=True)
+        mine = [run for run in mine if run.settings is not None]
     statuses = {run: run.status() for run in mine}
     changed = [run for run, status in statuses.items() if status == "changed"]
     if changed and not rerun_changed:

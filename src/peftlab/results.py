@@ -75,8 +75,9 @@ def load_run(run_dir: RunDirectory) -> RunResult:
 
 
 def collect(root: str | Path) -> list[RunResult]:
-    """Every finished run under ``root`` (started or broken ones are left out), in a fixed order."""
-    runs = [load_run(run_dir) for run_dir in finished_runs(root)]
+    """Every finished and tested run under ``root``, in a fixed order: started or broken runs are left out,
+    and so are sweep trials, which never see the test split."""
+    runs = [load_run(run_dir) for run_dir in finished_runs(root) if set(QUALITY) <= set(run_dir.metrics())]
     return sorted(runs, key=lambda r: (r.model, r.dataset, r.method, r.seed))
 
 

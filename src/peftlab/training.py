@@ -113,8 +113,9 @@ class PeftlabTrainingArguments(TrainingArguments):
     bf16: bool = field(
         default=bf16_helps(),
         metadata={"help": "bf16 autocast (fp32 master weights). Default on where the hardware runs bf16 matmuls "
-                          "natively (CUDA bf16, or a CPU with AMX); measured on MiniLM/restaurant_sup: 1.7x faster "
-                          "on this CPU, same accuracy."})
+                          "natively (CUDA bf16, or a CPU with AMX or AVX512-BF16; run.json records which). "
+                          "MiniLM/restaurant_sup, one epoch: 1.7x faster with AMX, 1.8x on an AMD EPYC with "
+                          "AVX512-BF16, same accuracy."})
     optim: str = field(
         default="adamw_torch_fused",
         metadata={"help": "Optimizer. Fused AdamW: the same update as PyTorch's default foreach AdamW in one kernel; "
@@ -124,6 +125,9 @@ class PeftlabTrainingArguments(TrainingArguments):
     do_train: bool = field(default=True, metadata={"help": "Train."})
     do_eval: bool = field(default=True, metadata={"help": "Evaluate on the validation split (on whenever "
                                                           "--eval_strategy is not 'no')."})
+    save_model: bool = field(
+        default=True, metadata={"help": "Save what trained (and the tokenizer) under output_dir/model; sweep trials "
+                                        "turn it off."})
     do_test: bool = field(
         default=True, metadata={"help": "Evaluate the chosen model on the test split, once, after training (sweep "
                                         "trials turn it off: nothing is chosen on test)."})
@@ -230,8 +234,8 @@ def run(data_args: DataArguments, model_args: ModelArguments, method_args: Metho
         training_args.run_name = default_run_name(model_args, data_args, method_args, training_args.seed)
     logger.info("Run %s -> %s", training_args.run_name, run_dir.path)
     if training_args.bf16 and not bf16_helps():
-        logger.warning("bf16 without AMX or CUDA bf16: slower than fp32 on such a CPU "
-                       "(measured 0.16 against 0.27 TFLOP/s)")
+        logger.warning("bf16 on hardware without native bf16 matmuls (CUDA bf16, AMX or AVX512-BF16): it is "
+                       "emulated there and slower than fp32 (measured 0.16 against 0.27 TFLOP/s)")
 
     resolved = resolve_model(model_args.model_name_or_path)
     logger.info("Model %r resolves to %s (%s: %s)", resolved.requested, resolved.checkpoint, resolved.source,
@@ -274,8 +278,9 @@ def run(data_args: DataArguments, model_args: ModelArguments, method_args: Metho
         metrics["train_tokens_per_second"], metrics["eval_seconds_during_training"] = training_throughput(
             train_tokens, trainer.state.epoch, result.metrics["train_runtime"], trainer.state.log_history)
         run_dir.remove_checkpoints()  # load_best_model_at_end's; the chosen weights go to model/
-        method.save(trainer.model, run_dir.model_dir)
-        tokenizer.save_pretrained(run_dir.model_dir)
+        if training_args.save_model:
+            method.save(trainer.model, run_dir.model_dir)
+            tokenizer.save_pretrained(run_dir.model_dir)
         if "validation" in encoded:
             metrics.update(selected_validation_metrics(trainer, encoded["validation"]))
     if training_args.do_test or training_args.do_predict:

@@ -1,0 +1,226 @@
+"""Hyperparameter search with Optuna: tune on the validation split, each trial a normal run directory.
+
+    python -m peftlab.sweep configs/sweeps/minilm-acl_sup-full.yaml
+
+A sweep file names one grid cell, the train.py arguments its trials share, and a search space::
+
+    study_name: minilm-acl_sup-full
+    cell: {model: minilm, dataset: acl_sup, method: full}   # whose settings the selection file will hold
+    n_trials: 16                                           # finished (complete or pruned) trials wanted
+    base: {model_name_or_path: all-MiniLM-L6-v2, dataset_name: acl_sup, tuning_method: full, bf16: true}
+    space:
+      learning_rate: {low: 1.0e-5, high: 1.0e-3, log: true}
+      num_train_epochs: {low: 2, high: 20}                 # two ints: an int parameter
+      warmup_ratio: {low: 0.0, high: 0.2}
+      lora_alpha_per_r: {choices: [1, 2]}                  # sets lora_alpha = value * lora_r
+    # optional, with these defaults:
+    storage: sqlite:///results/sweeps/studies.db           # any Optuna database URL (PostgreSQL, MySQL)
+    output_root: results/sweeps                            # trial k runs in <output_root>/<study_name>/trial<k>
+    selection_file: configs/selected.yaml                  # the winners, read by the grids
+    sampler: {seed: 0, n_startup_trials: 5}                # TPE
+    pruner: {n_startup_trials: 4, n_warmup_steps: 2}       # median pruner over per-epoch validation scores;
+                                                           # {type: threshold, lower: 0.3} and percentile too
+    heartbeat_seconds: 60                                  # a trial silent for two heartbeats was killed
+
+Each trial trains through :func:`peftlab.training.run` with the validation split on, the per-epoch
+validation macro-F1 reported to Optuna (bad trials are pruned early), and the test split never
+evaluated. The objective is the validation macro-F1 of the final epoch, the model the grid's runs test.
+The study lives in the storage, so a killed sweep resumes where it stopped (a trial killed midway
+is retried with the same settings), and several processes or machines pointed at one database URL
+share the work. When the study has its trials, the best one's settings go to the selection file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import math
+import os
+import socket
+import sys
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import optuna
+import yaml
+from optuna.storages import RDBStorage, RetryFailedTrialCallback
+from optuna.trial import TrialState
+from transformers import TrainerCallback
+
+from .cli import parse_dict
+from .errors import InvalidArgument, MissingFile, exit_on_user_error
+from .runrecord import write_text
+from .selection import apply_params, cell_key, read_selection
+from .training import PARSED_TYPES, run
+
+OBJECTIVE = "validation_macro_f1"
+EVAL_OBJECTIVE = "eval_macro_f1"  # the same score in the Trainer's per-epoch evaluation log
+DEFAULT_STORAGE = "sqlite:///results/sweeps/studies.db"
+DEFAULT_SELECTION_FILE = "configs/selected.yaml"
+# Heartbeats and failed-trial retries are marked experimental in Optuna; they are what makes resuming work.
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+PRUNERS = {"median": optuna.pruners.MedianPruner, "percentile": optuna.pruners.PercentilePruner,
+           "threshold": optuna.pruners.ThresholdPruner}
+
+
+@dataclass
+class Sweep:
+    study_name: str
+    cell: dict
+    base: dict
+    space: dict
+    n_trials: int = 16
+    storage: str = DEFAULT_STORAGE
+    output_root: str = "results/sweeps"
+    selection_file: str = DEFAULT_SELECTION_FILE
+    sampler: dict = field(default_factory=lambda: {"seed": 0, "n_startup_trials": 5})
+    pruner: dict = field(default_factory=lambda: {"n_startup_trials": 4, "n_warmup_steps": 2})
+    heartbeat_seconds: int = 60
+
+    @property
+    def cell_key(self) -> str:
+        return cell_key(self.cell)
+
+    def trial_dir(self, number: int) -> Path:
+        return Path(self.output_root) / self.study_name / f"trial{number}"
+
+
+def load_sweep(path: str | Path) -> Sweep:
+    if not Path(path).is_file():
+        raise MissingFile(f"no sweep file {path}")
+    spec = yaml.safe_load(Path(path).read_text()) or {}
+    try:
+        sweep = Sweep(**spec)
+    except TypeError as err:
+        raise InvalidArgument(f"{path}: {err}") from None
+    if set(sweep.cell) != {"model", "dataset", "method"}:
+        raise InvalidArgument(f"{path}: cell must name model, dataset and method, got {sweep.cell}")
+    if sweep.n_trials <= 0:
+        raise InvalidArgument(f"{path}: n_trials must be positive")
+    if sweep.pruner.get("type", "median") not in PRUNERS:
+        raise InvalidArgument(f"{path}: pruner type must be one of {sorted(PRUNERS)}")
+    for name, bounds in sweep.space.items():
+        if not ({"low", "high"} <= set(bounds) or "choices" in bounds):
+            raise InvalidArgument(f"{path}: space.{name} needs low and high (and log: true), or choices")
+    return sweep
+
+
+def suggest(trial, space: dict) -> dict:
+    """One value per space entry: ints when both bounds are ints, log scale with ``log: true``."""
+    params = {}
+    for name, bounds in space.items():
+        if "choices" in bounds:
+            params[name] = trial.suggest_categorical(name, bounds["choices"])
+        elif isinstance(bounds["low"], int) and isinstance(bounds["high"], int):
+            params[name] = trial.suggest_int(name, bounds["low"], bounds["high"], log=bounds.get("log", False))
+        else:
+            params[name] = trial.suggest_float(name, float(bounds["low"]), float(bounds["high"]),
+                                               log=bounds.get("log", False))
+    return params
+
+
+class PruningCallback(TrainerCallback):
+    """Reports each validation evaluation to the trial (step = epoch) and stops a trial Optuna prunes."""
+
+    def __init__(self, trial: optuna.Trial):
+        self.trial = trial
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        if metrics and EVAL_OBJECTIVE in metrics:
+            self.trial.report(metrics[EVAL_OBJECTIVE], step=round(state.epoch or 0))
+            if self.trial.should_prune():
+                raise optuna.TrialPruned(f"pruned at epoch {state.epoch:.0f}")
+
+
+def objective(sweep: Sweep, trial: optuna.Trial) -> float:
+    params = suggest(trial, sweep.space)
+    output_dir = sweep.trial_dir(trial.number)
+    trial.set_user_attr("output_dir", str(output_dir))
+    trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+    args = apply_params({"report_to": "none", **sweep.base}, params) | {
+        "output_dir": str(output_dir), "overwrite_output_dir": True, "do_test": False, "do_predict": False,
+        "save_model": False}
+    if args.get("validation_split", 0.1) == 0:
+        raise InvalidArgument("a sweep tunes on the validation split: do not set validation_split to 0")
+    metrics = run(*parse_dict(PARSED_TYPES, args), callbacks=[PruningCallback(trial)])
+    value = metrics[OBJECTIVE]
+    if not math.isfinite(value):
+        raise InvalidArgument(f"trial {trial.number}: {OBJECTIVE} is {value}")
+    return value
+
+
+def open_study(sweep: Sweep):
+    """Create or load the study: TPE sampler, median pruner, heartbeats so a killed trial is retried."""
+    if sweep.storage.startswith("sqlite:///"):
+        Path(sweep.storage.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    pruner = dict(sweep.pruner)
+    pruner_class = PRUNERS[pruner.pop("type", "median")]
+    storage = RDBStorage(sweep.storage, heartbeat_interval=sweep.heartbeat_seconds,
+                         grace_period=2 * sweep.heartbeat_seconds,
+                         failed_trial_callback=RetryFailedTrialCallback(max_retry=2),
+                         engine_kwargs={"connect_args": {"timeout": 60}} if sweep.storage.startswith("sqlite") else {})
+    return optuna.create_study(
+        study_name=sweep.study_name, storage=storage, load_if_exists=True, direction="maximize",
+        sampler=optuna.samplers.TPESampler(**sweep.sampler), pruner=pruner_class(**pruner))
+
+
+def counted_trials(study) -> int:
+    return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
+
+
+def run_sweep(sweep: Sweep, n_trials: int | None = None) -> dict | None:
+    """Run trials until the study holds ``n_trials`` finished ones (shared with any other worker), then
+    write the best trial to the selection file; returns that entry (None while no trial completed)."""
+    target = n_trials or sweep.n_trials
+    study = open_study(sweep)
+    done = counted_trials(study)
+    print(f"study {sweep.study_name}: {done} of {target} trials finished", flush=True)
+    if done < target:
+        study.optimize(
+            lambda trial: objective(sweep, trial), gc_after_trial=True,
+            callbacks=[optuna.study.MaxTrialsCallback(target, states=(TrialState.COMPLETE, TrialState.PRUNED)),
+                       _print_trial])
+    return write_selection(sweep, study)
+
+
+def _print_trial(study, trial) -> None:
+    value = "pruned" if trial.value is None else f"{OBJECTIVE} {trial.value:.4f}"
+    print(f"  trial {trial.number} {trial.state.name.lower()}: {trial.params} -> {value}", flush=True)
+
+
+def write_selection(sweep: Sweep, study) -> dict | None:
+    """The best complete trial's parameters, under the cell's key, in the selection file (other cells kept)."""
+    if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        return None
+    best = study.best_trial
+    entry = {"study": sweep.study_name, "storage": sweep.storage, "trial": best.number, OBJECTIVE: best.value,
+             "trials_finished": counted_trials(study), "run_dir": best.user_attrs.get("output_dir"),
+             "params": dict(best.params)}
+    path = Path(sweep.selection_file)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".lock"), "w") as lock:  # several sweeps may finish at once
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        selection = read_selection(path)
+        selection[sweep.cell_key] = entry
+        write_text(path, "# Written by python -m peftlab.sweep: the best validation trial of each swept cell.\n"
+                         + yaml.safe_dump(dict(sorted(selection.items())), sort_keys=False))
+    print(f"selected for {sweep.cell_key}: trial {best.number}, {OBJECTIVE} {best.value:.4f}, {best.params}")
+    return entry
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("sweep", help="sweep YAML file")
+    parser.add_argument("--n_trials", type=int, help="finished trials wanted in the study (default: the file's)")
+    parser.add_argument("--storage", help="Optuna database URL, overriding the file's (share a study across machines)")
+    args = parser.parse_args(argv)
+    sweep = load_sweep(args.sweep)
+    if args.storage:
+        sweep.storage = args.storage
+    run_sweep(sweep, args.n_trials)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(exit_on_user_error(main))

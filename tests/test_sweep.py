@@ -1,0 +1,155 @@
+"""Sweeps: Optuna studies over train.py runs, tuned on validation, resumable, shared between processes."""
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import optuna
+import pytest
+import yaml
+from optuna.trial import TrialState
+
+from peftlab.experiments import expand, load_grid, run_grid
+from peftlab.runrecord import FINISHED, RunDirectory
+from peftlab.selection import read_selection
+from peftlab.sweep import load_sweep, open_study, run_sweep
+
+
+def sweep_file(tmp_path, model: str, data_dir, **changes) -> str:
+    spec = {
+        "study_name": "tiny-restaurant-full",
+        "cell": {"model": "tiny", "dataset": "restaurant_sup", "method": "full"},
+        "n_trials": 3,
+        "storage": f"sqlite:///{tmp_path}/studies.db",
+        "output_root": str(tmp_path / "sweeps"),
+        "selection_file": str(tmp_path / "selected.yaml"),
+        "sampler": {"seed": 0, "n_startup_trials": 2},
+        "pruner": {"n_startup_trials": 1, "n_warmup_steps": 0},
+        "heartbeat_seconds": 1,
+        "base": {"model_name_or_path": model, "dataset_name": "restaurant_sup", "data_dir": str(data_dir),
+                 "tuning_method": "full", "bf16": False, "seed": 1, "logging_steps": 1, "disable_tqdm": True},
+        "space": {"learning_rate": {"low": 1.0e-4, "high": 1.0e-2, "log": True},
+                  "num_train_epochs": {"low": 2, "high": 4}},
+        **changes,
+    }
+    path = tmp_path / f"{spec['study_name']}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return str(path)
+
+
+def study_of(path: str):
+    sweep = load_sweep(path)
+    return optuna.load_study(study_name=sweep.study_name, storage=sweep.storage)
+
+
+def test_sweep_tunes_on_validation_and_writes_the_selection(tmp_path, tiny_models, fixture_data_dir, capsys):
+    path = sweep_file(tmp_path, tiny_models["bert"], fixture_data_dir)
+    entry = run_sweep(load_sweep(path))
+    study = study_of(path)
+    finished = study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))
+    assert len(finished) == 3
+    best = study.best_trial
+    assert entry["trial"] == best.number and entry["params"] == best.params and entry["study"] == study.study_name
+    assert read_selection(tmp_path / "selected.yaml") == {"tiny/restaurant_sup/full": entry}
+    run = RunDirectory(best.user_attrs["output_dir"])
+    assert run.state() == FINISHED
+    metrics, record = run.metrics(), run.record()
+    assert metrics["validation_macro_f1"] == best.value
+    assert "accuracy" not in metrics  # no trial ever sees the test split
+    assert record["training_args"]["learning_rate"] == pytest.approx(best.params["learning_rate"])
+    assert record["training_args"]["num_train_epochs"] == best.params["num_train_epochs"]
+    # per-epoch validation scores are the trial's intermediate values (what the pruner compares)
+    evals = [e["eval_macro_f1"] for e in run.log_history() if "eval_macro_f1" in e]
+    assert list(best.intermediate_values.values()) == evals
+    # the grid reads the selection file: the cell's runs take the chosen settings
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(yaml.safe_dump({
+        "output_root": str(tmp_path / "results"), "selection": str(tmp_path / "selected.yaml"),
+        "defaults": {"bf16": False, "learning_rate": 5e-5}, "models": {"tiny": {"model_name_or_path": "m"}},
+        "datasets": ["restaurant_sup"], "methods": {"full": {"tuning_method": "full"}}, "seeds": [1, 2]}))
+    runs = expand(load_grid(grid))
+    assert all(r.args["learning_rate"] == best.params["learning_rate"] for r in runs)
+    assert all(r.settings == {"from": "tiny/restaurant_sup/full", "study": study.study_name, "trial": best.number}
+               for r in runs)
+    # a cell that was not swept waits for its sweep (require_selection), or takes a transfer's settings
+    spec = yaml.safe_load(grid.read_text())
+    spec |= {"require_selection": True, "datasets": ["restaurant_sup", "acl_sup"],
+             "seeds_by_dataset": {"acl_sup": [1, 2, 3]}}
+    grid.write_text(yaml.safe_dump(spec))
+    acl = [r for r in expand(load_grid(grid)) if r.dataset == "acl_sup"]
+    assert [r.seed for r in acl] == [1, 2, 3] and all(r.settings is None for r in acl)
+    assert all(r.args["learning_rate"] == 5e-5 for r in acl)
+    assert run_grid(str(grid), dry_run=True) == 0
+    assert "3 runs wait for selected settings (no sweep yet): tiny/acl_sup/full" in capsys.readouterr().out
+    grid.write_text(yaml.safe_dump(spec | {"transfers": [{"match": {"dataset": "acl_sup"},
+                                                          "from": {"dataset": "restaurant_sup"}}]}))
+    acl = [r for r in expand(load_grid(grid)) if r.dataset == "acl_sup"]
+    assert all(r.settings["from"] == "tiny/restaurant_sup/full" for r in acl)
+
+
+def test_bad_trials_are_pruned_from_their_epoch_scores(tmp_path, tiny_models, fixture_data_dir):
+    path = sweep_file(tmp_path, tiny_models["bert"], fixture_data_dir, n_trials=2,
+                      pruner={"type": "threshold", "lower": 1.01})  # no trial can reach it: all pruned
+    assert run_sweep(load_sweep(path)) is None  # nothing completed, nothing selected
+    trials = study_of(path).get_trials()
+    assert [t.state for t in trials] == [TrialState.PRUNED] * 2
+    assert all(list(t.intermediate_values) == [1] for t in trials)  # stopped after its first epoch
+    assert not (tmp_path / "selected.yaml").exists()
+
+
+def sweep_process(path: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "peftlab.sweep", path], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def test_a_killed_sweep_resumes_its_study(tmp_path, tiny_models, fixture_data_dir):
+    path = sweep_file(tmp_path, tiny_models["bert"], fixture_data_dir, n_trials=3,
+                      space={"learning_rate": {"low": 1.0e-4, "high": 1.0e-2, "log": True},
+                             "num_train_epochs": {"low": 6, "high": 8}})
+    worker = sweep_process(path)
+    deadline = time.time() + 240
+    study = None
+    while time.time() < deadline and worker.poll() is None:
+        time.sleep(0.5)
+        if not os.path.exists(tmp_path / "studies.db"):
+            continue
+        with contextlib.suppress(KeyError):  # the database may exist a moment before the study does
+            study = study_of(path)
+        states = [t.state for t in study.get_trials()] if study else []
+        if TrialState.COMPLETE in states and TrialState.RUNNING in states:
+            break
+    os.killpg(worker.pid, signal.SIGKILL)  # mid-trial, as a stopped session or a lost machine would
+    worker.wait()
+    before = {t.number: t for t in study.get_trials()}
+    complete = [n for n, t in before.items() if t.state == TrialState.COMPLETE]
+    killed = [n for n, t in before.items() if t.state == TrialState.RUNNING]
+    assert complete and len(killed) == 1
+    stamps = {n: os.stat(before[n].user_attrs["output_dir"] + "/metrics.json").st_mtime_ns for n in complete}
+    time.sleep(2.5)  # past the heartbeat's grace period: the killed trial is stale
+    entry = run_sweep(load_sweep(path))
+    after = study_of(path).get_trials()
+    assert len([t for t in after if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]) == 3
+    assert after[killed[0]].state == TrialState.FAIL  # and retried with the same settings
+    retried = [t for t in after if t.system_attrs.get("failed_trial") == killed[0]]
+    assert retried and retried[0].params == before[killed[0]].params
+    for number, stamp in stamps.items():  # finished trials are not run again
+        assert os.stat(before[number].user_attrs["output_dir"] + "/metrics.json").st_mtime_ns == stamp
+    assert entry is not None and read_selection(tmp_path / "selected.yaml")
+
+
+def test_two_processes_share_one_sqlite_study(tmp_path, tiny_models, fixture_data_dir):
+    path = sweep_file(tmp_path, tiny_models["bert"], fixture_data_dir, n_trials=4,
+                      space={"learning_rate": {"low": 1.0e-4, "high": 1.0e-2, "log": True},
+                             "num_train_epochs": {"low": 4, "high": 5}})
+    open_study(load_sweep(path))  # created once, as a user does before starting workers elsewhere
+    workers = [sweep_process(path) for _ in range(2)]
+    outputs = [worker.communicate(timeout=400)[0] for worker in workers]
+    assert [worker.returncode for worker in workers] == [0, 0], outputs
+    trials = study_of(path).get_trials()
+    finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    assert 4 <= len(finished) <= 5  # each worker stops once the study has its trials (one may be in flight)
+    assert len({t.user_attrs["output_dir"] for t in trials}) == len(trials)  # one run directory per trial
+    assert len({t.user_attrs["worker"] for t in finished}) == 2  # both did work
