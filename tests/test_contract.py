@@ -87,7 +87,7 @@ def assert_one_line_error(code: int, stderr: str, pattern: str) -> None:
     (["--num_train_epochs", "0"], "--num_train_epochs must be positive"),
     (["--max_seq_length", "0"], "--max_seq_length must be positive"),
     (["--max_train_samples", "0"], "--max_train_samples must be positive"),
-    (["--tuning_method", "ia4"], "unknown tuning_method 'ia4'"),
+    (["--tuning_method", "ia4"], "invalid choice: .ia4."),
     (["--dataset", "restaurant_sup,restaurant"], "names restaurant more than once"),
     (["--dataset", "imdb_sup"], "unknown dataset 'imdb_sup'"),
 ])
@@ -107,14 +107,18 @@ def test_unknown_model_id_names_the_offline_checkpoints(tmp_path):
                           r"cannot load 'bert-base-uncsed'.*packaged checkpoints: .*all-MiniLM-L6-v2")
 
 
-@pytest.mark.parametrize("flags", [["--batch_size", "-4"], ["--lora_r", "0"],
-                                   ["--method", "adapter", "--adapter_reduction_factor", "0"]])
-def test_memory_cli_refuses_values_that_make_no_sense(flags, capsys):
+@pytest.mark.parametrize(("flags", "pattern"), [
+    (["--batch_size", "-4"], "must be at least 1, got -4"),
+    (["--lora_r", "0"], "must be positive, got 0 and 16"),
+    (["--method", "adapter", "--adapter_reduction_factor", "0"], "must be positive, got 8 and 0"),
+])
+def test_memory_cli_refuses_values_that_make_no_sense(flags, pattern, capsys):
+    from peftlab.errors import exit_on_user_error
     from peftlab.memory import main as memory_main
 
     with pytest.raises(SystemExit) as stop:
-        memory_main(["--model", "Qwen2.5-3B", *flags])
-    assert_one_line_error(stop.value.code, capsys.readouterr().err, "must be at least 1")
+        exit_on_user_error(lambda: memory_main(["--model", "Qwen2.5-3B", *flags]))
+    assert_one_line_error(stop.value.code, capsys.readouterr().err, pattern)
 
 
 def test_dataset_is_a_short_form_of_dataset_name():

@@ -9,9 +9,7 @@ from peftlab.memory import (
     builtin_config_names,
     estimate,
     load_config,
-    meta_model,
     scenario_table,
-    trainable_parameters,
 )
 from peftlab.methods import MethodArguments, get_method, parameter_counts
 from peftlab.models import get_model
@@ -40,12 +38,15 @@ def test_hand_computed_tiny_bert():
 
 @pytest.mark.parametrize("arch", ["roberta", "qwen2", "llama", "mpnet"])
 @pytest.mark.parametrize("method,kwargs", [("lora", {"lora_r": 8}), ("lora", {"lora_r": 16}),
-                                           ("adapter", {"adapter_reduction_factor": 16})])
+                                           ("lora", {"lora_r": 4, "lora_target_modules": "all-linear"}),
+                                           ("adapter", {"adapter_reduction_factor": 16}), ("ia3", {})])
 def test_trainable_counts_match_real_wrapping(arch, method, kwargs, tiny_models):
+    """The estimator counts through the method's own wrap on the meta device: any registered method, exactly."""
+    from test_methods import arch_kwargs
+
+    kwargs = kwargs | arch_kwargs(arch, method)
     _, model = get_model(tiny_models[arch], 3)
-    predicted = trainable_parameters(meta_model(model.config), method,
-                                     lora_r=kwargs.get("lora_r", 8),
-                                     reduction_factor=kwargs.get("adapter_reduction_factor", 16))
+    predicted = estimate(model.config, method, batch_size=1, seq_len=1, **kwargs).trainable_params
     wrapped = get_method(method).wrap(model, MethodArguments(tuning_method=method, **kwargs))
     assert parameter_counts(wrapped)["trainable_params"] == predicted
 

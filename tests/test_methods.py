@@ -24,6 +24,11 @@ def wrapped(tiny_models, arch, method, **kwargs):
     return tokenizer, get_method(method).wrap(model, MethodArguments(tuning_method=method, **kwargs))
 
 
+def arch_kwargs(arch: str, method: str) -> dict:
+    """peft has no IA3 defaults for MPNet: its attention projections are k, v and its outputs o."""
+    return {"ia3_target_modules": "k,v,o", "ia3_feedforward_modules": "o"} if (arch, method) == ("mpnet", "ia3") else {}
+
+
 def batch(tokenizer):
     encoded = tokenizer(["the food was great", "bad service", "we follow prior work"], padding=True,
                         return_tensors="pt")
@@ -34,21 +39,24 @@ def trainable_names(model):
     return {name for name, p in model.named_parameters() if p.requires_grad}
 
 
+OWN_WEIGHTS = {"lora": "lora_", "ia3": "ia3_l", "adapter": "adapters."}  # in the names of each method's weights
+
+
 def expected_trainable(name: str, method: str) -> bool:
     # the head, and BERT's pooler, which the tiny MLM checkpoint lacks (so it starts random too)
     in_head = any(part in ("classifier", "score", "pooler") for part in name.split("."))
-    if method == "lora":
-        return "lora_" in name or ("modules_to_save" in name and in_head)
+    if method in ("lora", "ia3"):  # peft trains saved copies of the head
+        return OWN_WEIGHTS[method] in name or ("modules_to_save" in name and in_head)
     return "adapters." in name or in_head  # adapter: bottleneck weights and the head
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("method", ["lora", "adapter"])
+@pytest.mark.parametrize("method", ["lora", "ia3", "adapter"])
 def test_only_expected_parameters_train_and_change(arch, method, tiny_models):
-    tokenizer, model = wrapped(tiny_models, arch, method)
+    tokenizer, model = wrapped(tiny_models, arch, method, **arch_kwargs(arch, method))
     names = trainable_names(model)
     assert names and all(expected_trainable(n, method) for n in names), sorted(names)
-    assert any(("lora_" in n) if method == "lora" else ("adapters." in n) for n in names)
+    assert any(OWN_WEIGHTS[method] in n for n in names)
     assert any("classifier" in n or "score" in n for n in names)  # the head trains too
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     model.train()
@@ -59,7 +67,7 @@ def test_only_expected_parameters_train_and_change(arch, method, tiny_models):
     assert changed <= names
     # LoRA's B starts at zero, so after one step both A... at least the head and the method's own weights move
     assert any("classifier" in n or "score" in n for n in changed)
-    assert any(("lora_B" in n) if method == "lora" else ("adapters." in n) for n in changed)
+    assert any(("lora_B" in n) if method == "lora" else (OWN_WEIGHTS[method] in n) for n in changed)
 
 
 def test_full_trains_everything(tiny_models):
@@ -84,9 +92,9 @@ def test_adapter_count_by_hand(tiny_models):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("method", ["full", "lora", "adapter"])
+@pytest.mark.parametrize("method", ["full", "lora", "ia3", "adapter"])
 def test_save_and_reload_same_logits(arch, method, tiny_models, tmp_path):
-    tokenizer, model = wrapped(tiny_models, arch, method)
+    tokenizer, model = wrapped(tiny_models, arch, method, **arch_kwargs(arch, method))
     # train the head and the method's weights a little, so a random head on reload would show
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-2)
@@ -105,8 +113,8 @@ def test_save_and_reload_same_logits(arch, method, tiny_models, tmp_path):
     served = METHODS[method].for_inference(reloaded)
     with torch.no_grad():
         torch.testing.assert_close(served(**inputs).logits, expected, atol=1e-4, rtol=1e-4)
-    if method == "lora":
-        assert not any("lora_" in n for n, _ in served.named_parameters())  # merged into the base weights
+    if METHODS[method].merges:
+        assert not any(OWN_WEIGHTS[method] in n for n, _ in served.named_parameters())  # merged into the base
 
 
 def test_lora_target_defaults_and_errors(tiny_models):
@@ -118,10 +126,20 @@ def test_lora_target_defaults_and_errors(tiny_models):
         MethodArguments(tuning_method="prefix")
 
 
-@pytest.mark.parametrize("label", ["full", "adapter", "lora-r8", "lora-r32"])
+@pytest.mark.parametrize("label", ["full", "adapter", "lora-r8", "lora-r32", "ia3"])
 def test_method_label_round_trips(label):
-    args = method_from_label(label)
-    assert method_label(args.tuning_method, args.lora_r) == label
+    assert method_label(method_from_label(label)) == label
+
+
+def test_ia3_count_by_hand_and_unknown_architecture(tiny_models):
+    # tiny BERT, peft's defaults (key, value, output.dense; output.dense as feed-forward): the key and value
+    # outputs (32 each) and the inputs of both layers named output.dense, the attention output's (32) and the
+    # feed-forward output's (64), per layer: 160, x 2 layers = 320; plus the classifier 99 and the pooler 1056
+    _, model = wrapped(tiny_models, "bert", "ia3")
+    assert parameter_counts(model)["trainable_params"] == 320 + 99 + 1056
+    assert get_method("ia3").argument_fields == ("ia3_target_modules", "ia3_feedforward_modules")
+    with pytest.raises(ValueError, match="IA3 on model_type 'mpnet'.*--ia3_target_modules"):
+        wrapped(tiny_models, "mpnet", "ia3")
 
 
 def test_method_from_bad_label_is_clear():

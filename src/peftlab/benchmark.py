@@ -128,7 +128,7 @@ def measure(model_name: str, method: str, precision: str, padding: str, batch_si
         return {"infer_batch_s": quartiles(times), "infer_examples_per_s": batch_size * len(times) / sum(times)}
 
     result.update(infer(model))
-    if args.tuning_method == "lora":
+    if tuning.merges:
         merged = infer(tuning.for_inference(model))
         result.update({f"merged_{k}": v for k, v in merged.items()})
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

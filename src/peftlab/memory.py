@@ -26,11 +26,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForSequenceClassification
+from transformers import AutoConfig, AutoModelForSequenceClassification, HfArgumentParser
 
 from .benchmark import quartiles
 from .cli import non_negative_int, positive_int
-from .errors import exit_on_user_error
+from .errors import InvalidArgument, exit_on_user_error
+from .methods import MethodArguments, get_method, wrap_on_meta
 
 BUILTIN_CONFIGS = Path(__file__).parent / "configs"
 GIB = 2**30
@@ -59,36 +60,6 @@ def load_config(name_or_path: str, num_labels: int = 2):
 def meta_model(config) -> torch.nn.Module:
     with torch.device("meta"):
         return AutoModelForSequenceClassification.from_config(config)
-
-
-def _head_names(model) -> tuple[str, ...]:
-    return tuple(name for name in ("classifier", "score") if hasattr(model, name))
-
-
-def trainable_parameters(model: torch.nn.Module, method: str, lora_r: int = 8, lora_targets=None,
-                         reduction_factor: int = 16, adapter_config: str = "houlsby") -> int:
-    """Trainable parameters of a method, counted the way peft and adapters add them (tests check)."""
-    head = sum(p.numel() for name in _head_names(model) for p in getattr(model, name).parameters())
-    if method == "full":
-        return sum(p.numel() for p in model.parameters())
-    if method == "lora":
-        from .methods import lora_targets as default_targets
-
-        targets = lora_targets or default_targets(model.config.model_type, None)
-        lora = 0
-        for name, module in model.named_modules():
-            if not isinstance(module, torch.nn.Linear) or name.split(".")[0] in _head_names(model):
-                continue
-            if targets == "all-linear" or name.split(".")[-1] in targets:
-                lora += lora_r * (module.in_features + module.out_features)
-        return lora + head
-    if method == "adapter":
-        hidden = model.config.hidden_size
-        bottleneck = hidden // reduction_factor
-        per_adapter = 2 * hidden * bottleneck + bottleneck + hidden
-        adapters_per_layer = {"houlsby": 2, "pfeiffer": 1}[adapter_config]
-        return model.config.num_hidden_layers * adapters_per_layer * per_adapter + head
-    raise ValueError(f"unknown method {method!r}")
 
 
 def activation_bytes(config, batch_size: int, seq_len: int, element_bytes: int, eager_attention: bool) -> int:
@@ -123,16 +94,18 @@ class Estimate:
 
 
 def estimate(config, method: str = "full", precision: str = "fp32", batch_size: int = 16, seq_len: int = 256,
-             lora_r: int = 8, lora_targets=None, reduction_factor: int = 16, adapter_config: str = "houlsby",
-             eager_attention: bool = False) -> Estimate:
+             eager_attention: bool = False, **method_fields) -> Estimate:
+    """``method`` is a registered tuning method, ``method_fields`` its ``MethodArguments`` (``lora_r=16``,
+    ``lora_target_modules="all-linear"``, ``adapter_reduction_factor=8``, ...)."""
     if precision not in ("fp32", "bf16-mixed", "bf16-pure"):
         raise ValueError(f"precision must be fp32, bf16-mixed or bf16-pure, got {precision!r}")
-    model = meta_model(config)
-    total = sum(p.numel() for p in model.parameters())
-    trainable = trainable_parameters(model, method, lora_r, lora_targets, reduction_factor, adapter_config)
+    total = sum(p.numel() for p in meta_model(config).parameters())
+    # The method wraps a meta-device model as it would a real one: what it adds and trains, counted exactly
+    # (PEFT keeps its weights beside the frozen model; LoRA's head is a trained copy).
+    wrapped = wrap_on_meta(config, MethodArguments(tuning_method=method, **method_fields))
+    stored = sum(p.numel() for p in wrapped.parameters())
+    trainable = sum(p.numel() for p in wrapped.parameters() if p.requires_grad)
     weight_bytes = 2 if precision == "bf16-pure" else 4
-    # PEFT adds its trainable weights beside the frozen model (LoRA's head is a trained copy).
-    stored = total if method == "full" else total + trainable
     element = 4 if precision == "fp32" else 2
     return Estimate(
         total_params=total, trainable_params=trainable, weights=stored * weight_bytes,
@@ -155,7 +128,7 @@ REPORT_SCENARIOS = (  # (label, method, precision, extra keyword arguments)
     ("full, bf16 mixed", "full", "bf16-mixed", {}),
     ("LoRA r=8 (q,v), bf16 mixed", "lora", "bf16-mixed", {"lora_r": 8}),
     ("LoRA r=32 (q,v), bf16 mixed", "lora", "bf16-mixed", {"lora_r": 32}),
-    ("LoRA r=16 (all linear), bf16 mixed", "lora", "bf16-mixed", {"lora_r": 16, "lora_targets": "all-linear"}),
+    ("LoRA r=16 (all linear), bf16 mixed", "lora", "bf16-mixed", {"lora_r": 16, "lora_target_modules": "all-linear"}),
     ("LoRA r=8 (q,v), bf16 weights", "lora", "bf16-pure", {"lora_r": 8}),
     ("Houlsby adapter (rf 16), bf16 mixed", "adapter", "bf16-mixed", {}),
 )
@@ -317,7 +290,7 @@ def measure_device_step(config_name: str, method: str, batch_size: int = 16, seq
         result["train_step_s"] = quartiles(step_times)
         result["train_tokens_per_s"] = tokens / result["train_step_s"]["median"]
         result["infer_batch_s"] = quartiles(infer_times(model))
-        if args.tuning_method == "lora":
+        if tuning.merges:
             result["merged_infer_batch_s"] = quartiles(infer_times(tuning.for_inference(model)))
     except torch.OutOfMemoryError:
         result["error"] = "out of memory"
@@ -351,8 +324,9 @@ def device_table(results: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Estimate training memory.", epilog=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    # The method and its settings are train.py's own MethodArguments (--method / --tuning_method, --lora_r, ...).
+    parser = HfArgumentParser(MethodArguments, description="Estimate training memory.", epilog=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--table", metavar="PATH",
                         help="write the report's scenario table for --model (full/LoRA/adapter, fp32/bf16) to PATH")
     parser.add_argument("--check", metavar="PATH",
@@ -368,17 +342,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=non_negative_int, default=2, help="untimed steps before them")
     parser.add_argument("--model",
                         help=f"built-in config ({', '.join(builtin_config_names())}), local folder or hub id")
-    parser.add_argument("--method", choices=["full", "lora", "adapter"], default="full")
     parser.add_argument("--precision", choices=["fp32", "bf16-mixed", "bf16-pure"], default="fp32")
     parser.add_argument("--batch_size", type=positive_int, default=16)
     parser.add_argument("--seq_len", type=positive_int, default=256)
-    parser.add_argument("--lora_r", type=positive_int, default=8)
-    parser.add_argument("--lora_target_modules", default=None, help="comma-separated, or all-linear")
-    parser.add_argument("--adapter_reduction_factor", type=positive_int, default=16)
-    parser.add_argument("--adapter_config", choices=["houlsby", "pfeiffer"], default="houlsby")
     parser.add_argument("--eager_attention", action="store_true", help="count the s^2 attention matrices")
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")
-    args = parser.parse_args(argv)
+    try:
+        method_args, args = parser.parse_args_into_dataclasses(argv)
+    except ValueError as err:
+        raise InvalidArgument(str(err)) from None
     if args.check:
         from .isolated import call_in_fresh_process
 
@@ -411,12 +383,12 @@ def main(argv: list[str] | None = None) -> None:
         Path(args.table).write_text(scenario_table(args.model, args.batch_size, args.seq_len))
         print(f"wrote {args.table}")
         return
-    targets = args.lora_target_modules
-    if targets and targets != "all-linear":
-        targets = targets.split(",")
-    est = estimate(load_config(args.model), args.method, args.precision, args.batch_size, args.seq_len, args.lora_r,
-                   targets, args.adapter_reduction_factor, args.adapter_config, args.eager_attention)
-    settings = {k: v for k, v in vars(args).items() if k not in ("model", "json")}
+    method = get_method(method_args.tuning_method)
+    method_fields = {name: getattr(method_args, name) for name in method.argument_fields}
+    est = estimate(load_config(args.model), method.name, args.precision, args.batch_size, args.seq_len,
+                   args.eager_attention, **method_fields)
+    settings = {"method": method.name, **method_fields, "precision": args.precision, "batch_size": args.batch_size,
+                "seq_len": args.seq_len, "eager_attention": args.eager_attention}
     print(json.dumps(est.as_dict()) if args.json else format_estimate(args.model, est, settings))
     if not args.json:
         print(__doc__.split("The accounting (printed with every estimate):")[1].rstrip())

@@ -1,13 +1,20 @@
 """Tuning methods behind one small interface: wrap a model, save what trained, load it back.
 
-``full`` trains every weight; ``lora`` adds peft low-rank updates; ``adapter`` adds AdapterHub
-bottleneck adapters. In every method the modules the checkpoint lacked (the classification head,
-``classifier`` or ``score``, and e.g. a missing pooler) train and are saved with the method's weights.
-A method is added with one :func:`register_method` call.
+``full`` trains every weight; ``lora`` adds peft low-rank updates; ``ia3`` peft's learned rescaling
+vectors; ``adapter`` AdapterHub bottleneck adapters. In every method the modules the checkpoint lacked
+(the classification head, ``classifier`` or ``score``, and e.g. a missing pooler) train and are saved
+with the method's weights.
+
+A method owns everything the rest of the package knows about it: its name, its arguments (the
+``MethodArguments`` fields prefixed ``<name>_``), its label in run names and tables, whether serving
+merges it into the base weights, and its parameter count (:func:`wrap_on_meta` wraps a model on
+PyTorch's meta device through the same ``wrap``). A method is added here, with one
+:func:`register_method` call and its argument fields; nothing else in the package names methods.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,40 +28,19 @@ ADAPTER_NAME = "task"
 HEAD_FILE = "classification_head.safetensors"
 
 
-@dataclass
-class MethodArguments:
-    tuning_method: str = field(default="full", metadata={"help": "How to fine-tune: full, lora or adapter."})
-    lora_r: int = field(default=8, metadata={"help": "LoRA rank r."})
-    lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling alpha (the update is scaled by alpha/r)."})
-    lora_dropout: float = field(default=0.1, metadata={"help": "Dropout on the LoRA input."})
-    lora_target_modules: str | None = field(
-        default=None,
-        metadata={"help": "Comma-separated module names LoRA wraps, or 'all-linear'. Default: query,value for "
-                          "BERT-like encoders, q,v for MPNet, q_proj,v_proj for Qwen2/Llama decoders."})
-    adapter_config: str = field(
-        default="houlsby",
-        metadata={"help": "Bottleneck adapter layout: houlsby (after attention and after the feed-forward "
-                          "block) or pfeiffer (after the feed-forward block only)."})
-    adapter_reduction_factor: int = field(
-        default=16, metadata={"help": "Bottleneck adapter reduction factor: hidden size / bottleneck size."})
-
-    def __post_init__(self):
-        if self.tuning_method not in METHODS:
-            raise ValueError(f"unknown tuning_method {self.tuning_method!r}; choose one of {sorted(METHODS)}")
-        if self.lora_r <= 0 or self.adapter_reduction_factor <= 0:
-            raise ValueError("lora_r and adapter_reduction_factor must be positive")
-
-
-def method_label(tuning_method: str, lora_r: int) -> str:
+def method_label(args: MethodArguments) -> str:
     """A method's short name in run names and result tables: ``full``, ``lora-r16``, ``adapter``."""
-    return f"lora-r{lora_r}" if tuning_method == "lora" else tuning_method
+    return get_method(args.tuning_method).label(args)
 
 
 def method_from_label(label: str) -> MethodArguments:
     """The inverse of :func:`method_label`: ``full``, ``adapter``, ``lora`` (the default rank) or ``lora-r16``.
     Other fields keep their defaults: the benchmarks that take labels measure cost, which alpha does not change."""
-    tuning_method, _, rank = label.partition("-r")
-    return MethodArguments(tuning_method=tuning_method, **({"lora_r": int(rank)} if rank else {}))
+    for method in METHODS.values():
+        args = method.parse_label(label)
+        if args is not None:
+            return args
+    raise ValueError(f"unknown tuning_method {label!r}; choose one of {sorted(METHODS)}")
 
 
 def new_modules(model: torch.nn.Module) -> list[str]:
@@ -81,6 +67,19 @@ class TuningMethod(ABC):
     """The interface: ``wrap`` before training, ``save`` after it, ``load`` in a fresh process."""
 
     name: str
+    merges: bool = False  # whether for_inference folds the method into the base weights
+
+    def label(self, args: MethodArguments) -> str:
+        return self.name
+
+    def parse_label(self, label: str) -> MethodArguments | None:
+        """The arguments a label stands for, or None when the label is another method's."""
+        return MethodArguments(tuning_method=self.name) if label == self.name else None
+
+    @property
+    def argument_fields(self) -> tuple[str, ...]:
+        """The ``MethodArguments`` fields that configure this method."""
+        return tuple(f.name for f in dataclasses.fields(MethodArguments) if f.name.startswith(f"{self.name}_"))
 
     @abstractmethod
     def wrap(self, model: PreTrainedModel, args: MethodArguments) -> torch.nn.Module:
@@ -147,20 +146,10 @@ def lora_targets(model_type: str, requested: str | None):
                          f"--lora_target_modules (defaults exist for {sorted(LORA_DEFAULT_TARGETS)})") from None
 
 
-class LoRA(TuningMethod):
-    name = "lora"
+class PeftMethod(TuningMethod):
+    """A peft method: saved and loaded as a peft adapter beside the base checkpoint, merged for serving."""
 
-    def wrap(self, model, args):
-        from peft import LoraConfig, TaskType, get_peft_model
-
-        config = LoraConfig(
-            task_type=TaskType.SEQ_CLS, r=args.lora_r, lora_alpha=args.lora_alpha,
-            lora_dropout=args.lora_dropout, target_modules=lora_targets(model.config.model_type,
-                                                                        args.lora_target_modules),
-            # Saved with the adapter, so a reloaded model never has a random head (peft #310/#577).
-            modules_to_save=new_modules(model),
-        )
-        return get_peft_model(model, config)
+    merges = True
 
     def save(self, model, directory):
         model.save_pretrained(directory)
@@ -175,6 +164,61 @@ class LoRA(TuningMethod):
 
     def for_inference(self, model):
         return model.merge_and_unload()
+
+
+class LoRA(PeftMethod):
+    name = "lora"
+
+    def label(self, args):
+        return f"lora-r{args.lora_r}"
+
+    def parse_label(self, label):
+        if label == self.name:
+            return MethodArguments(tuning_method=self.name)
+        if label.startswith("lora-r"):
+            return MethodArguments(tuning_method=self.name, lora_r=int(label.removeprefix("lora-r")))
+        return None
+
+    def wrap(self, model, args):
+        from peft import LoraConfig, TaskType, get_peft_model
+
+        config = LoraConfig(
+            task_type=TaskType.SEQ_CLS, r=args.lora_r, lora_alpha=args.lora_alpha,
+            lora_dropout=args.lora_dropout, target_modules=lora_targets(model.config.model_type,
+                                                                        args.lora_target_modules),
+            # Saved with the adapter, so a reloaded model never has a random head (peft #310/#577).
+            modules_to_save=new_modules(model),
+        )
+        return get_peft_model(model, config)
+
+
+def _module_list(names: str | None) -> list[str] | None:
+    return [m.strip() for m in names.split(",") if m.strip()] if names else None
+
+
+class IA3(PeftMethod):
+    """(IA)^3 (Liu et al. 2022): learned vectors that rescale attention keys and values and the feed-forward
+    activations; peft's default targets per architecture, or --ia3_target_modules."""
+
+    name = "ia3"
+    # Serving keeps the scaling vectors: they cost one elementwise product per layer, and peft 0.18.1's IA3
+    # merge_and_unload fails on saved head modules without a .weight (RoBERTa's and MPNet's heads).
+    merges = False
+
+    def for_inference(self, model):
+        return model
+
+    def wrap(self, model, args):
+        from peft import IA3Config, TaskType, get_peft_model
+
+        config = IA3Config(task_type=TaskType.SEQ_CLS, target_modules=_module_list(args.ia3_target_modules),
+                           feedforward_modules=_module_list(args.ia3_feedforward_modules),
+                           modules_to_save=new_modules(model))
+        try:
+            return get_peft_model(model, config)
+        except ValueError as err:
+            raise ValueError(f"IA3 on model_type {model.config.model_type!r}: {err}; pass --ia3_target_modules "
+                             "and --ia3_feedforward_modules") from None
 
 
 # --------------------------------------------------------------------------------------- adapter
@@ -253,5 +297,62 @@ class BottleneckAdapter(TuningMethod):
         return model
 
 
-for _method in (FullFineTuning(), LoRA(), BottleneckAdapter()):
+def method_argument_fields() -> list[str]:
+    """Every method's own ``MethodArguments`` fields, in declaration order."""
+    return [name for method in METHODS.values() for name in method.argument_fields]
+
+
+def wrap_on_meta(config, args: MethodArguments) -> torch.nn.Module:
+    """The model ``args`` would train, built from ``config`` on the meta device: exact parameter counts,
+    nothing allocated (the memory estimator counts what each method adds this way)."""
+    with torch.device("meta"):
+        model = AutoModelForSequenceClassification.from_config(config)
+        return get_method(args.tuning_method).wrap(model, args)
+
+
+for _method in (FullFineTuning(), LoRA(), IA3(), BottleneckAdapter()):
     register_method(_method)
+
+
+# Defined after the registry is filled: the command line offers the registered methods as choices.
+@dataclass
+class MethodArguments:
+    tuning_method: str = field(
+        default="full",
+        metadata={"aliases": ["--method"], "choices": sorted(METHODS),
+                  "help": "How to fine-tune: one of the registered methods. Short form: --method."})
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank r."})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling alpha (the update is scaled by alpha/r)."})
+    lora_dropout: float = field(default=0.1, metadata={"help": "Dropout on the LoRA input."})
+    lora_target_modules: str | None = field(
+        default=None,
+        metadata={"help": "Comma-separated module names LoRA wraps, or 'all-linear'. Default: query,value for "
+                          "BERT-like encoders, q,v for MPNet, q_proj,v_proj for Qwen2/Llama decoders."})
+    adapter_config: str = field(
+        default="houlsby",
+        metadata={"help": "Bottleneck adapter layout: houlsby (after attention and after the feed-forward "
+                          "block) or pfeiffer (after the feed-forward block only)."})
+    adapter_reduction_factor: int = field(
+        default=16, metadata={"help": "Bottleneck adapter reduction factor: hidden size / bottleneck size."})
+    ia3_target_modules: str | None = field(
+        default=None,
+        metadata={"help": "Comma-separated module names whose outputs IA3 rescales. Default: peft's per "
+                          "architecture (key, value and the feed-forward output for BERT-like encoders, k/q, v and "
+                          "down_proj for Qwen2/Llama)."})
+    ia3_feedforward_modules: str | None = field(
+        default=None,
+        metadata={"help": "Those of --ia3_target_modules that are feed-forward layers (IA3 scales their input "
+                          "rather than their output). Default: peft's per architecture."})
+
+    def __post_init__(self):
+        if self.tuning_method not in METHODS:
+            raise ValueError(f"unknown tuning_method {self.tuning_method!r}; choose one of {sorted(METHODS)}")
+        if self.lora_r <= 0 or self.adapter_reduction_factor <= 0:
+            raise ValueError(f"lora_r and adapter_reduction_factor must be positive, got {self.lora_r} and "
+                             f"{self.adapter_reduction_factor}")
+
+    @classmethod
+    def from_record(cls, recorded: dict) -> MethodArguments:
+        """The arguments a run recorded in run.json (fields added since then keep their defaults)."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{key: value for key, value in recorded.items() if key in known})

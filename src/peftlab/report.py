@@ -27,7 +27,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from .methods import LORA_DEFAULT_TARGETS  # noqa: E402
+from .methods import LORA_DEFAULT_TARGETS, get_method, method_argument_fields  # noqa: E402
 from .results import RunResult, aggregate, collect, markdown_table, mean_std, pm, reference_host, write_csv  # noqa: E402
 
 matplotlib.rcParams["svg.hashsalt"] = "peftlab"  # deterministic output
@@ -140,9 +140,11 @@ def configuration_section(runs: list[RunResult]) -> str:
             ("training_args", "per_device_train_batch_size"), ("training_args", "warmup_ratio"),
             ("training_args", "weight_decay"), ("training_args", "lr_scheduler_type"), ("training_args", "bf16"),
             ("training_args", "optim"),
-            ("data_args", "max_seq_length"), ("data_args", "max_train_samples"), ("method_args", "lora_r"),
-            ("method_args", "lora_alpha"), ("method_args", "lora_dropout"), ("method_args", "lora_target_modules"),
-            ("method_args", "adapter_config"), ("method_args", "adapter_reduction_factor")]
+            ("data_args", "max_seq_length"), ("data_args", "max_train_samples")]
+    # each method's own arguments, for the methods these runs used
+    used = {run.record["method_args"]["tuning_method"] for run in runs}
+    keys += [("method_args", name) for name in method_argument_fields() if any(
+        name in get_method(method).argument_fields for method in used)]
     header = "| model | dataset | method | " + " | ".join(k for _, k in keys) + " |"
     lines = [header, "|" + "---|" * (len(keys) + 3)]
     seen = set()
@@ -154,10 +156,10 @@ def configuration_section(runs: list[RunResult]) -> str:
         for group, key in keys:
             value = run.record.get(group, {}).get(key)
             is_method_key = group == "method_args"
-            if is_method_key and not key.startswith(run.record["method_args"]["tuning_method"]):
+            if is_method_key and key not in get_method(run.record["method_args"]["tuning_method"]).argument_fields:
                 value = "–"
             elif value is None:  # the fields whose None means something
-                value = {"max_train_samples": "all", "lora_target_modules": "default"}.get(key, value)
+                value = "default" if is_method_key else {"max_train_samples": "all"}.get(key, value)
             values.append(str(value))
         lines.append(f"| {run.model} | {run.dataset} | {run.method} | " + " | ".join(values) + " |")
     defaults = "; ".join(f"{model_type}: {', '.join(modules)}" for model_type, modules in LORA_DEFAULT_TARGETS.items())

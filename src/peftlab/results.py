@@ -13,7 +13,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .methods import method_label
+from .methods import MethodArguments, method_label
 from .runrecord import RunDirectory, finished_runs
 
 QUALITY = ("accuracy", "micro_f1", "macro_f1", "weighted_f1")
@@ -63,7 +63,7 @@ def load_run(run_dir: RunDirectory) -> RunResult:
         method_args = record["method_args"]
         coordinates = {"model": Path(record["model_args"]["model_name_or_path"]).name,
                        "dataset": record["data_args"]["dataset_name"],
-                       "method": method_label(method_args["tuning_method"], method_args["lora_r"]),
+                       "method": method_label(MethodArguments.from_record(method_args)),
                        "seed": record["training_args"]["seed"]}
     result = RunResult(coordinates["model"], coordinates["dataset"], coordinates["method"],
                        int(coordinates["seed"]), run_dir.path, record["resolved_model"]["checkpoint"], metrics, record)

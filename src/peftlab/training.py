@@ -191,7 +191,7 @@ def configure_wandb(training_args: TrainingArguments) -> None:
 
 def default_run_name(model_args: ModelArguments, data_args: DataArguments, method_args: MethodArguments,
                      seed: int) -> str:
-    method = method_label(method_args.tuning_method, method_args.lora_r)
+    method = method_label(method_args)
     model = Path(model_args.model_name_or_path.rstrip("/")).name
     return f"{model}__{data_args.dataset_name.replace(',', '+')}__{method}__seed{seed}"
 
