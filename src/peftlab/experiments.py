@@ -26,9 +26,8 @@ Arguments merge in this order: defaults, the model's, the method's, the cell's s
 (its own, or those of the cell its transfer names), overrides.
 
 Each run gets ``output_root/<model>/<dataset>/<method>/seed<k>/`` with its arguments in
-``grid_args.json``; ``python train.py that/grid_args.json`` reproduces it alone. A run whose
-``metrics.json`` exists and whose arguments are unchanged is skipped, so a killed grid loses at
-most the run in flight.
+``grid_args.json``; ``python train.py that/grid_args.json`` reproduces it alone. A finished run
+whose arguments are unchanged is skipped, so a killed grid loses at most the run in flight.
 """
 
 from __future__ import annotations

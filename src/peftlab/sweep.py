@@ -44,7 +44,7 @@ from pathlib import Path
 
 import optuna
 import yaml
-from optuna.storages import RDBStorage, RetryFailedTrialCallback
+from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 from transformers import TrainerCallback
 
@@ -158,7 +158,7 @@ def open_study(sweep: Sweep):
     pruner_class = PRUNERS[pruner.pop("type", "median")]
     storage = RDBStorage(sweep.storage, heartbeat_interval=sweep.heartbeat_seconds,
                          grace_period=2 * sweep.heartbeat_seconds,
-                         failed_trial_callback=RetryFailedTrialCallback(max_retry=2),
+                         heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=2),
                          engine_kwargs={"connect_args": {"timeout": 60}} if sweep.storage.startswith("sqlite") else {})
     return optuna.create_study(
         study_name=sweep.study_name, storage=storage, load_if_exists=True, direction="maximize",
