@@ -74,7 +74,7 @@ def test_3b_full_vs_lora():
 
 
 def test_measurement_runs_and_tables(tiny_models):
-    from peftlab.memory import measure_step_memory, measurement_table
+    from peftlab.benchmark import measure_step_memory, measurement_table
 
     result = measure_step_memory(tiny_models["qwen2"], "lora-r8", batch_size=2, seq_len=8, steps=1)
     assert result["measured_bytes"] > 0 and result["trainable_params"] > 0
@@ -84,7 +84,7 @@ def test_measurement_runs_and_tables(tiny_models):
 
 def test_device_measurement_on_cpu(tiny_models):
     """The accelerator check's code path, run on the CPU: times but no CUDA memory, and its table."""
-    from peftlab.memory import device_table, measure_device_step
+    from peftlab.benchmark import device_table, measure_device_step
 
     results = [measure_device_step(tiny_models["qwen2"], method, batch_size=2, seq_len=8, steps=2, warmup=1,
                                    device="cpu") for method in ("lora-r8", "adapter")]

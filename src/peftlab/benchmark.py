@@ -1,4 +1,5 @@
-"""Throughput benchmark: training and inference speed per model, method, precision and padding.
+"""Measurements: training and inference speed per model, method, precision and padding, and the memory
+checks of the estimator in :mod:`peftlab.memory`, all through one loop (:func:`measuring_loop`).
 
 Each configuration runs in a fresh process (so its peak RSS is its own) on real
 ``restaurant_sup`` batches: a few warm-up steps, then timed AdamW steps and timed inference
@@ -23,9 +24,11 @@ import time
 from pathlib import Path
 
 import torch
+from transformers import AutoModelForSequenceClassification
 
 from .cli import non_negative_int, positive_int
 from .isolated import call_in_fresh_process
+from .memory import GIB, estimate, load_config
 
 PADDINGS = ("dynamic", "max_length", "grouped")
 
@@ -61,6 +64,58 @@ def quartiles(values: list[float]) -> dict:
     return {"median": q[1], "q1": q[0], "q3": q[2], "n": len(values)}
 
 
+def measuring_loop(model, tuning, batches: list[dict], warmup: int, device: str = "cpu", bf16: bool = True,
+                   fused_adamw: bool = False, serve: bool = True, after_training=None) -> dict[str, list[float]]:
+    """The one measuring loop of the benchmark and the memory checks.
+
+    AdamW steps over ``batches`` (each holding its labels), with bf16 autocast if asked; then, with
+    ``serve``, inference over the same batches, unmerged and, for a method that merges (LoRA), merged.
+    Returns seconds per batch under ``train``, ``infer`` and ``merged_infer``, the first ``warmup`` left
+    out; on CUDA each call waits for the device. ``after_training()`` runs between the two phases (the
+    device check reads its training peak there)."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=fused_adamw)
+
+    def autocast():
+        return torch.autocast(device, dtype=torch.bfloat16, enabled=bf16)
+
+    def train(batch):
+        with autocast():
+            loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def forward(served):
+        def call(batch):
+            # autocast per batch, as serving does: one context around all batches would keep the bf16
+            # casts of trainable weights cached between batches and flatter full fine-tuning
+            with torch.no_grad(), autocast():
+                served(**{key: value for key, value in batch.items() if key != "labels"})
+        return call
+
+    model.train()
+    times = {"train": _timed(train, batches, warmup, device)}
+    if after_training is not None:
+        after_training()
+    if serve:
+        times["infer"] = _timed(forward(model.eval()), batches, warmup, device)
+        if tuning.merges:
+            times["merged_infer"] = _timed(forward(tuning.for_inference(model).eval()), batches, warmup, device)
+    return times
+
+
+def _timed(call, batches: list[dict], warmup: int, device: str) -> list[float]:
+    times = []
+    for i, batch in enumerate(batches):
+        start = time.perf_counter()
+        call(batch)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return times
+
+
 def _train_flops_per_token(model, trainable: int, seq_len: float) -> float:
     config = model.config
     embeddings = sum(p.numel() for n, p in model.named_parameters() if "embed" in n)
@@ -87,22 +142,13 @@ def measure(model_name: str, method: str, precision: str, padding: str, batch_si
     tuning = get_method(args.tuning_method)
     model = tuning.wrap(model, args)
     counts = parameter_counts(model)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=fused_adamw)
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
     batches = _batches(tokenizer, texts, batch_size, padding, max_length, warmup + steps)
-    model.train()
-    step_times, real_tokens, padded_tokens = [], [], []
     for i, batch in enumerate(batches):
-        start = time.perf_counter()
-        with autocast:
-            loss = model(**batch, labels=labels[i * batch_size:(i + 1) * batch_size]).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if i >= warmup:
-            step_times.append(time.perf_counter() - start)
-            real_tokens.append(int(batch["attention_mask"].sum()))
-            padded_tokens.append(batch["input_ids"].numel())
+        batch["labels"] = labels[i * batch_size:(i + 1) * batch_size]
+    times = measuring_loop(model, tuning, batches, warmup, bf16=precision == "bf16", fused_adamw=fused_adamw)
+    step_times = times["train"]
+    real_tokens = [int(batch["attention_mask"].sum()) for batch in batches[warmup:]]
+    padded_tokens = [batch["input_ids"].numel() for batch in batches[warmup:]]
     seq_len = sum(padded_tokens) / len(padded_tokens) / batch_size
     flops_per_token = _train_flops_per_token(model, counts["trainable_params"], seq_len)
     total_time = sum(step_times)
@@ -117,23 +163,159 @@ def measure(model_name: str, method: str, precision: str, padding: str, batch_si
         "mean_padded_length": seq_len,
     }
 
-    def infer(served) -> dict:
-        served.eval()
-        times = []
-        for batch in batches[warmup:]:
-            start = time.perf_counter()
-            with torch.no_grad(), autocast:  # per batch: see memory.measure_device_step
-                served(**batch)
-            times.append(time.perf_counter() - start)
-        return {"infer_batch_s": quartiles(times), "infer_examples_per_s": batch_size * len(times) / sum(times)}
-
-    result.update(infer(model))
-    if tuning.merges:
-        merged = infer(tuning.for_inference(model))
-        result.update({f"merged_{k}": v for k, v in merged.items()})
+    for phase in ("infer", "merged_infer"):
+        if phase in times:
+            result[f"{phase}_batch_s"] = quartiles(times[phase])
+            result[f"{phase}_examples_per_s"] = batch_size * len(times[phase]) / sum(times[phase])
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     result["rss_before_model_mb"] = rss_before
     return result
+
+
+# ----------------------------------------------------------------------------- memory checks
+# What the estimator (peftlab.memory) predicts, measured: peak RSS of CPU training steps, and peak CUDA
+# memory and step times of randomly initialised models of the built-in configs.
+
+
+def _rss() -> int:
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
+def _random_batch(config, batch_size: int, seq_len: int, device: str) -> dict:
+    """Fixed-length random tokens: memory and speed do not depend on what the tokens are."""
+    ids = torch.randint(0, min(config.vocab_size, 1000), (batch_size, seq_len), device=device)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+            "labels": torch.zeros(batch_size, dtype=torch.long, device=device)}
+
+
+def measure_step_memory(model_name: str, method: str, batch_size: int = 16, seq_len: int = 128,
+                        steps: int = 2) -> dict:
+    """Peak RSS growth over the bare process while loading a model and taking AdamW steps with bf16
+    autocast on fixed-length random batches; beside it the estimate for the same setting."""
+    import ctypes
+    import gc
+    import threading
+
+    from .methods import get_method, method_from_label
+    from .models import get_model
+
+    libc = ctypes.CDLL("libc.so.6")
+    gc.collect()
+    libc.malloc_trim(0)
+    baseline = _rss()
+    peak = [baseline]
+    running = threading.Event()
+    running.set()
+
+    def sample():
+        while running.is_set():
+            peak[0] = max(peak[0], _rss())
+            time.sleep(0.002)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    torch.manual_seed(0)
+    _, model = get_model(model_name, 3)
+    args = method_from_label(method)
+    tuning = get_method(args.tuning_method)
+    model = tuning.wrap(model, args)
+    batch = _random_batch(model.config, batch_size, seq_len, "cpu")
+    measuring_loop(model, tuning, [batch] * steps, warmup=0, serve=False)
+    running.clear()
+    sampler.join()
+    est = estimate(model.config if not hasattr(model, "get_base_model") else model.get_base_model().config,
+                   args.tuning_method, "bf16-mixed", batch_size, seq_len, lora_r=args.lora_r)
+    return {"model": model_name, "method": method, "batch_size": batch_size, "seq_len": seq_len,
+            "measured_bytes": peak[0] - baseline, **est.as_dict()}
+
+
+def measurement_table(results: list[dict]) -> str:
+    lines = ["| model | method | batch x seq | estimated GiB (weights + grads + AdamW + activations) "
+             "| measured peak RSS growth GiB | measured / estimated |", "|---|---|---|---|---|---|"]
+    for r in results:
+        parts = " + ".join(f"{r[k] / GIB:.2f}" for k in ("weights_bytes", "gradients_bytes", "optimizer_bytes",
+                                                            "activations_bytes"))
+        lines.append(f"| {r['model']} | {r['method']} | {r['batch_size']} x {r['seq_len']} "
+                     f"| {r['total_bytes'] / GIB:.2f} ({parts}) | {r['measured_bytes'] / GIB:.2f} "
+                     f"| {r['measured_bytes'] / r['total_bytes']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def measure_device_step(config_name: str, method: str, batch_size: int = 16, seq_len: int = 256, steps: int = 10,
+                        warmup: int = 2, device: str = "cuda") -> dict:
+    """Peak memory and speed of training and inference for a randomly initialised model of ``config_name``.
+
+    Memory and time do not depend on the weights' values, so a built-in config (Qwen2.5-3B, ...) needs no
+    checkpoint. Training is fused AdamW with bf16 autocast on fixed-length random batches, as train.py
+    runs it. On CUDA the peak is ``torch.cuda.max_memory_allocated`` over building the model and training
+    (the CUDA context is not in it); inference is timed unmerged and, for LoRA, merged."""
+    import gc
+
+    from .methods import get_method, method_from_label, parameter_counts
+
+    cuda = device == "cuda"
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    baseline = torch.cuda.memory_allocated() if cuda else 0
+    torch.manual_seed(0)
+    config = load_config(config_name, num_labels=3)
+    if config.pad_token_id is None:  # decoders classify the last non-pad token; the batches have no padding
+        config.pad_token_id = 0
+    args = method_from_label(method)
+    tuning = get_method(args.tuning_method)
+    result = {"model": config_name, "method": method, "batch_size": batch_size, "seq_len": seq_len,
+              "device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__}
+    result.update({f"estimated_{k}": v for k, v in estimate(config, args.tuning_method, "bf16-mixed", batch_size,
+                                                             seq_len, lora_r=args.lora_r).as_dict().items()})
+    try:
+        with torch.device(device):
+            model = tuning.wrap(AutoModelForSequenceClassification.from_config(config), args).to(device)
+        result.update(parameter_counts(model))
+        result["weights_bytes"] = torch.cuda.memory_allocated() - baseline if cuda else None
+        batches = [_random_batch(config, batch_size, seq_len, device)] * (warmup + steps)
+
+        def training_peak():
+            result["peak_bytes"] = torch.cuda.max_memory_allocated() - baseline if cuda else None
+
+        times = measuring_loop(model, tuning, batches, warmup, device, fused_adamw=True, after_training=training_peak)
+        result["train_step_s"] = quartiles(times["train"])
+        result["train_tokens_per_s"] = batch_size * seq_len / result["train_step_s"]["median"]
+        for phase in ("infer", "merged_infer"):
+            if phase in times:
+                result[f"{phase}_batch_s"] = quartiles(times[phase])
+    except torch.OutOfMemoryError:
+        result["error"] = "out of memory"
+    return result
+
+
+def device_table(results: list[dict]) -> str:
+    """Estimated against measured accelerator memory, and step times, per model and method."""
+    head = results[0]
+    lines = [f"Device: {head['device']}, torch {head['torch']}; randomly initialised models of the built-in configs, "
+             "fused AdamW, bf16 autocast, fixed-length random batches; times are medians.", "",
+             "| model | method | batch x seq | trainable % | estimated GiB (weights + grads + AdamW + activations) "
+             "| measured peak GiB | measured / estimated | train step ms | train tokens/s | infer ms "
+             "| merged infer ms |", "|" + "---|" * 11]
+    for r in results:
+        parts = " + ".join(f"{r[f'estimated_{k}'] / GIB:.2f}" for k in ("weights_bytes", "gradients_bytes",
+                                                                        "optimizer_bytes", "activations_bytes"))
+        estimated = f"{r['estimated_total_bytes'] / GIB:.2f} ({parts})"
+        row = f"| {r['model']} | {r['method']} | {r['batch_size']} x {r['seq_len']} "
+        if "error" in r:
+            lines.append(row + f"| – | {estimated} | {r['error']} | – | – | – | – | – |")
+            continue
+        peak = r["peak_bytes"]
+        measured = f"{peak / GIB:.2f} | {peak / r['estimated_total_bytes']:.2f}" if peak is not None else "– | –"
+        merged = f"{1000 * r['merged_infer_batch_s']['median']:.1f}" if "merged_infer_batch_s" in r else "–"
+        lines.append(row + f"| {r['trainable_percent']:.2f} | {estimated} | {measured} "
+                     f"| {1000 * r['train_step_s']['median']:.1f} | {r['train_tokens_per_s']:,.0f} "
+                     f"| {1000 * r['infer_batch_s']['median']:.1f} "
+                     f"| {merged} |")
+    return "\n".join(lines) + "\n"
 
 
 def markdown(results: list[dict], peaks: dict) -> str:

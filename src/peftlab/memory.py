@@ -21,14 +21,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification, HfArgumentParser
 
-from .benchmark import quartiles
 from .cli import non_negative_int, positive_int
 from .errors import InvalidArgument, exit_on_user_error
 from .methods import MethodArguments, get_method, wrap_on_meta
@@ -147,182 +145,6 @@ def scenario_table(model: str, batch_size: int = 16, seq_len: int = 256) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _rss() -> int:
-    import psutil
-
-    return psutil.Process().memory_info().rss
-
-
-def _random_batch(config, batch_size: int, seq_len: int, device: str) -> dict:
-    """Fixed-length random tokens: memory and speed do not depend on what the tokens are."""
-    ids = torch.randint(0, min(config.vocab_size, 1000), (batch_size, seq_len), device=device)
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids),
-            "labels": torch.zeros(batch_size, dtype=torch.long, device=device)}
-
-
-def _adamw_step(model, optimizer, batch: dict) -> None:
-    with torch.autocast(batch["input_ids"].device.type, dtype=torch.bfloat16):
-        loss = model(**batch).loss
-    loss.backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-
-
-def measure_step_memory(model_name: str, method: str, batch_size: int = 16, seq_len: int = 128,
-                        steps: int = 2) -> dict:
-    """Peak RSS growth over the bare process while loading a model and taking AdamW steps with bf16
-    autocast on fixed-length random batches; beside it the estimate for the same setting."""
-    import ctypes
-    import gc
-    import threading
-
-    from .methods import get_method, method_from_label
-    from .models import get_model
-
-    libc = ctypes.CDLL("libc.so.6")
-    gc.collect()
-    libc.malloc_trim(0)
-    baseline = _rss()
-    peak = [baseline]
-    running = threading.Event()
-    running.set()
-
-    def sample():
-        while running.is_set():
-            peak[0] = max(peak[0], _rss())
-            time.sleep(0.002)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    torch.manual_seed(0)
-    _, model = get_model(model_name, 3)
-    args = method_from_label(method)
-    model = get_method(args.tuning_method).wrap(model, args)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
-    model.train()
-    batch = _random_batch(model.config, batch_size, seq_len, "cpu")
-    for _ in range(steps):
-        _adamw_step(model, optimizer, batch)
-    running.clear()
-    sampler.join()
-    est = estimate(model.config if not hasattr(model, "get_base_model") else model.get_base_model().config,
-                   args.tuning_method, "bf16-mixed", batch_size, seq_len, lora_r=args.lora_r)
-    return {"model": model_name, "method": method, "batch_size": batch_size, "seq_len": seq_len,
-            "measured_bytes": peak[0] - baseline, **est.as_dict()}
-
-
-def measurement_table(results: list[dict]) -> str:
-    lines = ["| model | method | batch x seq | estimated GiB (weights + grads + AdamW + activations) "
-             "| measured peak RSS growth GiB | measured / estimated |", "|---|---|---|---|---|---|"]
-    for r in results:
-        parts = " + ".join(f"{r[k] / GIB:.2f}" for k in ("weights_bytes", "gradients_bytes", "optimizer_bytes",
-                                                            "activations_bytes"))
-        lines.append(f"| {r['model']} | {r['method']} | {r['batch_size']} x {r['seq_len']} "
-                     f"| {r['total_bytes'] / GIB:.2f} ({parts}) | {r['measured_bytes'] / GIB:.2f} "
-                     f"| {r['measured_bytes'] / r['total_bytes']:.2f} |")
-    return "\n".join(lines) + "\n"
-
-
-def _timed(fn, repeats: int, device: str) -> list[float]:
-    """Wall-clock seconds of ``repeats`` calls, waiting for the accelerator after each."""
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return times
-
-
-def measure_device_step(config_name: str, method: str, batch_size: int = 16, seq_len: int = 256, steps: int = 10,
-                        warmup: int = 2, device: str = "cuda") -> dict:
-    """Peak memory and speed of training and inference for a randomly initialised model of ``config_name``.
-
-    Memory and time do not depend on the weights' values, so a built-in config (Qwen2.5-3B, ...) needs no
-    checkpoint. Training is fused AdamW with bf16 autocast on fixed-length random batches, as train.py
-    runs it. On CUDA the peak is ``torch.cuda.max_memory_allocated`` over building the model and training
-    (the CUDA context is not in it); inference is timed unmerged and, for LoRA, merged."""
-    import gc
-
-    from .methods import get_method, method_from_label, parameter_counts
-
-    cuda = device == "cuda"
-    gc.collect()
-    if cuda:
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-    baseline = torch.cuda.memory_allocated() if cuda else 0
-    torch.manual_seed(0)
-    config = load_config(config_name, num_labels=3)
-    if config.pad_token_id is None:  # decoders classify the last non-pad token; the batches have no padding
-        config.pad_token_id = 0
-    args = method_from_label(method)
-    tuning = get_method(args.tuning_method)
-    result = {"model": config_name, "method": method, "batch_size": batch_size, "seq_len": seq_len,
-              "device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__}
-    result.update({f"estimated_{k}": v for k, v in estimate(config, args.tuning_method, "bf16-mixed", batch_size,
-                                                             seq_len, lora_r=args.lora_r).as_dict().items()})
-    try:
-        with torch.device(device):
-            model = tuning.wrap(AutoModelForSequenceClassification.from_config(config), args).to(device)
-        result.update(parameter_counts(model))
-        result["weights_bytes"] = torch.cuda.memory_allocated() - baseline if cuda else None
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=True)
-        batch = _random_batch(config, batch_size, seq_len, device)
-        model.train()
-        step_times = _timed(lambda: _adamw_step(model, optimizer, batch), warmup + steps, device)[warmup:]
-        result["peak_bytes"] = torch.cuda.max_memory_allocated() - baseline if cuda else None
-
-        def infer_times(served) -> list[float]:
-            served.eval()
-            inputs = {k: v for k, v in batch.items() if k != "labels"}
-
-            def forward():
-                # autocast per batch, as serving does: one context around all batches would keep the bf16
-                # casts of trainable weights cached between batches and flatter full fine-tuning
-                with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16):
-                    served(**inputs)
-
-            return _timed(forward, warmup + steps, device)[warmup:]
-
-        tokens = batch_size * seq_len
-        result["train_step_s"] = quartiles(step_times)
-        result["train_tokens_per_s"] = tokens / result["train_step_s"]["median"]
-        result["infer_batch_s"] = quartiles(infer_times(model))
-        if tuning.merges:
-            result["merged_infer_batch_s"] = quartiles(infer_times(tuning.for_inference(model)))
-    except torch.OutOfMemoryError:
-        result["error"] = "out of memory"
-    return result
-
-
-def device_table(results: list[dict]) -> str:
-    """Estimated against measured accelerator memory, and step times, per model and method."""
-    head = results[0]
-    lines = [f"Device: {head['device']}, torch {head['torch']}; randomly initialised models of the built-in configs, "
-             "fused AdamW, bf16 autocast, fixed-length random batches; times are medians.", "",
-             "| model | method | batch x seq | trainable % | estimated GiB (weights + grads + AdamW + activations) "
-             "| measured peak GiB | measured / estimated | train step ms | train tokens/s | infer ms "
-             "| merged infer ms |", "|" + "---|" * 11]
-    for r in results:
-        parts = " + ".join(f"{r[f'estimated_{k}'] / GIB:.2f}" for k in ("weights_bytes", "gradients_bytes",
-                                                                        "optimizer_bytes", "activations_bytes"))
-        estimated = f"{r['estimated_total_bytes'] / GIB:.2f} ({parts})"
-        row = f"| {r['model']} | {r['method']} | {r['batch_size']} x {r['seq_len']} "
-        if "error" in r:
-            lines.append(row + f"| – | {estimated} | {r['error']} | – | – | – | – | – |")
-            continue
-        peak = r["peak_bytes"]
-        measured = f"{peak / GIB:.2f} | {peak / r['estimated_total_bytes']:.2f}" if peak is not None else "– | –"
-        merged = f"{1000 * r['merged_infer_batch_s']['median']:.1f}" if "merged_infer_batch_s" in r else "–"
-        lines.append(row + f"| {r['trainable_percent']:.2f} | {estimated} | {measured} "
-                     f"| {1000 * r['train_step_s']['median']:.1f} | {r['train_tokens_per_s']:,.0f} "
-                     f"| {1000 * r['infer_batch_s']['median']:.1f} "
-                     f"| {merged} |")
-    return "\n".join(lines) + "\n"
-
-
 def main(argv: list[str] | None = None) -> None:
     # The method and its settings are train.py's own MethodArguments (--method / --tuning_method, --lora_r, ...).
     parser = HfArgumentParser(MethodArguments, description="Estimate training memory.", epilog=__doc__,
@@ -352,9 +174,10 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as err:
         raise InvalidArgument(str(err)) from None
     if args.check:
+        from .benchmark import measurement_table
         from .isolated import call_in_fresh_process
 
-        results = [call_in_fresh_process("peftlab.memory:measure_step_memory", model_name=m, method=method)
+        results = [call_in_fresh_process("peftlab.benchmark:measure_step_memory", model_name=m, method=method)
                    for m in args.check_models for method in ("full", "lora-r8", "adapter")]
         Path(args.check).parent.mkdir(parents=True, exist_ok=True)
         Path(args.check).write_text(measurement_table(results))
@@ -362,6 +185,8 @@ def main(argv: list[str] | None = None) -> None:
         print(measurement_table(results))
         return
     if args.check_device:
+        from .benchmark import device_table, measure_device_step
+
         if not torch.cuda.is_available():
             parser.error("--check_device measures CUDA memory and needs a CUDA device; --check measures this CPU")
         out = Path(args.check_device)
