@@ -1,6 +1,5 @@
 """Grid runner: expansion, shards, resume after a kill; aggregation over fixture run directories."""
 
-import json
 import math
 import signal
 import subprocess
@@ -12,7 +11,8 @@ import pytest
 import yaml
 
 from peftlab.experiments import estimate_seconds, expand, load_grid, run_grid, select, shard
-from peftlab.results import aggregate, collect, markdown_table, write_tables
+from peftlab.results import aggregate, collect, markdown_table, write_csv
+from peftlab.runrecord import GRID_ARGS_FILE, GRID_COORDINATES_FILE, METRICS_FILE, RunDirectory, write_json
 
 
 def grid_file(tmp_path, model_dir, data_dir, **changes):
@@ -74,12 +74,12 @@ def test_resume_after_kill_recomputes_nothing_finished(tmp_path, tiny_models, fi
     grid = subprocess.Popen([sys.executable, "-m", "peftlab.experiments", str(path), "--only", "method=full",
                              "--only", "dataset=restaurant_sup"], start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    first = runs[0].output_dir / "metrics.json"
+    first = runs[0].directory.file(METRICS_FILE)
     deadline = time.time() + 240
     while not first.exists() and time.time() < deadline and grid.poll() is None:
         time.sleep(0.2)
     assert first.exists(), "the first run did not finish"
-    second = str(runs[1].output_dir / "grid_args.json")
+    second = str(runs[1].directory.file(GRID_ARGS_FILE))
 
     def second_running() -> bool:
         return subprocess.run(["pgrep", "-f", second], stdout=subprocess.DEVNULL).returncode == 0
@@ -99,7 +99,7 @@ def test_resume_after_kill_recomputes_nothing_finished(tmp_path, tiny_models, fi
     assert first.stat().st_mtime_ns == stamp  # not recomputed
     assert [r.status() for r in runs[:3]] == ["done"] * 3
     # time estimates come from finished runs: the cell's mean, else the model and method's seconds per row
-    runtimes = [json.loads((r.output_dir / "metrics.json").read_text())["train_runtime"] for r in runs[:3]]
+    runtimes = [r.directory.metrics()["train_runtime"] for r in runs[:3]]
     assert estimate_seconds(runs[0], runs) == pytest.approx(sum(runtimes) / 3)
     acl_full = next(r for r in runs if (r.dataset, r.method) == ("acl_sup", "full"))
     per_row = sum(t / 27 for t in runtimes) / 3  # 30 restaurant fixture rows, 3 held out, 1 epoch
@@ -114,16 +114,13 @@ def test_resume_after_kill_recomputes_nothing_finished(tmp_path, tiny_models, fi
 
 
 def write_fixture_run(root, model, dataset, method, seed, accuracy, macro_f1, runtime, amx=True):
-    run = root / model / dataset / method / f"seed{seed}"
-    run.mkdir(parents=True)
-    (run / "grid_coordinates.json").write_text(json.dumps(
-        {"model": model, "dataset": dataset, "method": method, "seed": seed}))
-    (run / "run.json").write_text(json.dumps({"resolved_model": {"checkpoint": f"org/{model}"},
-                                              "hardware": {"cpu_amx_bf16": amx}}))
-    (run / "metrics.json").write_text(json.dumps({
+    run = RunDirectory(root / model / dataset / method / f"seed{seed}")
+    write_json(run.file(GRID_COORDINATES_FILE), {"model": model, "dataset": dataset, "method": method, "seed": seed})
+    run_id = run.start({"resolved_model": {"checkpoint": f"org/{model}"}, "hardware": {"cpu_amx_bf16": amx}})
+    run.finish(run_id, {
         "accuracy": accuracy, "micro_f1": accuracy, "macro_f1": macro_f1, "weighted_f1": accuracy,
         "trainable_percent": 100.0 if method == "full" else 1.0, "trainable_params": 10, "train_runtime": runtime,
-        "train_tokens_per_second": 1000.0, "train_samples_per_second": 10.0, "peak_rss_mb": 2048.0}))
+        "train_tokens_per_second": 1000.0, "train_samples_per_second": 10.0, "peak_rss_mb": 2048.0})
 
 
 def test_aggregation_of_fixture_runs(tmp_path):
@@ -147,6 +144,6 @@ def test_aggregation_of_fixture_runs(tmp_path):
     assert "| m | acl_sup | lora-r16 | 1 | 60.0 | 60.0 | 35.0 | 60.0 | 1.00 | – | – | 2048 |" in table
     assert "| m | acl_sup | full | 3 | 82.0 ± 2.0 | 82.0 ± 2.0 | 64.0 ± 4.0 | 82.0 ± 2.0 | 100.00 | 110 |" in table
     assert "| m | acl_sup | lora-r8 | 2 | 60.0 ± 14.1 | " in table
-    write_tables(tmp_path, tmp_path / "out")
+    write_csv(rows, tmp_path / "out" / "results.csv")
     csv_text = (tmp_path / "out" / "results.csv").read_text()
     assert csv_text.splitlines()[1].startswith("m,acl_sup,full,3,1 2 3,org/m,0.82,0.02,")

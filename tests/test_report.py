@@ -1,32 +1,30 @@
 """Report generation: tables, curves, placeholders, byte-for-byte regeneration."""
 
-import json
 
 import pytest
 
 from peftlab.report import build_report, fill_placeholders
 from peftlab.results import aggregate, collect
+from peftlab.runrecord import GRID_COORDINATES_FILE, STATE_FILE, RunDirectory, write_json
 
 
 def fixture_run(root, method, seed, accuracy, hardware=None):
-    run = root / "m" / "acl_sup" / method / f"seed{seed}"
-    run.mkdir(parents=True)
-    (run / "grid_coordinates.json").write_text(json.dumps(
-        {"model": "m", "dataset": "acl_sup", "method": method, "seed": seed}))
-    (run / "run.json").write_text(json.dumps({
+    run = RunDirectory(root / "m" / "acl_sup" / method / f"seed{seed}")
+    write_json(run.file(GRID_COORDINATES_FILE), {"model": "m", "dataset": "acl_sup", "method": method, "seed": seed})
+    run_id = run.start({
         "resolved_model": {"checkpoint": "org/m", "source": "package"},
         "training_args": {"learning_rate": 1e-4, "num_train_epochs": 2, "bf16": True},
         "data_args": {"max_seq_length": 256}, "label_names": ["Uses", "Future"],
         "method_args": {"tuning_method": method.split("-")[0], "lora_r": 8},
-        "hardware": hardware or {"cpu_count": 2}, "versions": {"torch": "2.13.0"}}))
-    (run / "metrics.json").write_text(json.dumps({
+        "hardware": hardware or {"cpu_count": 2}, "versions": {"torch": "2.13.0"}})
+    run.finish(run_id, {
         "accuracy": accuracy, "micro_f1": accuracy, "macro_f1": accuracy - 0.1, "weighted_f1": accuracy,
         "trainable_percent": 1.0, "trainable_params": 5, "train_runtime": 12.0, "train_tokens_per_second": 100.0,
-        "train_samples_per_second": 3.0, "peak_rss_mb": 900.0, "f1_Uses": accuracy, "f1_Future": 0.0}))
+        "train_samples_per_second": 3.0, "peak_rss_mb": 900.0, "f1_Uses": accuracy, "f1_Future": 0.0})
     history = [{"step": s, "loss": 1.0 / s + seed / 100} for s in (1, 2, 3, 4)]
     history += [{"step": 2, "eval_accuracy": accuracy - 0.05, "eval_macro_f1": 0.3},
                 {"step": 4, "eval_accuracy": accuracy, "eval_macro_f1": 0.4}]
-    (run / "trainer_state.json").write_text(json.dumps({"log_history": history}))
+    write_json(run.file(STATE_FILE), {"log_history": history})
 
 
 @pytest.fixture

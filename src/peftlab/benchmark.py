@@ -28,6 +28,7 @@ from transformers import AutoModelForSequenceClassification
 
 from .cli import non_negative_int, positive_int
 from .isolated import call_in_fresh_process
+from .markdown import table
 from .memory import GIB, estimate, load_config
 
 PADDINGS = ("dynamic", "max_length", "grouped")
@@ -232,15 +233,16 @@ def measure_step_memory(model_name: str, method: str, batch_size: int = 16, seq_
 
 
 def measurement_table(results: list[dict]) -> str:
-    lines = ["| model | method | batch x seq | estimated GiB (weights + grads + AdamW + activations) "
-             "| measured peak RSS growth GiB | measured / estimated |", "|---|---|---|---|---|---|"]
+    header = ["model", "method", "batch x seq", "estimated GiB (weights + grads + AdamW + activations)",
+              "measured peak RSS growth GiB", "measured / estimated"]
+    rows = []
     for r in results:
         parts = " + ".join(f"{r[k] / GIB:.2f}" for k in ("weights_bytes", "gradients_bytes", "optimizer_bytes",
                                                             "activations_bytes"))
-        lines.append(f"| {r['model']} | {r['method']} | {r['batch_size']} x {r['seq_len']} "
-                     f"| {r['total_bytes'] / GIB:.2f} ({parts}) | {r['measured_bytes'] / GIB:.2f} "
-                     f"| {r['measured_bytes'] / r['total_bytes']:.2f} |")
-    return "\n".join(lines) + "\n"
+        rows.append([r["model"], r["method"], f"{r['batch_size']} x {r['seq_len']}",
+                     f"{r['total_bytes'] / GIB:.2f} ({parts})", f"{r['measured_bytes'] / GIB:.2f}",
+                     f"{r['measured_bytes'] / r['total_bytes']:.2f}"])
+    return table(header, rows)
 
 
 def measure_device_step(config_name: str, method: str, batch_size: int = 16, seq_len: int = 256, steps: int = 10,
@@ -295,47 +297,44 @@ def measure_device_step(config_name: str, method: str, batch_size: int = 16, seq
 def device_table(results: list[dict]) -> str:
     """Estimated against measured accelerator memory, and step times, per model and method."""
     head = results[0]
-    lines = [f"Device: {head['device']}, torch {head['torch']}; randomly initialised models of the built-in configs, "
-             "fused AdamW, bf16 autocast, fixed-length random batches; times are medians.", "",
-             "| model | method | batch x seq | trainable % | estimated GiB (weights + grads + AdamW + activations) "
-             "| measured peak GiB | measured / estimated | train step ms | train tokens/s | infer ms "
-             "| merged infer ms |", "|" + "---|" * 11]
+    caption = (f"Device: {head['device']}, torch {head['torch']}; randomly initialised models of the built-in "
+               "configs, fused AdamW, bf16 autocast, fixed-length random batches; times are medians.\n\n")
+    header = ["model", "method", "batch x seq", "trainable %", "estimated GiB (weights + grads + AdamW + activations)",
+              "measured peak GiB", "measured / estimated", "train step ms", "train tokens/s", "infer ms",
+              "merged infer ms"]
+    rows = []
     for r in results:
         parts = " + ".join(f"{r[f'estimated_{k}'] / GIB:.2f}" for k in ("weights_bytes", "gradients_bytes",
                                                                         "optimizer_bytes", "activations_bytes"))
         estimated = f"{r['estimated_total_bytes'] / GIB:.2f} ({parts})"
-        row = f"| {r['model']} | {r['method']} | {r['batch_size']} x {r['seq_len']} "
+        cells = [r["model"], r["method"], f"{r['batch_size']} x {r['seq_len']}"]
         if "error" in r:
-            lines.append(row + f"| – | {estimated} | {r['error']} | – | – | – | – | – |")
+            rows.append(cells + ["–", estimated, r["error"], "–", "–", "–", "–", "–"])
             continue
         peak = r["peak_bytes"]
-        measured = f"{peak / GIB:.2f} | {peak / r['estimated_total_bytes']:.2f}" if peak is not None else "– | –"
+        measured = [f"{peak / GIB:.2f}", f"{peak / r['estimated_total_bytes']:.2f}"] if peak is not None else ["–"] * 2
         merged = f"{1000 * r['merged_infer_batch_s']['median']:.1f}" if "merged_infer_batch_s" in r else "–"
-        lines.append(row + f"| {r['trainable_percent']:.2f} | {estimated} | {measured} "
-                     f"| {1000 * r['train_step_s']['median']:.1f} | {r['train_tokens_per_s']:,.0f} "
-                     f"| {1000 * r['infer_batch_s']['median']:.1f} "
-                     f"| {merged} |")
-    return "\n".join(lines) + "\n"
+        rows.append(cells + [f"{r['trainable_percent']:.2f}", estimated, *measured,
+                             f"{1000 * r['train_step_s']['median']:.1f}", f"{r['train_tokens_per_s']:,.0f}",
+                             f"{1000 * r['infer_batch_s']['median']:.1f}", merged])
+    return caption + table(header, rows)
 
 
 def markdown(results: list[dict], peaks: dict) -> str:
-    lines = [
-        "| model | method | precision | padding | threads | AdamW | train ex/s | train tokens/s "
-        "| step s (median [q1, q3]) | % of matmul peak | infer ex/s | merged infer ex/s | trainable % | peak RSS MB |",
-        "|" + "---|" * 14,
-    ]
+    header = ["model", "method", "precision", "padding", "threads", "AdamW", "train ex/s", "train tokens/s",
+              "step s (median [q1, q3])", "% of matmul peak", "infer ex/s", "merged infer ex/s", "trainable %",
+              "peak RSS MB"]
+    rows = []
     for r in results:
         step = r["train_step_s"]
         peak = peaks["bf16" if r["precision"] == "bf16" else "fp32"] * r["threads"] / peaks["threads"]
         merged = f"{r['merged_infer_examples_per_s']:.1f}" if "merged_infer_examples_per_s" in r else "–"
-        lines.append(
-            f"| {r['model']} | {r['method']} | {r['precision']} | {r['padding']} | {r['threads']} "
-            f"| {'fused' if r.get('fused_adamw') else 'foreach'} "
-            f"| {r['train_examples_per_s']:.1f} | {r['train_tokens_per_s']:.0f} "
-            f"| {step['median']:.3f} [{step['q1']:.3f}, {step['q3']:.3f}] "
-            f"| {100 * r['train_flops_per_s'] / peak:.1f} | {r['infer_examples_per_s']:.1f} | {merged} "
-            f"| {r['trainable_percent']:.2f} | {r['peak_rss_mb']:.0f} |")
-    return "\n".join(lines) + "\n"
+        rows.append([r["model"], r["method"], r["precision"], r["padding"], r["threads"],
+                     "fused" if r.get("fused_adamw") else "foreach", f"{r['train_examples_per_s']:.1f}",
+                     f"{r['train_tokens_per_s']:.0f}", f"{step['median']:.3f} [{step['q1']:.3f}, {step['q3']:.3f}]",
+                     f"{100 * r['train_flops_per_s'] / peak:.1f}", f"{r['infer_examples_per_s']:.1f}", merged,
+                     f"{r['trainable_percent']:.2f}", f"{r['peak_rss_mb']:.0f}"])
+    return table(header, rows)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -265,9 +265,17 @@ def get_fs(dataset_name: str, sep_token: str, sample_size: int = FEW_SHOT_SIZE,
 
     Accepts the base (``restaurant``), supervised (``acl_sup``) or few-shot (``acl_fs``) name.
     """
-    spec, _ = _parse_name(dataset_name)
+    return _few_shot(_parse_name(dataset_name)[0], sep_token, sample_size, seed, data_dir)
+
+
+def _few_shot(spec: DatasetSpec, sep_token: str, sample_size: int = FEW_SHOT_SIZE, seed: int = FEW_SHOT_SEED,
+              data_dir=None) -> DatasetDict:
     full = load_supervised(spec, sep_token, data_dir)
     return DatasetDict({split: sample_balanced(full[split], sample_size, seed) for split in SPLITS})
+
+
+def _load(spec: DatasetSpec, kind: str, sep_token: str, data_dir) -> DatasetDict:
+    return _few_shot(spec, sep_token, data_dir=data_dir) if kind == "fs" else load_supervised(spec, sep_token, data_dir)
 
 
 def aggregate(parts: Sequence[tuple[str, DatasetDict]]) -> DatasetDict:
@@ -300,21 +308,18 @@ def get_dataset(dataset_name: str | Sequence[str], sep_token: str, data_dir=None
     if isinstance(dataset_name, str) and "," in dataset_name:
         dataset_name = [part.strip() for part in dataset_name.split(",") if part.strip()]
     if isinstance(dataset_name, str):
-        spec, kind = _parse_name(dataset_name)
-        if kind == "fs":
-            return get_fs(spec.name, sep_token, data_dir=data_dir)
-        return load_supervised(spec, sep_token, data_dir)
+        return _load(*_parse_name(dataset_name), sep_token, data_dir)
     if not isinstance(dataset_name, (list, tuple)) or not dataset_name:
         raise TypeError(f"dataset_name must be a name or a non-empty list of names, got {dataset_name!r}")
+    parsed = [_parse_name(name) for name in dataset_name]
     # Compared after resolving names: "restaurant" and "restaurant_sup" are one dataset, and its _sup and
     # _fs forms share rows, so either pair would give texts with two labels.
-    bases = [_parse_name(name)[0].name for name in dataset_name]
+    bases = [spec.name for spec, _ in parsed]
     repeated = sorted({base for base in bases if bases.count(base) > 1})
     if repeated:
         raise InvalidArgument(f"dataset list {list(dataset_name)} names {', '.join(repeated)} more than once "
                               "(as its _sup or _fs form, or by its base name); aggregate each dataset once")
-    return aggregate([(base, get_dataset(name, sep_token, data_dir))
-                      for base, name in zip(bases, dataset_name, strict=True)])
+    return aggregate([(spec.name, _load(spec, kind, sep_token, data_dir)) for spec, kind in parsed])
 
 
 # ----------------------------------------------------------------------------- preparing for a model

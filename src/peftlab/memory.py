@@ -29,6 +29,7 @@ from transformers import AutoConfig, AutoModelForSequenceClassification, HfArgum
 
 from .cli import non_negative_int, positive_int
 from .errors import InvalidArgument, exit_on_user_error
+from .markdown import table
 from .methods import MethodArguments, get_method, wrap_on_meta
 
 BUILTIN_CONFIGS = Path(__file__).parent / "configs"
@@ -135,14 +136,14 @@ REPORT_SCENARIOS = (  # (label, method, precision, extra keyword arguments)
 def scenario_table(model: str, batch_size: int = 16, seq_len: int = 256) -> str:
     """A Markdown table of the standard scenarios for one model (for the report)."""
     config = load_config(model)
-    lines = [f"Model `{model}`, AdamW, batch {batch_size} x {seq_len} tokens, SDPA attention.", "",
-             "| scenario | trainable params | weights GiB | gradients GiB | AdamW GiB | activations GiB "
-             "| total GiB |", "|---|---|---|---|---|---|---|"]
+    rows = []
     for label, method, precision, extra in REPORT_SCENARIOS:
         est = estimate(config, method, precision, batch_size, seq_len, **extra)
-        lines.append(f"| {label} | {est.trainable_params:,} | {est.weights / GIB:.2f} | {est.gradients / GIB:.2f} "
-                     f"| {est.optimizer / GIB:.2f} | {est.activations / GIB:.2f} | {est.total / GIB:.2f} |")
-    return "\n".join(lines) + "\n"
+        rows.append([label, f"{est.trainable_params:,}", *(f"{part / GIB:.2f}" for part in (
+            est.weights, est.gradients, est.optimizer, est.activations, est.total))])
+    return (f"Model `{model}`, AdamW, batch {batch_size} x {seq_len} tokens, SDPA attention.\n\n"
+            + table(["scenario", "trainable params", "weights GiB", "gradients GiB", "AdamW GiB", "activations GiB",
+                     "total GiB"], rows))
 
 
 def main(argv: list[str] | None = None) -> None:

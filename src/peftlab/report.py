@@ -27,6 +27,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from .markdown import table  # noqa: E402
 from .methods import LORA_DEFAULT_TARGETS, get_method, method_argument_fields  # noqa: E402
 from .results import RunResult, aggregate, collect, markdown_table, mean_std, pm, reference_host, write_csv  # noqa: E402
 
@@ -145,8 +146,7 @@ def configuration_section(runs: list[RunResult]) -> str:
     used = {run.record["method_args"]["tuning_method"] for run in runs}
     keys += [("method_args", name) for name in method_argument_fields() if any(
         name in get_method(method).argument_fields for method in used)]
-    header = "| model | dataset | method | " + " | ".join(k for _, k in keys) + " |"
-    lines = [header, "|" + "---|" * (len(keys) + 3)]
+    rows = []
     seen = set()
     for run in runs:
         if run.cell in seen:
@@ -160,11 +160,11 @@ def configuration_section(runs: list[RunResult]) -> str:
                 value = "–"
             elif value is None:  # the fields whose None means something
                 value = "default" if is_method_key else {"max_train_samples": "all"}.get(key, value)
-            values.append(str(value))
-        lines.append(f"| {run.model} | {run.dataset} | {run.method} | " + " | ".join(values) + " |")
+            values.append(value)
+        rows.append([run.model, run.dataset, run.method, *values])
     defaults = "; ".join(f"{model_type}: {', '.join(modules)}" for model_type, modules in LORA_DEFAULT_TARGETS.items())
-    lines += ["", f"LoRA's `default` target modules, by architecture (`LORA_DEFAULT_TARGETS`): {defaults}."]
-    return "\n".join(lines) + "\n"
+    return (table(["model", "dataset", "method", *(key for _, key in keys)], rows)
+            + f"\nLoRA's `default` target modules, by architecture (`LORA_DEFAULT_TARGETS`): {defaults}.\n")
 
 
 def per_class_section(runs: list[RunResult]) -> str:
@@ -178,8 +178,7 @@ def per_class_section(runs: list[RunResult]) -> str:
     blocks = []
     for dataset, members in sorted(by_dataset.items()):
         classes = members[0].record["label_names"]
-        lines = [f"`{dataset}`:", "", "| model | method | n | " + " | ".join(classes) + " |",
-                 "|" + "---|" * (len(classes) + 3)]
+        rows = []
         cells: dict[tuple, list[RunResult]] = defaultdict(list)
         for run in members:
             cells[(run.model, run.method)].append(run)
@@ -187,20 +186,19 @@ def per_class_section(runs: list[RunResult]) -> str:
             row = {}
             for name in classes:
                 row[f"{name}_mean"], row[f"{name}_std"] = mean_std([run.metrics[f"f1_{name}"] for run in group])
-            scores = " | ".join(pm(row, name) for name in classes)
-            lines.append(f"| {model} | {method} | {len(group)} | {scores} |")
-        blocks.append("\n".join(lines))
+            rows.append([model, method, len(group), *(pm(row, name) for name in classes)])
+        blocks.append(f"`{dataset}`:\n\n" + table(["model", "method", "n", *classes], rows).rstrip("\n"))
     return "\n\n".join(blocks) + "\n"
 
 
 def environment_section(runs: list[RunResult]) -> str:
     """Checkpoints that actually ran per model key, hardware and versions (from run.json)."""
-    lines = ["| model key | checkpoint that ran | source |", "|---|---|---|"]
     first = {}
     for run in runs:
         first.setdefault(run.model, run)
-    for model, run in sorted(first.items()):
-        lines.append(f"| {model} | {run.checkpoint} | {run.record['resolved_model']['source']} |")
+    lines = table(["model key", "checkpoint that ran", "source"],
+                  ([model, run.checkpoint, run.record["resolved_model"]["source"]]
+                   for model, run in sorted(first.items()))).splitlines()
     reference = reference_host(runs)
     by_host: dict[str, list[RunResult]] = defaultdict(list)
     for run in runs:

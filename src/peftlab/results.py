@@ -13,6 +13,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .markdown import table
 from .methods import MethodArguments, method_label
 from .runrecord import RunDirectory, finished_runs
 
@@ -133,21 +134,10 @@ def whole(value: float) -> str:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    header = ("| model | dataset | method | n | accuracy | micro-F1 | macro-F1 | weighted-F1 | trainable % "
-              "| train time (s, with test evals) | train tokens/s | peak RSS (MB) |")  # costs: medians over seeds
-    lines = [header, "|" + "---|" * (header.count("|") - 1)]
-    for row in rows:
-        lines.append(
-            f"| {row['model']} | {row['dataset']} | {row['method']} | {row['n']} | {pm(row, 'accuracy')} "
-            f"| {pm(row, 'micro_f1')} | {pm(row, 'macro_f1')} | {pm(row, 'weighted_f1')} "
-            f"| {row['trainable_percent']:.2f} | {whole(row['train_runtime'])} "
-            f"| {whole(row['train_tokens_per_second'])} | {whole(row['peak_rss_mb'])} |")
-    return "\n".join(lines) + "\n"
+    header = ["model", "dataset", "method", "n", "accuracy", "micro-F1", "macro-F1", "weighted-F1", "trainable %",
+              "train time (s, with test evals)", "train tokens/s", "peak RSS (MB)"]  # costs: medians over seeds
+    return table(header, ([row["model"], row["dataset"], row["method"], row["n"], pm(row, "accuracy"),
+                           pm(row, "micro_f1"), pm(row, "macro_f1"), pm(row, "weighted_f1"),
+                           f"{row['trainable_percent']:.2f}", whole(row["train_runtime"]),
+                           whole(row["train_tokens_per_second"]), whole(row["peak_rss_mb"])] for row in rows))
 
-
-def write_tables(root: str | Path, out_dir: str | Path) -> list[dict]:
-    rows = aggregate(collect(root))
-    out_dir = Path(out_dir)
-    write_csv(rows, out_dir / "results.csv")
-    (out_dir / "results.md").write_text(markdown_table(rows))
-    return rows
