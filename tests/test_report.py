@@ -8,7 +8,7 @@ from peftlab.results import aggregate, collect
 from peftlab.runrecord import GRID_COORDINATES_FILE, STATE_FILE, RunDirectory, write_json
 
 
-def fixture_run(root, method, seed, accuracy, hardware=None):
+def fixture_run(root, method, seed, accuracy, hardware=None, validation_rows=None):
     run = RunDirectory(root / "m" / "acl_sup" / method / f"seed{seed}")
     write_json(run.file(GRID_COORDINATES_FILE), {"model": "m", "dataset": "acl_sup", "method": method, "seed": seed})
     run_id = run.start({
@@ -16,7 +16,8 @@ def fixture_run(root, method, seed, accuracy, hardware=None):
         "training_args": {"learning_rate": 1e-4, "num_train_epochs": 2, "bf16": True},
         "data_args": {"max_seq_length": 256}, "label_names": ["Uses", "Future"],
         "method_args": {"tuning_method": method.split("-")[0], "lora_r": 8},
-        "hardware": hardware or {"cpu_count": 2}, "versions": {"torch": "2.13.0"}})
+        "hardware": hardware or {"cpu_count": 2}, "versions": {"torch": "2.13.0"},
+        **({"validation_split": {"ratio": 0.1, "validation_rows": validation_rows}} if validation_rows else {})})
     run.finish(run_id, {
         "accuracy": accuracy, "micro_f1": accuracy, "macro_f1": accuracy - 0.1, "weighted_f1": accuracy,
         "trainable_percent": 1.0, "trainable_params": 5, "train_runtime": 12.0, "train_tokens_per_second": 100.0,
@@ -79,3 +80,21 @@ def test_unknown_placeholder_is_an_error(report_inputs):
         fill_placeholders("{{metric:m/agnews_sup/full/accuracy}}", rows, root)
     with pytest.raises(FileNotFoundError):
         fill_placeholders("{{file:nope.md}}", rows, root)
+
+
+def test_validation_protocol_runs_sit_beside_the_fixed_settings_runs(tmp_path):
+    """Runs that held out a validation split go to their own section, next to the fixed-settings cell."""
+    from peftlab.report import protocol_section
+    from peftlab.results import FIXED, VALIDATION
+
+    results = tmp_path / "results"
+    for seed, acc in ((1, 0.7), (2, 0.8)):
+        fixture_run(results, "full", seed, acc)
+    for seed, acc in ((1, 0.9), (2, 0.92)):
+        fixture_run(results / "protocol", "full", seed, acc, validation_rows=169)
+    runs = collect(results)
+    assert sorted(run.protocol for run in runs) == [FIXED, FIXED, VALIDATION, VALIDATION]
+    selection = {"m/acl_sup/full": {"study": "s", "trial": 4, "params": {"learning_rate": 2e-4, "num_train_epochs": 9}}}
+    section = protocol_section(runs, selection)
+    assert ("| m/acl_sup/full | lr 0.0001, 2 epochs | 65.0 ± 7.1 / 75.0 ± 7.1 (n=2) "
+            "| learning_rate 0.0002, num_train_epochs 9 (s, trial 4) | 81.0 ± 1.4 / 91.0 ± 1.4 (n=2) |") in section

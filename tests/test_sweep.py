@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 
 import optuna
 import pytest
@@ -13,6 +14,7 @@ import yaml
 from optuna.trial import TrialState
 
 from peftlab.experiments import expand, load_grid, run_grid
+from peftlab.report import load_studies, plot_sweeps, sweep_section
 from peftlab.runrecord import FINISHED, RunDirectory
 from peftlab.selection import read_selection
 from peftlab.sweep import load_sweep, open_study, run_sweep
@@ -61,6 +63,14 @@ def test_sweep_tunes_on_validation_and_writes_the_selection(tmp_path, tiny_model
     assert "accuracy" not in metrics  # no trial ever sees the test split
     assert record["training_args"]["learning_rate"] == pytest.approx(best.params["learning_rate"])
     assert record["training_args"]["num_train_epochs"] == best.params["num_train_epochs"]
+    # the report's sweep section and picture come from the study
+    section = sweep_section(load_studies(load_sweep(path).storage), read_selection(tmp_path / "selected.yaml"),
+                            plot_sweeps([study], tmp_path / "sweeps.png"))
+    states = Counter(trial.state.name.lower() for trial in study.trials)
+    counts = ", ".join(f"{n} {state}" for state, n in sorted(states.items()))
+    assert (f"| tiny-restaurant-full | tiny/restaurant_sup/full | {counts} | {100 * best.value:.1f} "
+            f"(trial {best.number}) | learning_rate ") in section
+    assert (tmp_path / "sweeps.png").stat().st_size > 0
     # per-epoch validation scores are the trial's intermediate values (what the pruner compares)
     evals = [e["eval_macro_f1"] for e in run.log_history() if "eval_macro_f1" in e]
     assert list(best.intermediate_values.values()) == evals

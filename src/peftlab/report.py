@@ -18,7 +18,7 @@ import argparse
 import json
 import math
 import re
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import matplotlib
@@ -29,7 +29,19 @@ import numpy as np  # noqa: E402
 
 from .markdown import table  # noqa: E402
 from .methods import LORA_DEFAULT_TARGETS, get_method, method_argument_fields  # noqa: E402
-from .results import RunResult, aggregate, collect, markdown_table, mean_std, pm, reference_host, write_csv  # noqa: E402
+from .results import (  # noqa: E402
+    FIXED,
+    VALIDATION,
+    RunResult,
+    aggregate,
+    collect,
+    markdown_table,
+    mean_std,
+    pm,
+    reference_host,
+    write_csv,
+)
+from .selection import DEFAULT_SELECTION_FILE, read_selection  # noqa: E402
 
 matplotlib.rcParams["svg.hashsalt"] = "peftlab"  # deterministic output
 
@@ -216,9 +228,111 @@ def environment_section(runs: list[RunResult]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def build_report(results_root: Path, prose_dir: Path, out_dir: Path, repo_root: Path) -> Path:
+def load_studies(storage: str | None) -> list:
+    """Every Optuna study in ``storage`` (a sweep database), by name; none when there is no database."""
+    if storage is None or (storage.startswith("sqlite:///") and not Path(storage.removeprefix("sqlite:///")).is_file()):
+        return []
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    return [optuna.load_study(study_name=name, storage=storage)
+            for name in sorted(optuna.study.get_all_study_names(storage))]
+
+
+def _trial_score(trial) -> tuple[float, str] | None:
+    """(validation macro-F1, how the trial ended): the final epoch's for a complete trial, the last epoch it
+    reached for a pruned one."""
+    if trial.state.name == "COMPLETE":
+        return trial.value, "complete"
+    if trial.state.name == "PRUNED" and trial.intermediate_values:
+        return trial.intermediate_values[max(trial.intermediate_values)], "pruned"
+    return None
+
+
+def plot_sweeps(studies: list, path: Path) -> Path | None:
+    """One panel per study: each trial's validation macro-F1 against its learning rate (log scale), coloured by
+    its epochs; pruned trials as crosses, at the last epoch they reached. Panels share the y-range."""
+    if not any(_trial_score(trial) for study in studies for trial in study.trials):
+        return None
+    fig, axes = plt.subplots(1, len(studies), figsize=(4.2 * len(studies), 3.6), sharey=True, squeeze=False)
+    for axis, study in zip(axes[0], studies, strict=True):
+        scored = [(trial, _trial_score(trial)) for trial in study.trials if _trial_score(trial)]
+        for state, marker in (("complete", "o"), ("pruned", "x")):
+            points = [(t.params["learning_rate"], 100 * score, t.params.get("num_train_epochs", 0))
+                      for t, (score, how) in scored if how == state]
+            if points:
+                lr, score, epochs = zip(*points, strict=True)
+                axis.scatter(lr, score, c=epochs, cmap="viridis", vmin=2, vmax=20, s=36, marker=marker,
+                             label=f"{state} ({len(points)})")
+        axis.set_xscale("log")
+        axis.set_title(study.study_name, fontsize=9)
+        axis.set_xlabel("learning rate")
+        axis.grid(alpha=0.3)
+        if scored:
+            axis.legend(fontsize=7, loc="lower left")
+    axes[0][0].set_ylabel("validation macro-F1 (%)")
+    fig.colorbar(plt.cm.ScalarMappable(norm=matplotlib.colors.Normalize(2, 20), cmap="viridis"), ax=axes[0],
+                 label="epochs")
+    fig.suptitle("Sweep trials: validation macro-F1 (final epoch; pruned: last epoch reached)")
+    fig.savefig(path, dpi=80, metadata={"Software": None})
+    plt.close(fig)
+    return path
+
+
+def sweep_section(studies: list, selection: dict, figure: Path | None) -> str:
+    """What each study has tried and what it selected."""
+    if not studies:
+        return "_no sweep has run yet_\n"
+    chosen = {entry["study"]: (cell, entry) for cell, entry in selection.items()}
+    rows = []
+    for study in studies:
+        states = Counter(trial.state.name.lower() for trial in study.trials)
+        cell, entry = chosen.get(study.study_name, ("–", None))
+        best = (f"{100 * entry['validation_macro_f1']:.1f} (trial {entry['trial']})" if entry else "–")
+        settings = ", ".join(f"{key} {_setting(value)}" for key, value in entry["params"].items()) if entry else "–"
+        rows.append([study.study_name, cell, ", ".join(f"{n} {state}" for state, n in sorted(states.items())), best,
+                     settings])
+    text = table(["study", "cell it selects for", "trials", "best validation macro-F1", "selected settings"], rows)
+    return text + (f"\n![sweeps](figures/{figure.name})\n" if figure else "")
+
+
+def _setting(value) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def protocol_section(runs: list[RunResult], selection: dict) -> str:
+    """Per cell run under the validation protocol: the earlier fixed-settings runs beside the selected-settings
+    runs, test macro-F1 and accuracy, mean ± std over seeds."""
+    new = aggregate([run for run in runs if run.protocol == VALIDATION])
+    if not new:
+        return "_no run under the validation protocol has finished yet_\n"
+    old = {(row["model"], row["dataset"], row["method"]): row for row in aggregate(
+        [run for run in runs if run.protocol == FIXED])}
+    fixed_settings = {}
+    for run in runs:
+        if run.protocol == FIXED:
+            args = run.record["training_args"]
+            fixed_settings[run.cell] = f"lr {_setting(args['learning_rate'])}, {args['num_train_epochs']:g} epochs"
+    rows = []
+    for row in new:
+        cell = (row["model"], row["dataset"], row["method"])
+        before = old.get(cell)
+        entry = selection.get("/".join(cell))
+        settings = (", ".join(f"{key} {_setting(value)}" for key, value in entry["params"].items())
+                    + f" ({entry['study']}, trial {entry['trial']})") if entry else "–"
+        rows.append(["/".join(cell), fixed_settings.get(cell, "–"),
+                     f"{pm(before, 'macro_f1')} / {pm(before, 'accuracy')} (n={before['n']})" if before else "–",
+                     settings, f"{pm(row, 'macro_f1')} / {pm(row, 'accuracy')} (n={row['n']})"])
+    return table(["cell", "fixed settings", "fixed: test macro-F1 / accuracy", "selected settings (sweep)",
+                  "selected: test macro-F1 / accuracy"], rows)
+
+
+def build_report(results_root: Path, prose_dir: Path, out_dir: Path, repo_root: Path,
+                 studies_storage: str | None = None, selection_file: Path | None = None) -> Path:
     """Write figures, results tables and ``REPORT.md`` into ``out_dir``."""
-    runs = collect(results_root)
+    every_run = collect(results_root)
+    # The fixed-settings runs fill the tables below as before; the validation protocol's have their own section.
+    runs = [run for run in every_run if run.protocol == FIXED]
     rows = aggregate(runs)
     figures = out_dir / "figures"
     figures.mkdir(parents=True, exist_ok=True)
@@ -234,6 +348,10 @@ def build_report(results_root: Path, prose_dir: Path, out_dir: Path, repo_root: 
         "curves": "\n".join(f"![{p.stem}](figures/{p.name})" for p in curve_paths) + "\n",
         "bars": "\n".join(f"![{p.stem}](figures/{p.name})" for p in bar_paths) + "\n",
     }
+    studies = load_studies(studies_storage)
+    selection = read_selection(selection_file) if selection_file else {}
+    sections["sweeps"] = sweep_section(studies, selection, plot_sweeps(studies, figures / "sweeps.png"))
+    sections["protocol"] = protocol_section(every_run, selection)
     template = (prose_dir / "REPORT.template.md").read_text()
     for name, body in sections.items():
         template = template.replace(f"{{{{section:{name}}}}}", body.rstrip("\n"))
@@ -248,8 +366,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--results", default="results", help="root of the run directories")
     parser.add_argument("--prose", default="reports", help="folder of REPORT.template.md")
     parser.add_argument("--out", default="reports", help="where REPORT.md, results.csv and figures/ go")
+    parser.add_argument("--studies", help="Optuna storage of the sweeps (default: sqlite:///<results>/sweeps/studies.db)")
+    parser.add_argument("--selection", default=DEFAULT_SELECTION_FILE, help="the sweeps' selection file")
     args = parser.parse_args(argv)
-    path = build_report(Path(args.results), Path(args.prose), Path(args.out), Path.cwd())
+    studies = args.studies or f"sqlite:///{Path(args.results) / 'sweeps' / 'studies.db'}"
+    path = build_report(Path(args.results), Path(args.prose), Path(args.out), Path.cwd(), studies,
+                        Path(args.selection))
     print(f"wrote {path}")
 
 

@@ -23,6 +23,7 @@ COSTS = ("trainable_percent", "trainable_params", "train_runtime", "train_tokens
 # Wall-clock costs compare only between runs on one host (without AMX, bf16 runs slower than fp32).
 TIMED = ("train_runtime", "train_tokens_per_second", "train_samples_per_second")
 CELL = ("model", "dataset", "method")
+FIXED, VALIDATION = "fixed", "validation"  # the two protocols runs were made under (RunResult.protocol)
 
 
 @dataclass
@@ -39,6 +40,12 @@ class RunResult:
     @property
     def cell(self) -> tuple[str, str, str]:
         return self.model, self.dataset, self.method
+
+    @property
+    def protocol(self) -> str:
+        """``validation`` for runs that held out a validation split (tuned settings, test evaluated once),
+        ``fixed`` for the earlier runs (fixed settings, the test split evaluated every epoch)."""
+        return VALIDATION if self.record.get("validation_split", {}).get("validation_rows") else FIXED
 
     @property
     def host(self) -> str:

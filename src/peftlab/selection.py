@@ -13,6 +13,7 @@ from pathlib import Path
 
 import yaml
 
+DEFAULT_SELECTION_FILE = "configs/selected.yaml"
 DERIVED = {"lora_alpha_per_r": ("lora_alpha", "lora_r")}  # space key -> (argument it sets, argument it scales)
 
 

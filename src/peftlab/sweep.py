@@ -51,13 +51,12 @@ from transformers import TrainerCallback
 from .cli import parse_dict
 from .errors import InvalidArgument, MissingFile, exit_on_user_error
 from .runrecord import write_text
-from .selection import apply_params, cell_key, read_selection
+from .selection import DEFAULT_SELECTION_FILE, apply_params, cell_key, read_selection
 from .training import PARSED_TYPES, run
 
 OBJECTIVE = "validation_macro_f1"
 EVAL_OBJECTIVE = "eval_macro_f1"  # the same score in the Trainer's per-epoch evaluation log
 DEFAULT_STORAGE = "sqlite:///results/sweeps/studies.db"
-DEFAULT_SELECTION_FILE = "configs/selected.yaml"
 # Heartbeats and failed-trial retries are marked experimental in Optuna; they are what makes resuming work.
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 PRUNERS = {"median": optuna.pruners.MedianPruner, "percentile": optuna.pruners.PercentilePruner,
