@@ -8,4 +8,5 @@ cd "$(dirname "$0")/.."
 PY=.venv/bin/python
 set -x
 $PY -m peftlab.memory --model Qwen2.5-3B --table reports/vram_qwen2.5-3b.md
+$PY -m peftlab.memory --model Qwen2.5-3B --precision bf16-mixed --multi_gpu_table reports/vram_qwen2.5-3b_multi_gpu.md
 $PY -m peftlab.report --results results --prose reports --out reports

@@ -105,3 +105,32 @@ def test_device_check_without_cuda_is_a_clear_error(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--check_device", str(tmp_path / "vram")])
     assert "needs a CUDA device" in capsys.readouterr().err and not list(tmp_path.iterdir())
+
+
+def test_per_gpu_memory_by_sharding_strategy():
+    from peftlab.memory import Estimate, per_gpu_bytes, smallest_gpu_count
+
+    est = Estimate(total_params=10, trainable_params=10, weights=400, gradients=400, optimizer=800, activations=100)
+    gathered = 40
+    assert per_gpu_bytes(est, 4, "ddp", False, gathered) == 1700  # a full replica
+    assert per_gpu_bytes(est, 4, "zero1", False, gathered) == 400 + 400 + 200 + 100
+    assert per_gpu_bytes(est, 4, "zero2", False, gathered) == 400 + 100 + 200 + 100
+    assert per_gpu_bytes(est, 4, "zero2", True, gathered) == 400 + 100 + 0 + 100  # AdamW state in CPU memory
+    assert per_gpu_bytes(est, 4, "zero3", False, gathered) == (400 + 400 + 800) // 4 + 40 + 100
+    assert per_gpu_bytes(est, 4, "fsdp", False, gathered) == per_gpu_bytes(est, 4, "zero3", False, gathered)
+    assert per_gpu_bytes(est, 4, "fsdp", True, gathered) == 40 + 100  # only the gathered unit and activations
+    with pytest.raises(ValueError, match="offload needs ZeRO or FSDP"):
+        per_gpu_bytes(est, 2, "ddp", True, gathered)
+    assert smallest_gpu_count(est, "zero3", False, gathered, card_bytes=540) == 4  # 1600/n + 140 <= 540
+    assert smallest_gpu_count(est, "ddp", False, gathered, card_bytes=1000) is None
+
+
+def test_multi_gpu_table_for_the_3b_decoder():
+    from peftlab.memory import largest_unit_params, multi_gpu_table
+
+    # Qwen2.5-3B: the embeddings (151936 x 2048) outweigh any one of its 36 decoder layers
+    assert largest_unit_params(load_config("Qwen2.5-3B")) > 151936 * 2048
+    text = multi_gpu_table("Qwen2.5-3B").splitlines()
+    assert "one GPU needs 58.6 GiB" in text[0]
+    assert text[4].startswith("| ddp | 58.6 | 58.6 | 58.6 | does not fit | does not fit | does not fit | 1 |")
+    assert len(text) == 2 + 2 + 7

@@ -15,6 +15,17 @@ and nothing is allocated. The accounting (printed with every estimate):
   This counts every layer as if gradients flow through it, which PEFT also needs (its weights
   sit in every layer), so it is an upper bound there: frozen linear layers need not keep inputs.
 * not counted: the CUDA context (~0.3-0.5 GB), allocator fragmentation, temporary buffers.
+
+Across N GPUs (``--gpus``, ``--sharding``; the batch is per GPU), per GPU:
+
+* ddp: a full replica of everything above;
+* zero1 / zero2: the optimizer state / also the gradients divided by N (DeepSpeed ZeRO stage 1 / 2);
+* zero3 and fsdp (full shard): weights, gradients and optimizer state divided by N, plus the largest
+  unit gathered whole for its forward or backward (one decoder layer, or the embeddings), in the
+  weights' dtype;
+* ``--offload``: ZeRO's optimizer state lives in CPU memory (offload_optimizer_device: cpu); FSDP's
+  parameters, gradients and optimizer state do (fsdp_offload_params), leaving the gathered unit and
+  the activations on the GPU. DDP has no offload.
 """
 
 from __future__ import annotations
@@ -112,6 +123,69 @@ def estimate(config, method: str = "full", precision: str = "fp32", batch_size: 
         activations=activation_bytes(config, batch_size, seq_len, element, eager_attention))
 
 
+SHARDINGS = ("ddp", "zero1", "zero2", "zero3", "fsdp")
+
+
+def gathered_bytes(config, precision: str) -> int:
+    """Bytes of the largest piece ZeRO-3/FSDP gathers at once (one decoder/encoder layer or the rest:
+    embeddings, final norm, head), in the weights' dtype."""
+    return largest_unit_params(config) * (2 if precision == "bf16-pure" else 4)
+
+
+def largest_unit_params(config) -> int:
+    model = meta_model(config)
+    layers = [module for name, module in model.named_modules() if name.endswith(".layers") or name.endswith(".layer")]
+    layer_sizes = [sum(p.numel() for p in layer.parameters()) for stack in layers for layer in stack]
+    rest = sum(p.numel() for p in model.parameters()) - sum(layer_sizes)
+    return max([rest, *layer_sizes])
+
+
+def per_gpu_bytes(est: Estimate, gpus: int, sharding: str, offload: bool, gathered_bytes: int) -> int:
+    """Memory on each of ``gpus`` GPUs for one of ``SHARDINGS`` (see the module's accounting)."""
+    if sharding not in SHARDINGS:
+        raise ValueError(f"sharding must be one of {SHARDINGS}, got {sharding!r}")
+    if sharding == "ddp":
+        if offload:
+            raise ValueError("DDP keeps everything on every GPU: offload needs ZeRO or FSDP")
+        return est.total
+    optimizer = 0 if offload else est.optimizer / gpus
+    if sharding in ("zero1", "zero2"):
+        gradients = est.gradients / gpus if sharding == "zero2" else est.gradients
+        return int(est.weights + gradients + optimizer + est.activations)
+    if sharding == "fsdp" and offload:  # parameters, gradients and optimizer state all in CPU memory
+        return int(gathered_bytes + est.activations)
+    return int((est.weights + est.gradients) / gpus + optimizer + gathered_bytes + est.activations)
+
+
+def smallest_gpu_count(est: Estimate, sharding: str, offload: bool, gathered_bytes: int, card_bytes: int,
+                       most: int = 64) -> int | None:
+    """The fewest GPUs of ``card_bytes`` each that hold the run, or None up to ``most``."""
+    return next((n for n in range(1, most + 1)
+                 if per_gpu_bytes(est, n, sharding, offload, gathered_bytes) <= card_bytes), None)
+
+
+MULTI_GPU_SCENARIOS = (("ddp", False), ("zero2", False), ("zero2", True), ("zero3", False), ("zero3", True),
+                       ("fsdp", False), ("fsdp", True))
+
+
+def multi_gpu_table(model: str, method: str = "full", precision: str = "bf16-mixed", batch_size: int = 16,
+                    seq_len: int = 256, card_sizes_gb: tuple[int, ...] = (24, 40, 48, 80), **method_fields) -> str:
+    """Per sharding strategy: per-GPU GiB on 2, 4 and 8 GPUs, and the fewest cards of each size that fit."""
+    config = load_config(model)
+    est = estimate(config, method, precision, batch_size, seq_len, **method_fields)
+    gathered = gathered_bytes(config, precision)
+    rows = []
+    for sharding, offload in MULTI_GPU_SCENARIOS:
+        per_gpu = [f"{per_gpu_bytes(est, n, sharding, offload, gathered) / GIB:.1f}" for n in (2, 4, 8)]
+        fewest = [smallest_gpu_count(est, sharding, offload, gathered, size * 10**9) for size in card_sizes_gb]
+        rows.append([sharding + (" + CPU offload" if offload else ""), *per_gpu,
+                     *("does not fit" if n is None else str(n) for n in fewest)])
+    return (f"Model `{model}`, {method}, {precision}, AdamW, batch {batch_size} x {seq_len} tokens per GPU, SDPA "
+            f"attention; one GPU needs {est.total / GIB:.1f} GiB.\n\n"
+            + table(["strategy", "GiB per GPU, 2 GPUs", "4 GPUs", "8 GPUs",
+                     *(f"fewest {size} GB cards" for size in card_sizes_gb)], rows))
+
+
 def format_estimate(name: str, est: Estimate, args: dict) -> str:
     lines = [f"{name}: {args}",
              f"  parameters: {est.total_params:,} total, {est.trainable_params:,} trainable "
@@ -169,6 +243,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch_size", type=positive_int, default=16)
     parser.add_argument("--seq_len", type=positive_int, default=256)
     parser.add_argument("--eager_attention", action="store_true", help="count the s^2 attention matrices")
+    parser.add_argument("--gpus", type=positive_int, default=1, help="GPUs the run is spread over")
+    parser.add_argument("--sharding", choices=SHARDINGS, default="ddp", help="how the GPUs share the run")
+    parser.add_argument("--offload", action="store_true", help="keep sharded state in CPU memory (ZeRO, FSDP)")
+    parser.add_argument("--card_gb", type=positive_int, help="print the fewest cards of this many GB that fit")
+    parser.add_argument("--multi_gpu_table", metavar="PATH",
+                        help="write the report's multi-GPU table for --model (sharding x offload, card sizes) to PATH")
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")
     try:
         method_args, args = parser.parse_args_into_dataclasses(argv)
@@ -211,13 +291,35 @@ def main(argv: list[str] | None = None) -> None:
         return
     method = get_method(method_args.tuning_method)
     method_fields = {name: getattr(method_args, name) for name in method.argument_fields}
-    est = estimate(load_config(args.model), method.name, args.precision, args.batch_size, args.seq_len,
-                   args.eager_attention, **method_fields)
+    if args.multi_gpu_table:
+        Path(args.multi_gpu_table).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.multi_gpu_table).write_text(multi_gpu_table(args.model, method.name, args.precision,
+                                                              args.batch_size, args.seq_len, **method_fields))
+        print(f"wrote {args.multi_gpu_table}")
+        return
+    if args.offload and args.sharding == "ddp":
+        raise InvalidArgument("--offload needs --sharding zero1, zero2, zero3 or fsdp (DDP keeps a full copy per GPU)")
+    config = load_config(args.model)
+    est = estimate(config, method.name, args.precision, args.batch_size, args.seq_len, args.eager_attention,
+                   **method_fields)
     settings = {"method": method.name, **method_fields, "precision": args.precision, "batch_size": args.batch_size,
                 "seq_len": args.seq_len, "eager_attention": args.eager_attention}
-    print(json.dumps(est.as_dict()) if args.json else format_estimate(args.model, est, settings))
-    if not args.json:
-        print(__doc__.split("The accounting (printed with every estimate):")[1].rstrip())
+    gathered = gathered_bytes(config, args.precision)
+    per_gpu = per_gpu_bytes(est, args.gpus, args.sharding, args.offload, gathered)
+    fewest = (smallest_gpu_count(est, args.sharding, args.offload, gathered, args.card_gb * 10**9)
+              if args.card_gb else None)
+    if args.json:
+        print(json.dumps(est.as_dict() | {"gpus": args.gpus, "sharding": args.sharding, "offload": args.offload,
+                                          "per_gpu_bytes": per_gpu, "fewest_cards": fewest}))
+        return
+    print(format_estimate(args.model, est, settings))
+    if args.gpus > 1 or args.sharding != "ddp":
+        print(f"  per GPU on {args.gpus} GPUs ({args.sharding}{', CPU offload' if args.offload else ''}): "
+              f"{per_gpu / GIB:.2f} GiB")
+    if args.card_gb:
+        print(f"  fewest {args.card_gb} GB cards ({args.sharding}{', CPU offload' if args.offload else ''}): "
+              + (str(fewest) if fewest else "none up to 64"))
+    print(__doc__.split("The accounting (printed with every estimate):")[1].rstrip())
 
 
 if __name__ == "__main__":

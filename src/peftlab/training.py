@@ -18,6 +18,7 @@ from pathlib import Path
 import datasets
 import torch
 import transformers
+from accelerate import PartialState
 from datasets import DatasetDict
 from transformers import (
     DataCollatorWithPadding,
@@ -157,9 +158,10 @@ def parse_args(argv: list[str] | None = None):
 
 
 def setup_logging(training_args: TrainingArguments) -> None:
-    """Log to stdout and ``output_dir/train.log``; transformers and datasets at the same level."""
-    Path(training_args.output_dir).mkdir(parents=True, exist_ok=True)
-    handlers = [logging.StreamHandler(sys.stdout), logging.FileHandler(Path(training_args.output_dir) / LOG_FILE)]
+    """Log to stdout and (the main process) ``output_dir/train.log``; transformers and datasets at the same level."""
+    handlers = [logging.StreamHandler(sys.stdout)]
+    if training_args.should_save:
+        handlers.append(logging.FileHandler(Path(training_args.output_dir) / LOG_FILE))
     formatter = logging.Formatter("%(asctime)s - %(levelname)s - %(name)s - %(message)s", "%m/%d/%Y %H:%M:%S")
     for handler in handlers:
         handler.setFormatter(formatter)
@@ -211,15 +213,18 @@ class PeftlabTrainer(Trainer):
 
 def prepare_output_dir(training_args: TrainingArguments) -> RunDirectory:
     """The run's folder, refused if it holds another run's files (Trainer's convention) unless
-    ``--overwrite_output_dir``, which removes them first: a folder never mixes two runs."""
+    ``--overwrite_output_dir``, which removes them first: a folder never mixes two runs. Under torchrun or
+    accelerate every process looks before the main process writes anything, and only the main process writes."""
     run_dir = RunDirectory(Path(training_args.output_dir))
-    if run_dir.has_outputs():
-        if not training_args.overwrite_output_dir:
-            raise InvalidArgument(
-                f"output_dir {str(run_dir.path)!r} already holds a run ({run_dir.state()}); pass "
-                "--overwrite_output_dir to replace it, or choose another --output_dir")
+    in_use, state = run_dir.has_outputs(), PartialState()
+    state.wait_for_everyone()
+    if in_use and not training_args.overwrite_output_dir:
+        raise InvalidArgument(f"output_dir {str(run_dir.path)!r} already holds a run ({run_dir.state()}); pass "
+                              "--overwrite_output_dir to replace it, or choose another --output_dir")
+    if training_args.should_save:
         run_dir.clear()
-    run_dir.path.mkdir(parents=True, exist_ok=True)
+        run_dir.path.mkdir(parents=True, exist_ok=True)
+    state.wait_for_everyone()
     return run_dir
 
 
@@ -260,11 +265,16 @@ def run(data_args: DataArguments, model_args: ModelArguments, method_args: Metho
 
     encoded = tokenize(dataset, tokenizer, data_args.max_seq_length)
     train_tokens = int(sum(len(ids) for ids in encoded["train"]["input_ids"]))
-    run_id = run_dir.start({
+    record = {
         "data_args": asdict(data_args), "model_args": asdict(model_args), "method_args": asdict(method_args),
         "training_args": training_args.to_dict(), "resolved_model": asdict(resolved), "sep_token": sep_token,
         "label_names": label_names, "num_train_rows": len(dataset["train"]), "num_test_rows": len(dataset["test"]),
-        "validation_split": split_record, "train_tokens_per_epoch": train_tokens, **environment()})
+        "validation_split": split_record, "train_tokens_per_epoch": train_tokens,
+        "distributed": {"world_size": training_args.world_size, "parallel_mode": training_args.parallel_mode.value,
+                        "effective_train_batch_size": training_args.per_device_train_batch_size
+                        * training_args.world_size * training_args.gradient_accumulation_steps},
+        **environment()}
+    run_id = run_dir.start(record) if training_args.should_save else None
 
     trainer = PeftlabTrainer(
         model=model, args=training_args, train_dataset=encoded["train"], eval_dataset=encoded.get("validation"),
@@ -273,20 +283,23 @@ def run(data_args: DataArguments, model_args: ModelArguments, method_args: Metho
     metrics: dict = dict(counts)
     if training_args.do_train:
         result = trainer.train()
-        run_dir.write_state(trainer.state)  # the log history the curves come from
         metrics.update(result.metrics)
         metrics["train_tokens_per_second"], metrics["eval_seconds_during_training"] = training_throughput(
             train_tokens, trainer.state.epoch, result.metrics["train_runtime"], trainer.state.log_history)
-        run_dir.remove_checkpoints()  # load_best_model_at_end's; the chosen weights go to model/
-        if training_args.save_model:
-            method.save(trainer.model, run_dir.model_dir)
-            tokenizer.save_pretrained(run_dir.model_dir)
+        if training_args.should_save:
+            run_dir.write_state(trainer.state)  # the log history the curves come from
+            run_dir.remove_checkpoints()  # load_best_model_at_end's; the chosen weights go to model/
+            if training_args.save_model:
+                method.save(trainer.model, run_dir.model_dir)
+                tokenizer.save_pretrained(run_dir.model_dir)
         if "validation" in encoded:
             metrics.update(selected_validation_metrics(trainer, encoded["validation"]))
     if training_args.do_test or training_args.do_predict:
-        metrics.update(final_test_metrics(trainer, encoded["test"], label_names, run_dir, training_args.do_predict))
+        metrics.update(final_test_metrics(trainer, encoded["test"], label_names, run_dir,
+                                          training_args.do_predict and training_args.should_save))
     metrics.update(peak_memory_mb())
-    metrics = run_dir.finish(run_id, metrics)
+    if training_args.should_save:
+        metrics = run_dir.finish(run_id, metrics)
     logger.info("Final test metrics: %s", {k: metrics[k] for k in ("accuracy", "macro_f1") if k in metrics})
     if wandb_enabled(training_args):
         import wandb
@@ -320,10 +333,10 @@ def selected_validation_metrics(trainer: Trainer, validation_dataset) -> dict[st
 
 
 def final_test_metrics(trainer: Trainer, test_dataset, label_names: list[str], run_dir: RunDirectory,
-                       do_predict: bool) -> dict[str, float]:
+                       save_predictions: bool) -> dict[str, float]:
     """Metrics of the chosen model on the test split, evaluated once, here, after training."""
     output = trainer.predict(test_dataset, metric_key_prefix="test")
-    if do_predict:
+    if save_predictions:
         run_dir.write_predictions(predicted_ids(output.predictions), label_names)
     return {key.removeprefix("test_"): value for key, value in output.metrics.items()}
 
