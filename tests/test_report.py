@@ -98,3 +98,22 @@ def test_validation_protocol_runs_sit_beside_the_fixed_settings_runs(tmp_path):
     section = protocol_section(runs, selection)
     assert ("| m/acl_sup/full | lr 0.0001, 2 epochs | 65.0 ± 7.1 / 75.0 ± 7.1 (n=2) "
             "| learning_rate 0.0002, num_train_epochs 9 (s, trial 4) | 81.0 ± 1.4 / 91.0 ± 1.4 (n=2) |") in section
+
+
+def test_paired_differences_state_only_what_their_interval_supports(tmp_path):
+    from peftlab.results import difference_statement, paired_differences, t_interval
+
+    mean, low, high = t_interval([0.70, 0.72, 0.74])
+    assert mean == pytest.approx(0.72) and (low, high) == pytest.approx((0.72 - 0.04968, 0.72 + 0.04968), abs=1e-4)
+    results = tmp_path / "results"
+    for seed, full, lora in ((1, 0.70, 0.80), (2, 0.75, 0.86), (3, 0.80, 0.89)):
+        fixture_run(results, "full", seed, full)
+        fixture_run(results, "lora-r8", seed, lora)
+    fixture_run(results, "lora-r16", 1, 0.71)
+    fixture_run(results, "lora-r16", 2, 0.70)
+    (lora16, lora8) = paired_differences(collect(results), "accuracy")
+    assert (lora8["method"], lora8["baseline"], lora8["n"]) == ("lora-r8", "full", 3)
+    assert lora8["mean"] == pytest.approx(0.10) and lora8["low"] > 0  # +10, +11, +9: an interval above zero
+    assert difference_statement(lora8).startswith("+10.0 points (95% CI +7.5 to +12.5)")
+    assert lora16["n"] == 2 and lora16["low"] < 0 < lora16["high"]  # +1, -5: paired on the seeds both ran
+    assert difference_statement(lora16).startswith("no difference detected at 2 seeds (-2.0, 95% CI")

@@ -68,6 +68,7 @@ class TuningMethod(ABC):
 
     name: str
     merges: bool = False  # whether for_inference folds the method into the base weights
+    trains_everything: bool = False  # full fine-tuning: the baseline the other methods are compared with
 
     def label(self, args: MethodArguments) -> str:
         return self.name
@@ -115,6 +116,7 @@ def get_method(name: str) -> TuningMethod:
 
 class FullFineTuning(TuningMethod):
     name = "full"
+    trains_everything = True
 
     def wrap(self, model, args):
         model.requires_grad_(True)
@@ -295,6 +297,12 @@ class BottleneckAdapter(TuningMethod):
         if missing.unexpected_keys:
             raise ValueError(f"{directory / HEAD_FILE} has weights the model lacks: {missing.unexpected_keys}")
         return model
+
+
+def baseline_label() -> str:
+    """The label of the method every other is compared with (the one that trains every weight)."""
+    (baseline,) = (method for method in METHODS.values() if method.trains_everything)
+    return baseline.label(MethodArguments(tuning_method=baseline.name))
 
 
 def method_argument_fields() -> list[str]:

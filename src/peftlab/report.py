@@ -35,8 +35,10 @@ from .results import (  # noqa: E402
     RunResult,
     aggregate,
     collect,
+    difference_statement,
     markdown_table,
     mean_std,
+    paired_differences,
     pm,
     reference_host,
     write_csv,
@@ -323,8 +325,16 @@ def protocol_section(runs: list[RunResult], selection: dict) -> str:
         rows.append(["/".join(cell), fixed_settings.get(cell, "–"),
                      f"{pm(before, 'macro_f1')} / {pm(before, 'accuracy')} (n={before['n']})" if before else "–",
                      settings, f"{pm(row, 'macro_f1')} / {pm(row, 'accuracy')} (n={row['n']})"])
-    return table(["cell", "fixed settings", "fixed: test macro-F1 / accuracy", "selected settings (sweep)",
+    text = table(["cell", "fixed settings", "fixed: test macro-F1 / accuracy", "selected settings (sweep)",
                   "selected: test macro-F1 / accuracy"], rows)
+    differences = paired_differences([run for run in runs if run.protocol == VALIDATION])
+    if differences:
+        text += ("\nEach method against full fine-tuning of the same model and dataset, test macro-F1, paired by seed "
+                 "(the same held-out rows and data order), mean difference in points and its 95% t interval:\n\n"
+                 + table(["model", "dataset", "method", "vs", "n seeds", "difference"],
+                         ([row["model"], row["dataset"], row["method"], row["baseline"], row["n"],
+                           difference_statement(row)] for row in differences)))
+    return text
 
 
 def build_report(results_root: Path, prose_dir: Path, out_dir: Path, repo_root: Path,

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .markdown import table
-from .methods import MethodArguments, method_label
+from .methods import MethodArguments, baseline_label, method_label
 from .runrecord import RunDirectory, finished_runs
 
 QUALITY = ("accuracy", "micro_f1", "macro_f1", "weighted_f1")
@@ -92,6 +92,47 @@ def collect(root: str | Path) -> list[RunResult]:
 def mean_std(values: list[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (NaN for a single value)."""
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else math.nan
+
+
+def t_interval(values: list[float], confidence: float = 0.95) -> tuple[float, float, float]:
+    """(mean, low, high): Student's t interval of the mean over seeds (NaN bounds for a single value)."""
+    from scipy import stats
+
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return mean, math.nan, math.nan
+    half = stats.t.ppf((1 + confidence) / 2, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
+    return mean, mean - half, mean + half
+
+
+def paired_differences(runs: list[RunResult], key: str = "macro_f1") -> list[dict]:
+    """Each method against full fine-tuning of the same model and dataset (and protocol), seed by seed: the
+    per-seed differences of ``key`` on the seeds both ran (same data order), their mean and t interval."""
+    baseline = baseline_label()
+    by_seed = {(run.protocol, run.model, run.dataset, run.method, run.seed): run.metrics[key] for run in runs}
+    rows = []
+    for protocol, model, dataset, method in sorted({(r.protocol, *r.cell) for r in runs if r.method != baseline}):
+        differences = [value - by_seed[(protocol, model, dataset, baseline, seed)]
+                       for (p, m, d, meth, seed), value in sorted(by_seed.items())
+                       if (p, m, d, meth) == (protocol, model, dataset, method)
+                       and (protocol, model, dataset, baseline, seed) in by_seed]
+        if differences:
+            mean, low, high = t_interval(differences)
+            rows.append({"protocol": protocol, "model": model, "dataset": dataset, "method": method,
+                         "baseline": baseline, "key": key, "n": len(differences), "mean": mean, "low": low,
+                         "high": high})
+    return rows
+
+
+def difference_statement(row: dict, scale: float = 100.0) -> str:
+    """A difference is stated only where its interval excludes zero; otherwise none was detected."""
+    mean, low, high = (scale * row[k] for k in ("mean", "low", "high"))
+    interval = f"95% CI {low:+.1f} to {high:+.1f}"
+    if math.isnan(low):
+        return f"{mean:+.1f} from one seed (no interval)"
+    if low > 0 or high < 0:
+        return f"{mean:+.1f} points ({interval})"
+    return f"no difference detected at {row['n']} seeds ({mean:+.1f}, {interval})"
 
 
 def reference_host(runs: list[RunResult]) -> str | None:
