@@ -147,3 +147,14 @@ def test_aggregation_of_fixture_runs(tmp_path):
     write_csv(rows, tmp_path / "out" / "results.csv")
     csv_text = (tmp_path / "out" / "results.csv").read_text()
     assert csv_text.splitlines()[1].startswith("m,acl_sup,full,3,1 2 3,org/m,0.82,0.02,")
+
+
+def test_seeds_by_dataset_and_a_models_own_seeds(tmp_path):
+    from collections import Counter
+
+    grid = load_grid(grid_file(tmp_path, "m", "d", seeds=[1, 2, 3], seeds_by_dataset={"acl_sup": [1, 2, 3, 4, 5]}))
+    seeds_per_cell = Counter((run.dataset, run.method) for run in expand(grid))
+    assert seeds_per_cell == {("acl_sup", "full"): 5, ("acl_sup", "lora-r8"): 5,
+                              ("restaurant_sup", "full"): 3, ("restaurant_sup", "lora-r8"): 3}
+    grid["models"]["tiny"]["seeds"] = [7]  # a model's own seeds win over both
+    assert {run.seed for run in expand(grid)} == {7}

@@ -12,7 +12,8 @@ A grid file looks like::
       full: {tuning_method: full}
       lora-r8: {tuning_method: lora, lora_r: 8, lora_alpha: 16, learning_rate: 5.0e-4}
     seeds: [1, 2, 3]
-    seeds_by_dataset: {acl_sup: [1, 2, 3, 4, 5]}  # more seeds where the test split is small
+    seeds_by_dataset: {acl_sup: [1, 2, 3, 4, 5]}  # more seeds where the test split is small (a model's own
+                                                  # seeds: [...] wins over both)
     overrides:                      # cuts for single cells, stated in the report
       - match: {model: minilm, dataset: agnews_sup}
         set: {max_train_samples: 2000}
@@ -49,8 +50,8 @@ from .runrecord import FINISHED, GRID_ARGS_FILE, GRID_COORDINATES_FILE, GRID_LOG
 from .selection import apply_params, cell_key, read_selection
 
 # Keys of a model entry that describe the grid, not train.py: the assignment's model it stands in for,
-# and the subsets of datasets and methods it runs (default: all of the grid's).
-MODEL_METADATA = ("slot", "datasets", "methods")
+# the subsets of datasets and methods it runs (default: all of the grid's), and its own seeds.
+MODEL_METADATA = ("slot", "datasets", "methods", "seeds")
 # train.py arguments whose default follows the host (bf16: on where bf16 matmuls are native). A grid
 # must set them, or the seeds of one cell could train in different precisions on different machines.
 HOST_DEPENDENT_ARGS = ("bf16",)
@@ -121,7 +122,8 @@ def expand(grid: dict) -> list[GridRun]:
         for dataset in model_entry.get("datasets", grid["datasets"]):
             for method in model_entry.get("methods", list(grid["methods"])):
                 method_args = grid["methods"][method]
-                for seed in grid.get("seeds_by_dataset", {}).get(dataset, grid["seeds"]):
+                seeds = model_entry.get("seeds") or grid.get("seeds_by_dataset", {}).get(dataset, grid["seeds"])
+                for seed in seeds:
                     coords = {"model": model, "dataset": dataset, "method": method, "seed": seed}
                     args = {**grid.get("defaults", {}), **model_args, **method_args}
                     params, settings = selected_settings(grid, selection, coords)
