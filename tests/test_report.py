@@ -117,3 +117,26 @@ def test_paired_differences_state_only_what_their_interval_supports(tmp_path):
     assert difference_statement(lora8).startswith("+10.0 points (95% CI +7.5 to +12.5)")
     assert lora16["n"] == 2 and lora16["low"] < 0 < lora16["high"]  # +1, -5: paired on the seeds both ran
     assert difference_statement(lora16).startswith("no difference detected at 2 seeds (-2.0, 95% CI")
+
+
+def test_headline_and_figures_follow_method_order_colours_and_data(tmp_path, report_inputs, monkeypatch):
+    from peftlab import report
+
+    runs = collect(report_inputs[0])
+    headline = report.headline_section(runs).splitlines()
+    # full: macro-F1 0.6 and 0.7 -> 65.0, t(0.975, 1) = 12.706 x 7.07 / 1.414 = 63.5 either side
+    assert headline[2] == "| m | full | 65.0 [1.5, 128.5]; acc 75.0 (n=2) |"
+    assert headline[3].startswith("| m | lora-r8 | 55.0 [")
+    colours = report.method_colours(["lora-r16", "adapter", "full", "lora-r8"])
+    assert list(colours) == ["full", "lora-r8", "lora-r16", "adapter"]  # registry order, ranks numeric
+    captured = {}
+    real_save = report._save
+
+    def keep_axes(fig, axes, title, path):
+        captured[path.name] = [axis.get_ylim() for axis in axes]
+        return real_save(fig, axes, title, path)
+
+    monkeypatch.setattr(report, "_save", keep_axes)
+    report.plot_bars(aggregate(runs), tmp_path)
+    (left, right) = captured["bars_m.png"]
+    assert left == right and left[0] > 0  # one range for both panels, fitted to the bars

@@ -15,6 +15,7 @@ PyTorch's meta device through the same ``wrap``). A method is added here, with o
 from __future__ import annotations
 
 import dataclasses
+import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -297,6 +298,16 @@ class BottleneckAdapter(TuningMethod):
         if missing.unexpected_keys:
             raise ValueError(f"{directory / HEAD_FILE} has weights the model lacks: {missing.unexpected_keys}")
         return model
+
+
+def method_sort_key(label: str) -> tuple:
+    """Tables and legends list methods in registry order (full fine-tuning first), ranks in numeric order
+    (``lora-r8`` before ``lora-r16``); labels no method claims go last, alphabetically."""
+    try:
+        index = list(METHODS).index(method_from_label(label).tuning_method)
+    except ValueError:
+        index = len(METHODS)
+    return index, [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", label)]
 
 
 def baseline_label() -> str:

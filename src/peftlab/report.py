@@ -18,6 +18,7 @@ import argparse
 import json
 import math
 import re
+import statistics
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -28,7 +29,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from .markdown import table  # noqa: E402
-from .methods import LORA_DEFAULT_TARGETS, get_method, method_argument_fields  # noqa: E402
+from .methods import LORA_DEFAULT_TARGETS, get_method, method_argument_fields, method_sort_key  # noqa: E402
 from .results import (  # noqa: E402
     FIXED,
     VALIDATION,
@@ -41,6 +42,7 @@ from .results import (  # noqa: E402
     paired_differences,
     pm,
     reference_host,
+    t_interval,
     write_csv,
 )
 from .selection import DEFAULT_SELECTION_FILE, read_selection  # noqa: E402
@@ -63,64 +65,114 @@ def _curve(runs: list[RunResult], key: str) -> tuple[np.ndarray, np.ndarray, np.
 
 
 def _save(fig, axes, title: str, path: Path) -> Path:
-    axes[0].legend(fontsize=8)
+    # the legend beside the panels, never over the data
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5))
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=80, metadata={"Software": None})  # no version stamp: same inputs, same bytes
+    fig.savefig(path, dpi=80, bbox_inches="tight", metadata={"Software": None})  # no version stamp
     plt.close(fig)
     return path
 
 
-def plot_curves(runs: list[RunResult], out_dir: Path) -> list[Path]:
-    """Per (model, dataset): train loss, test accuracy and test macro-F1 against step, one line per method."""
+def method_colours(labels) -> dict[str, tuple]:
+    """One fixed colour per method for every figure of a report, in method order."""
+    ordered = sorted(set(labels), key=method_sort_key)
+    return {label: plt.cm.tab10(i % 10) for i, label in enumerate(ordered)}
+
+
+def plot_curves(runs: list[RunResult], out_dir: Path, evaluated_on: str = "test", prefix: str = "curves") -> list[Path]:
+    """Per (model, dataset): train loss, and accuracy and macro-F1 (percent) on the split the runs evaluated each
+    epoch on, against step; one line per method in method order, in its fixed colour; shared y-range."""
     by_pair: dict[tuple[str, str], dict[str, list[RunResult]]] = defaultdict(lambda: defaultdict(list))
     for run in runs:
         by_pair[run.model, run.dataset][run.method].append(run)
+    colours = method_colours(run.method for run in runs)
     paths = []
     for (model, dataset), methods in sorted(by_pair.items()):
         fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-        for method, members in sorted(methods.items()):
+        axes[2].sharey(axes[1])  # accuracy and macro-F1 on one scale
+        for method in sorted(methods, key=method_sort_key):
+            members = methods[method]
             for axis, key in zip(axes, ("loss", "eval_accuracy", "eval_macro_f1"), strict=True):
                 curve = _curve(members, key)
                 if curve is None:
                     continue
                 steps, mean, std = curve
-                line, = axis.plot(steps, mean, marker="o" if key != "loss" else None, markersize=3,
-                                  label=f"{method} (n={len(members)})")
-                axis.fill_between(steps, mean - std, mean + std, alpha=0.2, color=line.get_color())
-                test_loss = _curve(members, "eval_loss") if key == "loss" else None
-                if test_loss is not None:  # dashed: the test loss at each epoch end
-                    axis.plot(test_loss[0], test_loss[1], linestyle="--", marker="o", markersize=3,
-                              color=line.get_color())
-        for axis, title in zip(axes, ("loss (train; dashed: test)", "test accuracy", "test macro-F1"), strict=True):
+                scale = 1 if key == "loss" else 100
+                axis.plot(steps, scale * mean, marker="o" if key != "loss" else None, markersize=3,
+                          color=colours[method], label=f"{method} (n={len(members)})")
+                axis.fill_between(steps, scale * (mean - std), scale * (mean + std), alpha=0.2, color=colours[method])
+                evaluated_loss = _curve(members, "eval_loss") if key == "loss" else None
+                if evaluated_loss is not None:  # dashed: the evaluated split's loss at each evaluation
+                    axis.plot(evaluated_loss[0], evaluated_loss[1], linestyle="--", marker="o", markersize=3,
+                              color=colours[method])
+        titles = (f"loss (train; dashed: {evaluated_on})", f"{evaluated_on} accuracy (%)",
+                  f"{evaluated_on} macro-F1 (%)")
+        for axis, title in zip(axes, titles, strict=True):
             axis.set_title(title)
             axis.set_xlabel("step")
             axis.grid(alpha=0.3)
         paths.append(_save(fig, axes, f"{model} on {dataset}: mean over seeds, band = ±1 std",
-                           out_dir / f"curves_{model}_{dataset}.png"))
+                           out_dir / f"{prefix}_{model}_{dataset}.png"))
     return paths
 
 
 def plot_bars(rows: list[dict], out_dir: Path) -> list[Path]:
-    """Per model: accuracy and macro-F1 by dataset and method, with ±1 std error bars."""
+    """Per model: accuracy and macro-F1 (percent) by dataset and method, ±1 std error bars, methods in order and
+    fixed colours, one y-range for both panels fitted to the bars (not from zero: the differences show)."""
+    colours = method_colours(row["method"] for row in rows)
     paths = []
     for model in sorted({row["model"] for row in rows}):
         mine = [row for row in rows if row["model"] == model]
         datasets = sorted({row["dataset"] for row in mine})
-        methods = sorted({row["method"] for row in mine})
-        fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+        methods = sorted({row["method"] for row in mine}, key=method_sort_key)
+        fig, axes = plt.subplots(1, 2, figsize=(12, 4), sharey=True)
         width = 0.8 / len(methods)
+        extent = []
         for axis, key in zip(axes, ("accuracy", "macro_f1"), strict=True):
             for i, method in enumerate(methods):
                 cells = {row["dataset"]: row for row in mine if row["method"] == method}
                 means = [100 * cells[d][f"{key}_mean"] if d in cells else np.nan for d in datasets]
                 stds = [np.nan_to_num(100 * cells[d][f"{key}_std"]) if d in cells else 0 for d in datasets]
-                axis.bar(np.arange(len(datasets)) + i * width, means, width, yerr=stds, capsize=3, label=method)
+                axis.bar(np.arange(len(datasets)) + i * width, means, width, yerr=stds, capsize=3, label=method,
+                         color=colours[method])
+                extent += [m - s for m, s in zip(means, stds, strict=True)] + [
+                    m + s for m, s in zip(means, stds, strict=True)]
             axis.set_xticks(np.arange(len(datasets)) + width * (len(methods) - 1) / 2, datasets)
             axis.set_title(f"{key} (%)")
             axis.grid(axis="y", alpha=0.3)
+        low, high = np.nanmin(extent), np.nanmax(extent)
+        margin = max(2.0, 0.05 * (high - low))
+        axes[0].set_ylim(max(0.0, low - margin), min(100.0, high + margin))
         paths.append(_save(fig, axes, f"{model}: test metrics, mean ± std over seeds", out_dir / f"bars_{model}.png"))
     return paths
+
+
+def headline_section(runs: list[RunResult]) -> str:
+    """One row per model and method, one column per dataset: test macro-F1 with its 95% t interval over seeds,
+    and accuracy."""
+    if not runs:
+        return "_no finished runs yet_\n"
+    cells: dict[tuple, list[RunResult]] = defaultdict(list)
+    for run in runs:
+        cells[run.cell].append(run)
+    datasets = sorted({run.dataset for run in runs})
+    rows = []
+    for model, method in sorted({(run.model, run.method) for run in runs},
+                                key=lambda pair: (pair[0], method_sort_key(pair[1]))):
+        row = [model, method]
+        for dataset in datasets:
+            members = cells.get((model, dataset, method))
+            if not members:
+                row.append("–")
+                continue
+            mean, low, high = (100 * v for v in t_interval([run.metrics["macro_f1"] for run in members]))
+            accuracy = 100 * statistics.fmean(run.metrics["accuracy"] for run in members)
+            interval = "" if math.isnan(low) else f" [{low:.1f}, {high:.1f}]"
+            row.append(f"{mean:.1f}{interval}; acc {accuracy:.1f} (n={len(members)})")
+        rows.append(row)
+    return table(["model", "method", *datasets], rows)
 
 
 PLACEHOLDER = re.compile(r"\{\{(metric|cost|file):([^}]+)\}\}")
@@ -355,13 +407,17 @@ def build_report(results_root: Path, prose_dir: Path, out_dir: Path, repo_root: 
         "configurations": configuration_section(runs) if runs else "_no finished runs yet_\n",
         "environment": environment_section(runs) if runs else "_no finished runs yet_\n",
         "per_class": per_class_section(runs),
+        "headline": headline_section(runs),
         "curves": "\n".join(f"![{p.stem}](figures/{p.name})" for p in curve_paths) + "\n",
         "bars": "\n".join(f"![{p.stem}](figures/{p.name})" for p in bar_paths) + "\n",
     }
     studies = load_studies(studies_storage)
     selection = read_selection(selection_file) if selection_file else {}
     sections["sweeps"] = sweep_section(studies, selection, plot_sweeps(studies, figures / "sweeps.png"))
-    sections["protocol"] = protocol_section(every_run, selection)
+    protocol_curves = plot_curves([run for run in every_run if run.protocol == VALIDATION], figures, "validation",
+                                  prefix="protocol_curves")
+    sections["protocol"] = protocol_section(every_run, selection) + "".join(
+        f"\n![{p.stem}](figures/{p.name})" for p in protocol_curves)
     template = (prose_dir / "REPORT.template.md").read_text()
     for name, body in sections.items():
         template = template.replace(f"{{{{section:{name}}}}}", body.rstrip("\n"))
