@@ -36,3 +36,15 @@ def test_fresh_process_call_and_its_errors():
     assert call_in_fresh_process("peftlab.memory:builtin_config_names")[:1] == ["Qwen2.5-0.5B"]
     with pytest.raises(RuntimeError, match="no_such_function"):
         call_in_fresh_process("peftlab.memory:no_such_function")
+
+
+def test_measure_compares_attention_kernels(tiny_models, real_data_dir):
+    results = [measure(tiny_models["bert"], "lora-r8", "bf16", "dynamic", batch_size=4, steps=1, warmup=1, threads=1,
+                       data_dir=str(real_data_dir), max_length=32, attn_implementation=kernel)
+               for kernel in ("sdpa", "eager")]
+    assert [r["attn_implementation"] for r in results] == ["sdpa", "eager"]
+    from peftlab.benchmark import markdown
+
+    table = markdown(results, {"fp32": 1e11, "bf16": 4e11, "threads": 1}).splitlines()
+    assert table[0].startswith("| model | method | precision | padding | attention |")
+    assert "| lora-r8 | bf16 | dynamic | eager | 1 |" in table[3]

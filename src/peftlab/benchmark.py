@@ -27,6 +27,7 @@ import torch
 from transformers import AutoModelForSequenceClassification
 
 from .cli import non_negative_int, positive_int
+from .hardware import cpu_model
 from .isolated import call_in_fresh_process
 from .markdown import table
 from .memory import GIB, estimate, load_config
@@ -126,7 +127,8 @@ def _train_flops_per_token(model, trainable: int, seq_len: float) -> float:
 
 
 def measure(model_name: str, method: str, precision: str, padding: str, batch_size: int, steps: int,
-            warmup: int, threads: int, data_dir: str | None, max_length: int, fused_adamw: bool = False) -> dict:
+            warmup: int, threads: int, data_dir: str | None, max_length: int, fused_adamw: bool = False,
+            attn_implementation: str = "sdpa") -> dict:
     """One configuration, in this process."""
     from .data import get_dataset
     from .methods import get_method, method_from_label, parameter_counts
@@ -135,7 +137,7 @@ def measure(model_name: str, method: str, precision: str, padding: str, batch_si
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    tokenizer, model = get_model(model_name, 3)
+    tokenizer, model = get_model(model_name, 3, attn_implementation=attn_implementation)
     dataset = get_dataset("restaurant_sup", default_sep_token(tokenizer), data_dir=data_dir)
     texts = list(dataset["train"].shuffle(seed=0)["text"])
     labels = torch.tensor(dataset["train"].shuffle(seed=0)["label"])
@@ -155,7 +157,8 @@ def measure(model_name: str, method: str, precision: str, padding: str, batch_si
     total_time = sum(step_times)
     result = {
         "model": model_name, "method": method, "precision": precision, "padding": padding,
-        "batch_size": batch_size, "threads": threads, "fused_adamw": fused_adamw, **counts,
+        "batch_size": batch_size, "threads": threads, "fused_adamw": fused_adamw,
+        "attn_implementation": attn_implementation, **counts,
         "train_step_s": quartiles(step_times),
         "train_examples_per_s": batch_size * len(step_times) / total_time,
         "train_tokens_per_s": sum(real_tokens) / total_time,
@@ -321,7 +324,8 @@ def device_table(results: list[dict]) -> str:
 
 
 def markdown(results: list[dict], peaks: dict) -> str:
-    header = ["model", "method", "precision", "padding", "threads", "AdamW", "train ex/s", "train tokens/s",
+    header = ["model", "method", "precision", "padding", "attention", "threads", "AdamW", "train ex/s",
+              "train tokens/s",
               "step s (median [q1, q3])", "% of matmul peak", "infer ex/s", "merged infer ex/s", "trainable %",
               "peak RSS MB"]
     rows = []
@@ -329,7 +333,8 @@ def markdown(results: list[dict], peaks: dict) -> str:
         step = r["train_step_s"]
         peak = peaks["bf16" if r["precision"] == "bf16" else "fp32"] * r["threads"] / peaks["threads"]
         merged = f"{r['merged_infer_examples_per_s']:.1f}" if "merged_infer_examples_per_s" in r else "–"
-        rows.append([r["model"], r["method"], r["precision"], r["padding"], r["threads"],
+        rows.append([r["model"], r["method"], r["precision"], r["padding"], r.get("attn_implementation", "sdpa"),
+                     r["threads"],
                      "fused" if r.get("fused_adamw") else "foreach", f"{r['train_examples_per_s']:.1f}",
                      f"{r['train_tokens_per_s']:.0f}", f"{step['median']:.3f} [{step['q1']:.3f}, {step['q3']:.3f}]",
                      f"{100 * r['train_flops_per_s'] / peak:.1f}", f"{r['infer_examples_per_s']:.1f}", merged,
@@ -346,6 +351,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", nargs="+", type=positive_int, default=[os.cpu_count()])
     parser.add_argument("--fused_adamw", nargs="+", type=int, default=[0], choices=[0, 1],
                         help="AdamW implementation: 0 = foreach (PyTorch's default), 1 = fused")
+    parser.add_argument("--attn_implementations", nargs="+", default=["sdpa"], choices=["sdpa", "eager"],
+                        help="attention kernels to compare (transformers' attn_implementation)")
     parser.add_argument("--batch_size", type=positive_int, default=16)
     parser.add_argument("--steps", type=positive_int, default=8, help="timed steps per configuration")
     parser.add_argument("--warmup", type=non_negative_int, default=2)
@@ -362,17 +369,18 @@ def main(argv: list[str] | None = None) -> None:
         for method in args.methods:
             for precision in args.precisions:
                 for padding in args.paddings:
-                    for threads, fused in itertools.product(args.threads, args.fused_adamw):
+                    for threads, fused, attention in itertools.product(args.threads, args.fused_adamw,
+                                                                       args.attn_implementations):
                         config = dict(model_name=model, method=method, precision=precision, padding=padding,
                                       batch_size=args.batch_size, steps=args.steps, warmup=args.warmup,
                                       threads=threads, data_dir=args.data_dir, max_length=args.max_length,
-                                      fused_adamw=bool(fused))
+                                      fused_adamw=bool(fused), attn_implementation=attention)
                         result = call_in_fresh_process("peftlab.benchmark:measure", **config)
                         results.append(result)
                         print(markdown([result], peaks).splitlines()[-1], flush=True)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    machine = {"processor": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+    machine = {"processor": cpu_model() or platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
                "torch": torch.__version__, "matmul_peak_flops": peaks}
     out.with_suffix(".json").write_text(json.dumps({"machine": machine, "results": results}, indent=2) + "\n")
     out.with_suffix(".md").write_text(

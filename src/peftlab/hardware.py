@@ -22,6 +22,15 @@ def cpu_flags() -> frozenset[str]:
     return frozenset(line.partition(":")[2].split())
 
 
+def cpu_model() -> str | None:
+    """The CPU's model name (``AMD EPYC``, ``Intel(R) Xeon(R) Platinum ...``): the host beside every time."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.exists():
+        return None
+    line = next((line for line in cpuinfo.read_text().splitlines() if line.startswith("model name")), "")
+    return line.partition(":")[2].strip() or None
+
+
 def cpu_has_amx_bf16() -> bool:
     return "amx_bf16" in cpu_flags()
 

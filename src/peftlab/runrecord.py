@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR  # checkpoint-<step>: load_best_model_at_end's
 
-from .hardware import cpu_has_amx_bf16, native_bf16
+from .hardware import cpu_has_amx_bf16, cpu_model, native_bf16
 
 RUN_FILE = "run.json"
 METRICS_FILE = "metrics.json"
@@ -133,7 +133,7 @@ def environment() -> dict:
         "git_commit": git("rev-parse", "HEAD"),
         "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
         "hardware": {
-            "machine": platform.machine(), "cpu_count": os.cpu_count(),
+            "machine": platform.machine(), "cpu_model": cpu_model(), "cpu_count": os.cpu_count(),
             "cpu_amx_bf16": cpu_has_amx_bf16(), "native_bf16": native_bf16(), "torch_threads": torch.get_num_threads(),
             "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         },
