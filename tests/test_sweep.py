@@ -69,7 +69,8 @@ def test_sweep_tunes_on_validation_and_writes_the_selection(tmp_path, tiny_model
     states = Counter(trial.state.name.lower() for trial in study.trials)
     counts = ", ".join(f"{n} {state}" for state, n in sorted(states.items()))
     assert (f"| tiny-restaurant-full | tiny/restaurant_sup/full | {counts} | {100 * best.value:.1f} "
-            f"(trial {best.number}) | learning_rate ") in section
+            f"(trial {best.number}: learning_rate ") in section and section.splitlines()[2].endswith(
+        f"| trial {best.number} |")
     assert (tmp_path / "sweeps.png").stat().st_size > 0
     # per-epoch validation scores are the trial's intermediate values (what the pruner compares)
     evals = [e["eval_macro_f1"] for e in run.log_history() if "eval_macro_f1" in e]

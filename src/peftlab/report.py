@@ -334,19 +334,22 @@ def plot_sweeps(studies: list, path: Path) -> Path | None:
 
 
 def sweep_section(studies: list, selection: dict, figure: Path | None) -> str:
-    """What each study has tried and what it selected."""
+    """What each study has tried, its best trial so far, and what it selected once it had its trials."""
     if not studies:
         return "_no sweep has run yet_\n"
     chosen = {entry["study"]: (cell, entry) for cell, entry in selection.items()}
     rows = []
     for study in studies:
         states = Counter(trial.state.name.lower() for trial in study.trials)
-        cell, entry = chosen.get(study.study_name, ("–", None))
-        best = (f"{100 * entry['validation_macro_f1']:.1f} (trial {entry['trial']})" if entry else "–")
-        settings = ", ".join(f"{key} {_setting(value)}" for key, value in entry["params"].items()) if entry else "–"
-        rows.append([study.study_name, cell, ", ".join(f"{n} {state}" for state, n in sorted(states.items())), best,
-                     settings])
-    text = table(["study", "cell it selects for", "trials", "best validation macro-F1", "selected settings"], rows)
+        complete = [trial for trial in study.trials if trial.state.name == "COMPLETE"]
+        best = max(complete, key=lambda trial: trial.value) if complete else None
+        cell, entry = chosen.get(study.study_name, ("– (still sweeping)", None))
+        rows.append([study.study_name, cell, ", ".join(f"{n} {state}" for state, n in sorted(states.items())),
+                     f"{100 * best.value:.1f} (trial {best.number}: "
+                     + ", ".join(f"{key} {_setting(value)}" for key, value in best.params.items()) + ")"
+                     if best else "–",
+                     f"trial {entry['trial']}" if entry else "–"])
+    text = table(["study", "cell it selects for", "trials", "best validation macro-F1 so far", "selected"], rows)
     return text + (f"\n![sweeps](figures/{figure.name})\n" if figure else "")
 
 
