@@ -343,7 +343,7 @@ def sweep_section(studies: list, selection: dict, figure: Path | None) -> str:
         states = Counter(trial.state.name.lower() for trial in study.trials)
         complete = [trial for trial in study.trials if trial.state.name == "COMPLETE"]
         best = max(complete, key=lambda trial: trial.value) if complete else None
-        cell, entry = chosen.get(study.study_name, ("– (still sweeping)", None))
+        cell, entry = chosen.get(study.study_name, (study.user_attrs.get("cell", "–"), None))
         rows.append([study.study_name, cell, ", ".join(f"{n} {state}" for state, n in sorted(states.items())),
                      f"{100 * best.value:.1f} (trial {best.number}: "
                      + ", ".join(f"{key} {_setting(value)}" for key, value in best.params.items()) + ")"

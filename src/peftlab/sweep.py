@@ -159,9 +159,11 @@ def open_study(sweep: Sweep):
                          grace_period=2 * sweep.heartbeat_seconds,
                          heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=2),
                          engine_kwargs={"connect_args": {"timeout": 60}} if sweep.storage.startswith("sqlite") else {})
-    return optuna.create_study(
+    study = optuna.create_study(
         study_name=sweep.study_name, storage=storage, load_if_exists=True, direction="maximize",
         sampler=optuna.samplers.TPESampler(**sweep.sampler), pruner=pruner_class(**pruner))
+    study.set_user_attr("cell", sweep.cell_key)  # for readers of the storage alone (the report)
+    return study
 
 
 def counted_trials(study) -> int:
