@@ -25,6 +25,11 @@ A sweep file names one grid cell, the train.py arguments its trials share, and a
 Each trial trains through :func:`peftlab.training.run` with the validation split on, the per-epoch
 validation macro-F1 reported to Optuna (bad trials are pruned early), and the test split never
 evaluated. The objective is the validation macro-F1 of the final epoch, the model the grid's runs test.
+Why not ``Trainer.hyperparameter_search(backend="optuna")``: it sets only ``TrainingArguments`` fields,
+on one shared Trainer writing to one ``output_dir``; a trial here also sets the method's arguments (LoRA's
+alpha/r) and must leave a normal run directory, so each trial runs the training recipe itself under
+Optuna's ``study.optimize``, with the pruning report that Trainer would make (:class:`PruningCallback`).
+
 The study lives in the storage, so a killed sweep resumes where it stopped (a trial killed midway
 is retried with the same settings), and several processes or machines pointed at one database URL
 share the work. When the study has its trials, the best one's settings go to the selection file.
