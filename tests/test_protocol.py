@@ -67,3 +67,10 @@ def test_no_validation_split_means_no_evaluation_during_training(tmp_path, tiny_
     run, metrics = run_tiny(tmp_path, tiny_models, fixture_data_dir, "--validation_split", "0")
     assert not any("eval_accuracy" in entry for entry in run.log_history())
     assert run.record()["num_train_rows"] == 30 and "validation_accuracy" not in metrics and "accuracy" in metrics
+
+
+def test_short_runs_evaluate_at_least_four_times(tmp_path, tiny_models, fixture_data_dir):
+    run, _ = run_tiny(tmp_path, tiny_models, fixture_data_dir, "--num_train_epochs", "2")
+    evals = [entry["epoch"] for entry in run.log_history() if "eval_accuracy" in entry]
+    assert evals == [0.5, 1.0, 1.5, 2.0]  # every quarter of the run, not only at the two epoch ends
+    assert run.record()["training_args"]["eval_strategy"] == "steps"

@@ -73,7 +73,8 @@ def test_sweep_tunes_on_validation_and_writes_the_selection(tmp_path, tiny_model
         f"| trial {best.number} |")
     assert (tmp_path / "sweeps.png").stat().st_size > 0
     # per-epoch validation scores are the trial's intermediate values (what the pruner compares)
-    evals = [e["eval_macro_f1"] for e in run.log_history() if "eval_macro_f1" in e]
+    # (at epoch ends: a short trial also evaluates between them, for its curves)
+    evals = [e["eval_macro_f1"] for e in run.log_history() if "eval_macro_f1" in e and e["epoch"] == int(e["epoch"])]
     assert list(best.intermediate_values.values()) == evals
     # the grid reads the selection file: the cell's runs take the chosen settings
     grid = tmp_path / "grid.yaml"
@@ -117,14 +118,15 @@ def sweep_process(path: str) -> subprocess.Popen:
 
 
 def test_a_killed_sweep_resumes_its_study(tmp_path, tiny_models, fixture_data_dir):
+    # long enough trials (tens of epochs of the tiny model) that the kill lands inside one
     path = sweep_file(tmp_path, tiny_models["bert"], fixture_data_dir, n_trials=3,
                       space={"learning_rate": {"low": 1.0e-4, "high": 1.0e-2, "log": True},
-                             "num_train_epochs": {"low": 6, "high": 8}})
+                             "num_train_epochs": {"low": 15, "high": 20}})
     worker = sweep_process(path)
     deadline = time.time() + 240
     study = None
     while time.time() < deadline and worker.poll() is None:
-        time.sleep(0.5)
+        time.sleep(0.2)
         if not os.path.exists(tmp_path / "studies.db"):
             continue
         with contextlib.suppress(KeyError):  # the database may exist a moment before the study does
@@ -132,6 +134,7 @@ def test_a_killed_sweep_resumes_its_study(tmp_path, tiny_models, fixture_data_di
         states = [t.state for t in study.get_trials()] if study else []
         if TrialState.COMPLETE in states and TrialState.RUNNING in states:
             break
+    assert worker.poll() is None, worker.communicate()[0][-3000:]  # still inside its second trial
     os.killpg(worker.pid, signal.SIGKILL)  # mid-trial, as a stopped session or a lost machine would
     worker.wait()
     before = {t.number: t for t in study.get_trials()}

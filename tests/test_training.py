@@ -63,7 +63,7 @@ def test_full_fine_tune_end_to_end(tmp_path, real_data_dir, monkeypatch):
     losses = [entry["loss"] for entry in history if "loss" in entry]
     assert len(losses) >= 8 and sum(losses[-3:]) / 3 < sum(losses[:3]) / 3  # the loss went down
     evals = [entry for entry in history if "eval_accuracy" in entry]
-    assert [e["epoch"] for e in evals] == [1.0, 2.0]
+    assert [e["epoch"] for e in evals] == [0.5, 1.0, 1.5, 2.0]  # at least 4 evaluations (--min_evaluations)
     assert (out / "train.log").read_text().count("Final test metrics") == 1
     assert list((out / "wandb").glob("offline-run-*")), "wandb runs offline by default without a login"
     predictions = (out / "predict_results.txt").read_text().splitlines()
@@ -103,7 +103,9 @@ def test_config_file_and_defaults(tmp_path):
     data, model, method, training = parse_args([str(config)])
     assert (data.dataset_name, model.model_name_or_path, method.lora_r) == ("acl_sup", "all-MiniLM-L6-v2", 16)
     assert isinstance(training, PeftlabTrainingArguments)
-    assert training.eval_strategy == "epoch" and training.num_train_epochs == 3 and training.learning_rate == 2e-5
+    assert training.num_train_epochs == 3 and training.learning_rate == 2e-5
+    # per-epoch evaluation, but 3 epochs are fewer than --min_evaluations 4: every quarter of the steps instead
+    assert training.eval_strategy == "steps" and training.eval_steps == 0.25
     assert data.max_seq_length == 256 and training.save_strategy == "no"
     with pytest.raises(SystemExit):  # argparse: the choices are the registered methods
         parse_args(["--model_name_or_path", "x", "--tuning_method", "prefix"])

@@ -125,14 +125,17 @@ def suggest(trial, space: dict) -> dict:
 
 
 class PruningCallback(TrainerCallback):
-    """Reports each validation evaluation to the trial (step = epoch) and stops a trial Optuna prunes."""
+    """Reports each end-of-epoch validation evaluation to the trial (step = epoch: trials of different
+    lengths compare at the same epochs) and stops a trial Optuna prunes. Evaluations between epochs (short
+    runs evaluate more often, --min_evaluations) only draw curves."""
 
     def __init__(self, trial: optuna.Trial):
         self.trial = trial
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
-        if metrics and EVAL_OBJECTIVE in metrics:
-            self.trial.report(metrics[EVAL_OBJECTIVE], step=round(state.epoch or 0))
+        epoch = round(state.epoch or 0)
+        if metrics and EVAL_OBJECTIVE in metrics and abs((state.epoch or 0) - epoch) < 1e-6:
+            self.trial.report(metrics[EVAL_OBJECTIVE], step=epoch)
             if self.trial.should_prune():
                 raise optuna.TrialPruned(f"pruned at epoch {state.epoch:.0f}")
 

@@ -108,6 +108,10 @@ class PeftlabTrainingArguments(TrainingArguments):
     warmup_ratio: float = field(default=0.06, metadata={"help": "Linear warmup over this fraction of steps."})
     eval_strategy: str = field(
         default="epoch", metadata={"help": "When to evaluate on the validation split (curves, best checkpoint)."})
+    min_evaluations: int = field(
+        default=4,
+        metadata={"help": "Evaluate at least this many times: with --eval_strategy epoch, a run of fewer epochs "
+                          "evaluates every 1/N of its steps instead, so its curves can show convergence (0: off)."})
     load_best_model_at_end: bool = field(
         default=False,
         metadata={"help": "Test the checkpoint with the best validation --metric_for_best_model (default macro_f1) "
@@ -148,6 +152,8 @@ class PeftlabTrainingArguments(TrainingArguments):
         if self.num_train_epochs <= 0 and self.max_steps <= 0 and self.do_train:
             raise InvalidArgument(f"--num_train_epochs must be positive (or set --max_steps), "
                                   f"got {self.num_train_epochs}")
+        if self.eval_strategy == "epoch" and 0 < self.num_train_epochs < self.min_evaluations and self.max_steps <= 0:
+            self.eval_strategy, self.eval_steps = "steps", 1 / self.min_evaluations  # a fraction of all steps
         if self.load_best_model_at_end:
             # Trainer needs a checkpoint at every evaluation to go back to the best one.
             self.metric_for_best_model = self.metric_for_best_model or "macro_f1"
