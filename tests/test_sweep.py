@@ -167,3 +167,14 @@ def test_two_processes_share_one_sqlite_study(tmp_path, tiny_models, fixture_dat
     assert 4 <= len(finished) <= 5  # each worker stops once the study has its trials (one may be in flight)
     assert len({t.user_attrs["output_dir"] for t in trials}) == len(trials)  # one run directory per trial
     assert len({t.user_attrs["worker"] for t in finished}) == 2  # both did work
+
+
+def test_a_diverging_trial_is_pruned_and_the_sweep_goes_on(tmp_path, tiny_models, fixture_data_dir):
+    """A learning rate that blows the loss up to inf/NaN ends its trial, not the study."""
+    path = sweep_file(tmp_path, tiny_models["bert"], fixture_data_dir, n_trials=2,
+                      space={"learning_rate": {"low": 1.0e6, "high": 1.0e7, "log": True},
+                             "num_train_epochs": {"low": 2, "high": 3}})
+    assert run_sweep(load_sweep(path)) is None
+    trials = study_of(path).get_trials()
+    assert [t.state for t in trials] == [TrialState.PRUNED] * 2
+    assert all("training loss is" in t.user_attrs["diverged"] for t in trials)

@@ -54,7 +54,7 @@ from optuna.trial import TrialState
 from transformers import TrainerCallback
 
 from .cli import parse_dict
-from .errors import InvalidArgument, MissingFile, exit_on_user_error
+from .errors import InvalidArgument, MissingFile, TrainingDiverged, exit_on_user_error
 from .runrecord import write_text
 from .selection import DEFAULT_SELECTION_FILE, apply_params, cell_key, read_selection
 from .training import PARSED_TYPES, run
@@ -102,6 +102,8 @@ def load_sweep(path: str | Path) -> Sweep:
         raise InvalidArgument(f"{path}: cell must name model, dataset and method, got {sweep.cell}")
     if sweep.n_trials <= 0:
         raise InvalidArgument(f"{path}: n_trials must be positive")
+    if sweep.base.get("validation_split", 0.1) == 0:
+        raise InvalidArgument(f"{path}: a sweep tunes on the validation split: do not set validation_split to 0")
     if sweep.pruner.get("type", "median") not in PRUNERS:
         raise InvalidArgument(f"{path}: pruner type must be one of {sorted(PRUNERS)}")
     for name, bounds in sweep.space.items():
@@ -148,12 +150,17 @@ def objective(sweep: Sweep, trial: optuna.Trial) -> float:
     args = apply_params({"report_to": "none", **sweep.base}, params) | {
         "output_dir": str(output_dir), "overwrite_output_dir": True, "do_test": False, "do_predict": False,
         "save_model": False}
-    if args.get("validation_split", 0.1) == 0:
-        raise InvalidArgument("a sweep tunes on the validation split: do not set validation_split to 0")
-    metrics = run(*parse_dict(PARSED_TYPES, args), callbacks=[PruningCallback(trial)])
-    value = metrics[OBJECTIVE]
+    try:
+        value = run(*parse_dict(PARSED_TYPES, args), callbacks=[PruningCallback(trial)])[OBJECTIVE]
+    except TrainingDiverged as err:
+        value, reason = math.nan, str(err)
+    else:
+        reason = f"{OBJECTIVE} is {value}"
     if not math.isfinite(value):
-        raise InvalidArgument(f"trial {trial.number}: {OBJECTIVE} is {value}")
+        # A setting that diverges (too high a learning rate) is a bad trial, not a broken sweep: it ends as
+        # pruned, counts towards n_trials, and the study goes on.
+        trial.set_user_attr("diverged", reason)
+        raise optuna.TrialPruned(f"diverged: {reason}")
     return value
 
 
