@@ -69,8 +69,15 @@ def test_no_validation_split_means_no_evaluation_during_training(tmp_path, tiny_
     assert run.record()["num_train_rows"] == 30 and "validation_accuracy" not in metrics and "accuracy" in metrics
 
 
-def test_short_runs_evaluate_at_least_four_times(tmp_path, tiny_models, fixture_data_dir):
-    run, _ = run_tiny(tmp_path, tiny_models, fixture_data_dir, "--num_train_epochs", "2")
-    evals = [entry["epoch"] for entry in run.log_history() if "eval_accuracy" in entry]
-    assert evals == [0.5, 1.0, 1.5, 2.0]  # every quarter of the run, not only at the two epoch ends
+@pytest.mark.parametrize(("epochs", "batch", "expected"), [
+    (2, "8", [0.5, 1.0, 1.5, 2.0]),     # 8 steps: every 2nd, a quarter of the run
+    (3, "8", [0.75, 1.5, 2.25, 3.0]),   # 12 steps: every 3rd
+    (3, "4", [0.86, 1.71, 2.57, 3.0]),  # 21 steps: every 6th (ceil of 5.25), and the last step too
+])
+def test_short_runs_evaluate_at_least_four_times(epochs, batch, expected, tmp_path, tiny_models, fixture_data_dir):
+    run, metrics = run_tiny(tmp_path, tiny_models, fixture_data_dir, "--num_train_epochs", str(epochs),
+                            "--per_device_train_batch_size", batch)
+    evals = [entry for entry in run.log_history() if "eval_accuracy" in entry]
+    assert [round(entry["epoch"], 2) for entry in evals] == expected  # ending at the final weights
     assert run.record()["training_args"]["eval_strategy"] == "steps"
+    assert metrics["validation_macro_f1"] == evals[-1]["eval_macro_f1"]

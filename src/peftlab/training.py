@@ -23,6 +23,7 @@ from datasets import DatasetDict
 from transformers import (
     DataCollatorWithPadding,
     Trainer,
+    TrainerCallback,
     TrainingArguments,
     set_seed,
 )
@@ -224,6 +225,16 @@ class PeftlabTrainer(Trainer):
         return loss
 
 
+class EvaluateLastStep(TrainerCallback):
+    """Step-based evaluation (``--min_evaluations``) need not fall on the last step; evaluate there as well,
+    so every curve ends at the final weights and their validation metrics need no extra pass."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if (args.eval_strategy == IntervalStrategy.STEPS and state.global_step >= state.max_steps
+                and state.global_step % state.eval_steps):
+            control.should_evaluate = True
+
+
 def prepare_output_dir(training_args: TrainingArguments) -> RunDirectory:
     """The run's folder, refused if it holds another run's files (Trainer's convention) unless
     ``--overwrite_output_dir``, which removes them first: a folder never mixes two runs. Under torchrun or
@@ -294,21 +305,22 @@ def run(data_args: DataArguments, model_args: ModelArguments, method_args: Metho
     trainer = PeftlabTrainer(
         model=model, args=training_args, train_dataset=encoded["train"], eval_dataset=encoded.get("validation"),
         processing_class=tokenizer, data_collator=DataCollatorWithPadding(tokenizer),
-        compute_metrics=partial(compute_metrics, label_names=label_names), callbacks=callbacks)
+        compute_metrics=partial(compute_metrics, label_names=label_names),
+        callbacks=[EvaluateLastStep(), *(callbacks or [])])
     metrics: dict = dict(counts)
     if training_args.do_train:
         result = trainer.train()
         metrics.update(result.metrics)
         metrics["train_tokens_per_second"], metrics["eval_seconds_during_training"] = training_throughput(
             train_tokens, trainer.state.epoch, result.metrics["train_runtime"], trainer.state.log_history)
+        if "validation" in encoded:
+            metrics.update(selected_validation_metrics(trainer, encoded["validation"]))
         if training_args.should_save:
             run_dir.write_state(trainer.state)  # the log history the curves come from
             run_dir.remove_checkpoints()  # load_best_model_at_end's; the chosen weights go to model/
             if training_args.save_model:
                 method.save(trainer.model, run_dir.model_dir)
                 tokenizer.save_pretrained(run_dir.model_dir)
-        if "validation" in encoded:
-            metrics.update(selected_validation_metrics(trainer, encoded["validation"]))
     if training_args.do_test or training_args.do_predict:
         metrics.update(final_test_metrics(trainer, encoded["test"], label_names, run_dir,
                                           training_args.do_predict and training_args.should_save))
