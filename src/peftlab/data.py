@@ -347,6 +347,11 @@ def tokenize(dataset, tokenizer, max_seq_length: int):
 VALIDATION_SEED = 2025  # the held-out rows are the same for every training seed and method
 
 
+def check_validation_ratio(ratio: float) -> None:
+    if not 0 <= ratio < 1:
+        raise InvalidArgument(f"--validation_split must be in [0, 1), got {ratio}")
+
+
 def hold_out_validation(train: Dataset, ratio: float,
                         seed: int = VALIDATION_SEED) -> tuple[Dataset, Dataset | None, dict]:
     """Split ``train`` into (train, validation), stratified by label, with a fixed seed.
@@ -354,8 +359,7 @@ def hold_out_validation(train: Dataset, ratio: float,
     Returns the two splits (validation None for ``ratio`` 0) and a record of the split for ``run.json``:
     ratio, seed, row counts and a sha256 of the held-out row indices (into the given ``train``).
     """
-    if not 0 <= ratio < 1:
-        raise InvalidArgument(f"--validation_split must be in [0, 1), got {ratio}")
+    check_validation_ratio(ratio)
     if ratio == 0:
         return train, None, {"ratio": 0.0, "seed": seed, "train_rows": len(train), "validation_rows": 0}
     indexed = train.add_column("source_row", list(range(len(train))))

@@ -122,12 +122,12 @@ def expand(grid: dict) -> list[GridRun]:
         for dataset in model_entry.get("datasets", grid["datasets"]):
             for method in model_entry.get("methods", list(grid["methods"])):
                 method_args = grid["methods"][method]
+                cell = {"model": model, "dataset": dataset, "method": method}
+                params, settings = selected_settings(grid, selection, cell)  # one cell, one setting
                 seeds = model_entry.get("seeds") or grid.get("seeds_by_dataset", {}).get(dataset, grid["seeds"])
                 for seed in seeds:
-                    coords = {"model": model, "dataset": dataset, "method": method, "seed": seed}
-                    args = {**grid.get("defaults", {}), **model_args, **method_args}
-                    params, settings = selected_settings(grid, selection, coords)
-                    args = apply_params(args, params)
+                    coords = {**cell, "seed": seed}
+                    args = apply_params({**grid.get("defaults", {}), **model_args, **method_args}, params)
                     for override in grid.get("overrides", []):
                         if all(coords.get(key) == value for key, value in override["match"].items()):
                             args.update(override["set"])

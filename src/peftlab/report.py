@@ -310,7 +310,7 @@ def plot_sweeps(studies: list, path: Path) -> Path | None:
         return None
     fig, axes = plt.subplots(1, len(studies), figsize=(4.2 * len(studies), 3.6), sharey=True, squeeze=False)
     for axis, study in zip(axes[0], studies, strict=True):
-        scored = [(trial, _trial_score(trial)) for trial in study.trials if _trial_score(trial)]
+        scored = [(trial, score) for trial in study.trials if (score := _trial_score(trial))]
         for state, marker in (("complete", "o"), ("pruned", "x")):
             points = [(t.params["learning_rate"], 100 * score, t.params.get("num_train_epochs", 0))
                       for t, (score, how) in scored if how == state]

@@ -30,7 +30,7 @@ from transformers import (
 from transformers.trainer_utils import IntervalStrategy
 
 from .cli import parse_dataclasses
-from .data import VALIDATION_SEED, hold_out_validation, load_data, take_slice, tokenize
+from .data import VALIDATION_SEED, check_validation_ratio, hold_out_validation, load_data, take_slice, tokenize
 from .errors import InvalidArgument, TrainingDiverged, exit_on_user_error
 from .hardware import bf16_helps
 from .methods import MethodArguments, get_method, method_label, parameter_counts
@@ -78,8 +78,7 @@ class DataArguments:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise InvalidArgument(f"--{name} must be positive (or left out for every row), got {value}")
-        if not 0 <= self.validation_split < 1:
-            raise InvalidArgument(f"--validation_split must be in [0, 1), got {self.validation_split}")
+        check_validation_ratio(self.validation_split)
 
 
 @dataclass
