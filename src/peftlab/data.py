@@ -33,6 +33,7 @@ FEW_SHOT_SIZE = 32  # PPT (arXiv 2109.04332): 32 training and 32 held-out exampl
 FEW_SHOT_SEED = 2025
 AGNEWS_SPLIT_SEED = 2025
 SLICE_SEED = 2025  # --max_*_samples take the same rows whatever the training seed
+VALIDATION_SEED = 2025  # the held-out validation rows are the same for every training seed and method
 
 
 class DataFormatError(UserError, ValueError):
@@ -342,9 +343,6 @@ def tokenize(dataset, tokenizer, max_seq_length: int):
     """Token ids without padding: ``DataCollatorWithPadding`` pads each batch to its own longest row."""
     return dataset.map(lambda batch: tokenizer(batch["text"], truncation=True, max_length=max_seq_length),
                        batched=True, remove_columns=["text"], desc="Tokenizing")
-
-
-VALIDATION_SEED = 2025  # the held-out rows are the same for every training seed and method
 
 
 def check_validation_ratio(ratio: float) -> None:
