@@ -299,7 +299,7 @@ def _trial_score(trial) -> tuple[float, str] | None:
     if trial.state.name == "COMPLETE":
         return trial.value, "complete"
     if trial.state.name == "PRUNED" and trial.intermediate_values:
-        return trial.intermediate_values[max(trial.intermediate_values)], "pruned"
+        return trial.intermediate_values[max(trial.intermediate_values)], "pruned, at its last epoch"
     return None
 
 
@@ -308,10 +308,11 @@ def plot_sweeps(studies: list, path: Path) -> Path | None:
     its epochs; pruned trials as crosses, at the last epoch they reached. Panels share the y-range."""
     if not any(_trial_score(trial) for study in studies for trial in study.trials):
         return None
-    fig, axes = plt.subplots(1, len(studies), figsize=(4.2 * len(studies), 3.6), sharey=True, squeeze=False)
+    fig, axes = plt.subplots(1, len(studies), figsize=(max(6.0, 4.2 * len(studies)), 3.8), sharey=True,
+                             squeeze=False)
     for axis, study in zip(axes[0], studies, strict=True):
         scored = [(trial, score) for trial in study.trials if (score := _trial_score(trial))]
-        for state, marker in (("complete", "o"), ("pruned", "x")):
+        for state, marker in (("complete", "o"), ("pruned, at its last epoch", "x")):
             points = [(t.params["learning_rate"], 100 * score, t.params.get("num_train_epochs", 0))
                       for t, (score, how) in scored if how == state]
             if points:
@@ -324,11 +325,10 @@ def plot_sweeps(studies: list, path: Path) -> Path | None:
         axis.grid(alpha=0.3)
         if scored:
             axis.legend(fontsize=7, loc="lower left")
-    axes[0][0].set_ylabel("validation macro-F1 (%)")
+    axes[0][0].set_ylabel("validation macro-F1 (%), final epoch")
     fig.colorbar(plt.cm.ScalarMappable(norm=matplotlib.colors.Normalize(2, 20), cmap="viridis"), ax=axes[0],
                  label="epochs")
-    fig.suptitle("Sweep trials: validation macro-F1 (final epoch; pruned: last epoch reached)")
-    fig.savefig(path, dpi=80, metadata={"Software": None})
+    fig.savefig(path, dpi=80, bbox_inches="tight", metadata={"Software": None})
     plt.close(fig)
     return path
 
