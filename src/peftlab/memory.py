@@ -36,12 +36,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForSequenceClassification, HfArgumentParser
+from transformers import AutoConfig, HfArgumentParser
 
 from .cli import non_negative_int, positive_int
 from .errors import InvalidArgument, exit_on_user_error
 from .markdown import table
-from .methods import MethodArguments, get_method, wrap_on_meta
+from .methods import MethodArguments, get_method, meta_model, wrap_on_meta
 
 BUILTIN_CONFIGS = Path(__file__).parent / "configs"
 GIB = 2**30
@@ -65,11 +65,6 @@ def load_config(name_or_path: str, num_labels: int = 2):
             config = AutoConfig.from_pretrained(resolved.path)
     config.num_labels = num_labels
     return config
-
-
-def meta_model(config) -> torch.nn.Module:
-    with torch.device("meta"):
-        return AutoModelForSequenceClassification.from_config(config)
 
 
 def activation_bytes(config, batch_size: int, seq_len: int, element_bytes: int, eager_attention: bool) -> int:

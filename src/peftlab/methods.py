@@ -321,12 +321,17 @@ def method_argument_fields() -> list[str]:
     return [name for method in METHODS.values() for name in method.argument_fields]
 
 
-def wrap_on_meta(config, args: MethodArguments) -> torch.nn.Module:
-    """The model ``args`` would train, built from ``config`` on the meta device: exact parameter counts,
-    nothing allocated (the memory estimator counts what each method adds this way)."""
+def meta_model(config) -> torch.nn.Module:
+    """A sequence classifier of ``config`` on the meta device: exact parameter counts, nothing allocated."""
     with torch.device("meta"):
-        model = AutoModelForSequenceClassification.from_config(config)
-        return get_method(args.tuning_method).wrap(model, args)
+        return AutoModelForSequenceClassification.from_config(config)
+
+
+def wrap_on_meta(config, args: MethodArguments) -> torch.nn.Module:
+    """The model ``args`` would train, on the meta device (the memory estimator counts what each method adds
+    this way); the method's own modules are created there too."""
+    with torch.device("meta"):
+        return get_method(args.tuning_method).wrap(meta_model(config), args)
 
 
 for _method in (FullFineTuning(), LoRA(), IA3(), BottleneckAdapter()):
