@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The validation protocol's evidence (issue 23), cheapest cells first: each sweep, then the protocol
-# grid's runs at the selected settings (configs/grids/protocol.yaml: test evaluated once per run).
+# The validation protocol's evidence (issue 23), cheapest cells first: each sweep, then that cell's
+# seeds in the assignment grid at the selected settings (configs/grids/assignment.yaml, results/assignment:
+# test evaluated once per run).
 # Resumable: studies continue, finished runs are skipped. Long: start it detached,
 #   WORKERS=2 setsid nohup scripts/sweeps.sh > results/sweeps.log 2>&1 &
 # WORKERS processes share each study and each grid (--shard), the CPU's cores split between them: on a
@@ -15,9 +16,11 @@ in_parallel() {  # in_parallel CMD...: WORKERS copies of CMD, {i} replaced by th
   wait
 }
 for model in minilm mpnet; do
-  for cell in acl_sup-full acl_sup-lora-r16 restaurant_sup-full restaurant_sup-lora-r16; do
-    in_parallel scripts/sweep.sh "configs/sweeps/$model-$cell.yaml"
-    in_parallel .venv/bin/python -m peftlab.experiments configs/grids/protocol.yaml --only model=$model \
-      --shard "{i}/$workers"
+  for dataset in acl_sup restaurant_sup; do
+    for method in full lora-r16; do
+      in_parallel scripts/sweep.sh "configs/sweeps/$model-$dataset-$method.yaml"
+      in_parallel .venv/bin/python -m peftlab.experiments configs/grids/assignment.yaml \
+        --only model=$model --only dataset=$dataset --only method=$method --shard "{i}/$workers"
+    done
   done
 done
