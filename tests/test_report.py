@@ -42,6 +42,7 @@ def report_inputs(tmp_path):
         "{{section:curves}}\n{{section:bars}}\n{{section:per_class}}\n"
         "Full reaches {{metric:m/acl_sup/full/accuracy}} in "
         "{{cost:m/acl_sup/full/train_runtime}} s.\n{{file:table.md}}\n")
+    (prose / "APPENDIX.template.md").write_text("# A\n{{section:per_seed}}\n")
     return results, prose, tmp_path
 
 
@@ -53,10 +54,19 @@ def test_report_content_and_byte_identical_regeneration(report_inputs):
     assert text == second.read_text()
     assert "Full reaches 75.0 ± 7.1 in 12 s." in text
     assert "| m | acl_sup | lora-r8 | 2 | 65.0 ± 7.1 |" in text
-    assert "| m | org/m | package |" in text and "| m | acl_sup | full | 0.0001 | 2 |" in text
+    assert "| m | org/m | package |" in text
+    # the configuration table shows only what varies between cells; the rest is one line
+    assert "| protocol | model | dataset | method | lora_r | lora_alpha |" in text
+    assert "| fixed | m | acl_sup | full | – | – |" in text
+    assert "Shared by every cell: learning_rate 0.0001; num_train_epochs 2;" in text
     assert "(`LORA_DEFAULT_TARGETS`): bert: query, value;" in text
-    assert "| model | method | n | Uses | Future |" in text and "| m | full | 2 | 75.0 ± 7.1 | 0.0 ± 0.0 |" in text
+    assert "| protocol | model | method | n | Uses | Future |" in text
+    assert "| fixed | m | full | 2 | 75.0 ± 7.1 | 0.0 ± 0.0 |" in text
     assert "![curves_m_acl_sup](figures/curves_m_acl_sup.png)" in text and "| a |" in text
+    appendix = (root / "out1" / "APPENDIX.md").read_text()
+    assert appendix == (root / "out2" / "APPENDIX.md").read_text()
+    run_row = f"| fixed | m | acl_sup | lora-r8 | 2 | 70.0 | 60.0 | 2 | 0.0001 | `{results}/m/acl_sup/lora-r8/seed2` |"
+    assert run_row in appendix
     for name in ("curves_m_acl_sup.png", "bars_m.png"):
         assert (root / "out1" / "figures" / name).read_bytes() == (root / "out2" / "figures" / name).read_bytes()
 
@@ -67,19 +77,61 @@ def test_runs_on_another_host_are_named_and_untimed(report_inputs):
     text = build_report(results, prose, root / "out", root).read_text()
     assert '- `{"cpu_count": 2}`: 4 runs, the reference host' in text
     assert '- `{"cpu_count": 4}`: 1 run (m/acl_sup/adapter/seed1)' in text
-    rows = aggregate(collect(results))
+    runs = collect(results)
     with pytest.raises(ValueError, match="reference host"):
-        fill_placeholders("{{cost:m/acl_sup/adapter/train_runtime}}", rows, root)
-    assert fill_placeholders("{{cost:m/acl_sup/adapter/peak_rss_mb}}", rows, root) == "900"
+        fill_placeholders("{{cost:m/acl_sup/adapter/train_runtime}}", runs, root)
+    assert fill_placeholders("{{cost:m/acl_sup/adapter/peak_rss_mb}}", runs, root) == "900"
 
 
 def test_unknown_placeholder_is_an_error(report_inputs):
     results, _, root = report_inputs
-    rows = aggregate(collect(results))
-    with pytest.raises(KeyError, match="no runs for m/agnews_sup/full"):
-        fill_placeholders("{{metric:m/agnews_sup/full/accuracy}}", rows, root)
+    runs = collect(results)
+    with pytest.raises(KeyError, match="no fixed-protocol runs for m/agnews_sup/full"):
+        fill_placeholders("{{metric:m/agnews_sup/full/accuracy}}", runs, root)
+    with pytest.raises(KeyError, match="no validation-protocol runs for m/acl_sup/full"):
+        fill_placeholders("{{ci:validation:m/acl_sup/full/accuracy}}", runs, root)
+    with pytest.raises(KeyError, match="no selected settings for m/acl_sup/full"):
+        fill_placeholders("{{selected:m/acl_sup/full}}", runs, root, {})
     with pytest.raises(FileNotFoundError):
-        fill_placeholders("{{file:nope.md}}", rows, root)
+        fill_placeholders("{{file:nope.md}}", runs, root)
+
+
+def test_placeholders_cite_intervals_paired_differences_and_protocols(tmp_path):
+    results = tmp_path / "results"
+    for seed, full, lora in ((1, 0.70, 0.80), (2, 0.75, 0.86), (3, 0.80, 0.89)):
+        fixture_run(results, "full", seed, full)
+        fixture_run(results, "lora-r8", seed, lora)
+    fixture_run(results / "protocol", "full", 1, 0.9, validation_rows=169)
+    runs = collect(results)
+    # accuracy 0.70, 0.75, 0.80: mean 75.0, t(0.975, 2) = 4.303 x 5.0 / 1.732 = 12.4 either side
+    assert fill_placeholders("{{ci:m/acl_sup/full/accuracy}}", runs, tmp_path) == "75.0 [62.6, 87.4] (n=3)"
+    assert fill_placeholders("{{ci:validation:m/acl_sup/full/accuracy}}", runs, tmp_path) == "90.0 (n=1)"
+    assert fill_placeholders("{{diff:m/acl_sup/lora-r8/accuracy}}", runs, tmp_path).startswith(
+        "+10.0 points (95% CI +7.5 to +12.5)")
+    with pytest.raises(KeyError, match="no seeds shared with full"):
+        fill_placeholders("{{diff:validation:m/acl_sup/full/accuracy}}", runs, tmp_path)
+    entry = {"study": "s", "trial": 4, "validation_macro_f1": 0.551, "params": {"learning_rate": 8.5e-5}}
+    assert fill_placeholders("{{selected:m/acl_sup/full}}", runs, tmp_path, {"m/acl_sup/full": entry}) == (
+        "learning_rate 8.5e-05 (validation macro-F1 55.1; study s, trial 4)")
+
+
+def test_headline_prefers_the_validation_protocol_and_coverage_counts_the_grid(tmp_path):
+    from peftlab.experiments import GridRun
+    from peftlab.report import coverage_section, headline_section
+
+    results = tmp_path / "results"
+    for seed in (1, 2):
+        fixture_run(results, "full", seed, 0.7)
+        fixture_run(results, "lora-r8", seed, 0.6)
+    fixture_run(results / "protocol", "full", 1, 0.9, validation_rows=169)
+    runs = collect(results)
+    headline = headline_section(runs)
+    assert "| m | full | 80.0 / 90.0 (n=1) |" in headline  # its validation-protocol run, unmarked
+    assert "| m | lora-r8 | 50.0 [50.0, 50.0] / 60.0 [60.0, 60.0] (n=2)† |" in headline  # fixed settings
+    wanted = [GridRun("m", "acl_sup", method, seed, {}) for method in ("full", "lora-r8") for seed in (1, 2, 3)]
+    coverage = coverage_section(runs, wanted)
+    assert coverage.startswith("0 of 2 cells have all their seeds under the validation protocol.")
+    assert "| m | full | 1/3 (fixed: 2) |" in coverage and "| m | lora-r8 | 0/3 (fixed: 2) |" in coverage
 
 
 def test_validation_protocol_runs_sit_beside_the_fixed_settings_runs(tmp_path):
@@ -94,10 +146,12 @@ def test_validation_protocol_runs_sit_beside_the_fixed_settings_runs(tmp_path):
         fixture_run(results / "protocol", "full", seed, acc, validation_rows=169)
     runs = collect(results)
     assert sorted(run.protocol for run in runs) == [FIXED, FIXED, VALIDATION, VALIDATION]
-    selection = {"m/acl_sup/full": {"study": "s", "trial": 4, "params": {"learning_rate": 2e-4, "num_train_epochs": 9}}}
+    selection = {"m/acl_sup/full": {"study": "s", "trial": 4, "validation_macro_f1": 0.5,
+                                    "params": {"learning_rate": 2e-4, "num_train_epochs": 9}}}
     section = protocol_section(runs, selection)
-    assert ("| m/acl_sup/full | lr 0.0001, 2 epochs | 65.0 ± 7.1 / 75.0 ± 7.1 (n=2) "
-            "| learning_rate 0.0002, num_train_epochs 9 (s, trial 4) | 81.0 ± 1.4 / 91.0 ± 1.4 (n=2) |") in section
+    assert ("| m/acl_sup/full | lr 0.0001, 2 epochs | 65.0 ± 7.1 / 75.0 ± 7.1 (n=2) | learning_rate 0.0002, "
+            "num_train_epochs 9 (validation macro-F1 50.0; study s, trial 4) "
+            "| 81.0 ± 1.4 / 91.0 ± 1.4 (n=2) |") in section
 
 
 def test_paired_differences_state_only_what_their_interval_supports(tmp_path):
@@ -125,7 +179,7 @@ def test_headline_and_figures_follow_method_order_colours_and_data(tmp_path, rep
     runs = collect(report_inputs[0])
     headline = report.headline_section(runs).splitlines()
     # full: macro-F1 0.6 and 0.7 -> 65.0, t(0.975, 1) = 12.706 x 7.07 / 1.414 = 63.5 either side
-    assert headline[2] == "| m | full | 65.0 [1.5, 128.5]; acc 75.0 (n=2) |"
+    assert headline[2] == "| m | full | 65.0 [1.5, 128.5] / 75.0 [11.5, 138.5] (n=2)† |"
     assert headline[3].startswith("| m | lora-r8 | 55.0 [")
     colours = report.method_colours(["lora-r16", "adapter", "full", "lora-r8"])
     assert list(colours) == ["full", "lora-r8", "lora-r16", "adapter"]  # registry order, ranks numeric
@@ -137,6 +191,6 @@ def test_headline_and_figures_follow_method_order_colours_and_data(tmp_path, rep
         return real_save(fig, axes, title, path)
 
     monkeypatch.setattr(report, "_save", keep_axes)
-    report.plot_bars(aggregate(runs), tmp_path)
+    report.plot_bars(aggregate(runs), tmp_path, colours)
     (left, right) = captured["bars_m.png"]
     assert left == right and left[0] > 0  # one range for both panels, fitted to the bars

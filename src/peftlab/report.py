@@ -1,12 +1,21 @@
 """The report: plots and ``reports/REPORT.md`` generated from run directories and prose files.
 
-No number is typed by hand: tables come from :mod:`peftlab.results`, and prose files may cite a
-result with a placeholder that is filled in from the runs:
+No number is typed by hand: tables come from :mod:`peftlab.results`, and the prose files
+(``REPORT.template.md``, the main text, and ``APPENDIX.template.md``) may cite a result with a placeholder
+that is filled in from the runs:
 
-* ``{{metric:MODEL/DATASET/METHOD/KEY}}``: ``mean ± std`` (percent) of a quality metric over seeds,
+* ``{{metric:CELL/KEY}}``: ``mean ± std`` (percent) of a quality metric over seeds,
   e.g. ``{{metric:minilm/restaurant_sup/full/accuracy}}``;
-* ``{{cost:MODEL/DATASET/METHOD/KEY}}``: the median over seeds of a cost column (train_runtime, ...);
+* ``{{ci:CELL/KEY}}``: ``mean [low, high] (n=k)``, the mean with its 95% t interval over seeds;
+* ``{{diff:CELL/KEY}}``: the method against full fine-tuning of the same model and dataset, paired by
+  seed, stated as a difference only where its 95% interval excludes zero;
+* ``{{cost:CELL/KEY}}``: the median over seeds of a cost column (train_runtime, ...);
+* ``{{selected:MODEL/DATASET/METHOD}}``: the settings a sweep selected for the cell, with their validation
+  macro-F1, study and trial;
 * ``{{file:PATH}}``: the text of a generated file (a benchmark or memory table), relative to the repo.
+
+``CELL`` is ``MODEL/DATASET/METHOD`` for the fixed-settings runs, or ``validation:MODEL/DATASET/METHOD``
+for the runs under the validation protocol: a sentence always says which runs it cites.
 
 A placeholder that names nothing is an error, so the report never shows a stale or made-up figure.
 Output is deterministic: the same inputs give the same bytes.
@@ -18,7 +27,6 @@ import argparse
 import json
 import math
 import re
-import statistics
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -29,7 +37,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from .markdown import table  # noqa: E402
-from .methods import LORA_DEFAULT_TARGETS, get_method, method_argument_fields, method_sort_key  # noqa: E402
+from .methods import LORA_DEFAULT_TARGETS, baseline_label, get_method, method_argument_fields, method_sort_key  # noqa: E402
 from .results import (  # noqa: E402
     FIXED,
     VALIDATION,
@@ -45,6 +53,7 @@ from .results import (  # noqa: E402
     t_interval,
     write_csv,
 )
+from .runrecord import RunDirectory  # noqa: E402
 from .selection import DEFAULT_SELECTION_FILE, read_selection  # noqa: E402
 
 matplotlib.rcParams["svg.hashsalt"] = "peftlab"  # deterministic output
@@ -81,13 +90,14 @@ def method_colours(labels) -> dict[str, tuple]:
     return {label: plt.cm.tab10(i % 10) for i, label in enumerate(ordered)}
 
 
-def plot_curves(runs: list[RunResult], out_dir: Path, evaluated_on: str = "test", prefix: str = "curves") -> list[Path]:
+def plot_curves(runs: list[RunResult], out_dir: Path, colours: dict, evaluated_on: str = "test",
+                prefix: str = "curves") -> list[Path]:
     """Per (model, dataset): train loss, and accuracy and macro-F1 (percent) on the split the runs evaluated each
-    epoch on, against step; one line per method in method order, in its fixed colour; shared y-range."""
+    epoch on, against step; one line per method in method order, in its colour (``colours``, one per method
+    for the whole report); accuracy and macro-F1 on one y-range."""
     by_pair: dict[tuple[str, str], dict[str, list[RunResult]]] = defaultdict(lambda: defaultdict(list))
     for run in runs:
         by_pair[run.model, run.dataset][run.method].append(run)
-    colours = method_colours(run.method for run in runs)
     paths = []
     for (model, dataset), methods in sorted(by_pair.items()):
         fig, axes = plt.subplots(1, 3, figsize=(15, 4))
@@ -118,10 +128,10 @@ def plot_curves(runs: list[RunResult], out_dir: Path, evaluated_on: str = "test"
     return paths
 
 
-def plot_bars(rows: list[dict], out_dir: Path) -> list[Path]:
+def plot_bars(rows: list[dict], out_dir: Path, colours: dict) -> list[Path]:
     """Per model: accuracy and macro-F1 (percent) by dataset and method, ±1 std error bars, methods in order and
-    fixed colours, one y-range for both panels fitted to the bars (not from zero: the differences show)."""
-    colours = method_colours(row["method"] for row in rows)
+    in their colours, one y-range for both panels fitted to the bars (not from zero: the differences show);
+    rows with ``protocol`` fixed (untuned settings) hatched."""
     paths = []
     for model in sorted({row["model"] for row in rows}):
         mine = [row for row in rows if row["model"] == model]
@@ -135,8 +145,11 @@ def plot_bars(rows: list[dict], out_dir: Path) -> list[Path]:
                 cells = {row["dataset"]: row for row in mine if row["method"] == method}
                 means = [100 * cells[d][f"{key}_mean"] if d in cells else np.nan for d in datasets]
                 stds = [np.nan_to_num(100 * cells[d][f"{key}_std"]) if d in cells else 0 for d in datasets]
-                axis.bar(np.arange(len(datasets)) + i * width, means, width, yerr=stds, capsize=3, label=method,
-                         color=colours[method])
+                bars = axis.bar(np.arange(len(datasets)) + i * width, means, width, yerr=stds, capsize=3,
+                                label=method, color=colours[method])
+                for bar, dataset in zip(bars, datasets, strict=True):
+                    if cells.get(dataset, {}).get("protocol") == FIXED:
+                        bar.set_hatch("//")
                 extent += [m - s for m, s in zip(means, stds, strict=True)] + [
                     m + s for m, s in zip(means, stds, strict=True)]
             axis.set_xticks(np.arange(len(datasets)) + width * (len(methods) - 1) / 2, datasets)
@@ -145,21 +158,31 @@ def plot_bars(rows: list[dict], out_dir: Path) -> list[Path]:
         low, high = np.nanmin(extent), np.nanmax(extent)
         margin = max(2.0, 0.05 * (high - low))
         axes[0].set_ylim(max(0.0, low - margin), min(100.0, high + margin))
-        paths.append(_save(fig, axes, f"{model}: test metrics, mean ± std over seeds", out_dir / f"bars_{model}.png"))
+        hatched = any(row.get("protocol") == FIXED for row in mine)
+        title = f"{model}: test metrics, mean ± std over seeds" + (
+            " (hatched: fixed settings, not tuned)" if hatched else "")
+        paths.append(_save(fig, axes, title, out_dir / f"bars_{model}.png"))
     return paths
 
 
+def headline_runs(runs: list[RunResult]) -> dict[tuple, list[RunResult]]:
+    """Per (model, dataset, method): its runs under the validation protocol where it has any, else its
+    fixed-settings runs (the reader sees which from ``RunResult.protocol``)."""
+    cells: dict[tuple, dict[str, list[RunResult]]] = defaultdict(lambda: defaultdict(list))
+    for run in runs:
+        cells[run.cell][run.protocol].append(run)
+    return {cell: by_protocol.get(VALIDATION) or by_protocol[FIXED] for cell, by_protocol in sorted(cells.items())}
+
+
 def headline_section(runs: list[RunResult]) -> str:
-    """One row per model and method, one column per dataset: test macro-F1 with its 95% t interval over seeds,
-    and accuracy."""
+    """One row per model and method, one column per dataset: test macro-F1 and accuracy, each the mean with its
+    95% t interval over seeds; fixed-settings cells (no validation-protocol runs yet) marked †."""
     if not runs:
         return "_no finished runs yet_\n"
-    cells: dict[tuple, list[RunResult]] = defaultdict(list)
-    for run in runs:
-        cells[run.cell].append(run)
-    datasets = sorted({run.dataset for run in runs})
+    cells = headline_runs(runs)
+    datasets = sorted({dataset for _, dataset, _ in cells})
     rows = []
-    for model, method in sorted({(run.model, run.method) for run in runs},
+    for model, method in sorted({(model, method) for model, _, method in cells},
                                 key=lambda pair: (pair[0], method_sort_key(pair[1]))):
         row = [model, method]
         for dataset in datasets:
@@ -167,19 +190,62 @@ def headline_section(runs: list[RunResult]) -> str:
             if not members:
                 row.append("–")
                 continue
-            mean, low, high = (100 * v for v in t_interval([run.metrics["macro_f1"] for run in members]))
-            accuracy = 100 * statistics.fmean(run.metrics["accuracy"] for run in members)
-            interval = "" if math.isnan(low) else f" [{low:.1f}, {high:.1f}]"
-            row.append(f"{mean:.1f}{interval}; acc {accuracy:.1f} (n={len(members)})")
+            marker = "†" if members[0].protocol == FIXED else ""
+            macro_f1, accuracy = (interval_text([run.metrics[key] for run in members]).rsplit(" (", 1)[0]
+                                  for key in ("macro_f1", "accuracy"))
+            row.append(f"{macro_f1} / {accuracy} (n={len(members)}){marker}")
         rows.append(row)
     return table(["model", "method", *datasets], rows)
 
 
-PLACEHOLDER = re.compile(r"\{\{(metric|cost|file):([^}]+)\}\}")
+def coverage_section(runs: list[RunResult], wanted: list) -> str:
+    """The assignment grid's cells (``wanted``: its GridRuns): validation-protocol seeds finished of those
+    wanted, and the fixed-settings seeds the cell has besides."""
+    if not wanted:
+        return "_no assignment grid given_\n"
+    done = Counter((run.protocol, *run.cell) for run in runs)
+    seeds = Counter((run.model, run.dataset, run.method) for run in wanted)
+    datasets = sorted({dataset for _, dataset, _ in seeds})
+    rows = []
+    complete = 0
+    for model, method in sorted({(model, method) for model, _, method in seeds},
+                                key=lambda pair: (pair[0], method_sort_key(pair[1]))):
+        row = [model, method]
+        for dataset in datasets:
+            cell = (model, dataset, method)
+            if cell not in seeds:
+                row.append("–")
+                continue
+            validation, fixed = done[(VALIDATION, *cell)], done[(FIXED, *cell)]
+            complete += validation >= seeds[cell]
+            row.append(f"{validation}/{seeds[cell]}" + (f" (fixed: {fixed})" if fixed else ""))
+        rows.append(row)
+    return (f"{complete} of {len(seeds)} cells have all their seeds under the validation protocol.\n\n"
+            + table(["model", "method", *datasets], rows))
 
 
-def fill_placeholders(text: str, rows: list[dict], repo_root: Path) -> str:
-    cells = {(row["model"], row["dataset"], row["method"]): row for row in rows}
+PLACEHOLDER = re.compile(r"\{\{(metric|ci|diff|cost|file|selected):([^}]+)\}\}")
+
+
+def interval_text(values: list[float], scale: float = 100.0) -> str:
+    """``mean [low, high] (n=k)`` in percent: the mean over seeds with its 95% t interval."""
+    mean, low, high = (scale * v for v in t_interval(values))
+    return f"{mean:.1f} (n=1)" if math.isnan(low) else f"{mean:.1f} [{low:.1f}, {high:.1f}] (n={len(values)})"
+
+
+def selected_text(entry: dict) -> str:
+    settings = ", ".join(f"{key} {_setting(value)}" for key, value in entry["params"].items())
+    return (f"{settings} (validation macro-F1 {100 * entry['validation_macro_f1']:.1f}; "
+            f"study {entry['study']}, trial {entry['trial']})")
+
+
+def fill_placeholders(text: str, runs: list[RunResult], repo_root: Path, selection: dict | None = None) -> str:
+    by_cell: dict[tuple, list[RunResult]] = defaultdict(list)
+    for run in runs:
+        by_cell[(run.protocol, *run.cell)].append(run)
+    rows = {(protocol, row["model"], row["dataset"], row["method"]): row
+            for protocol in (FIXED, VALIDATION)
+            for row in aggregate([run for run in runs if run.protocol == protocol])}
 
     def substitute(match: re.Match) -> str:
         kind, target = match.groups()
@@ -188,12 +254,27 @@ def fill_placeholders(text: str, rows: list[dict], repo_root: Path) -> str:
             if not path.is_file():
                 raise FileNotFoundError(f"report placeholder {match.group(0)}: no file {path}")
             return path.read_text().rstrip("\n")
-        model, dataset, method, key = target.split("/")
-        row = cells.get((model, dataset, method))
+        if kind == "selected":
+            if target not in (selection or {}):
+                raise KeyError(f"report placeholder {match.group(0)}: no selected settings for {target}")
+            return selected_text(selection[target])
+        protocol, _, cell = target.rpartition(":")
+        protocol = protocol or FIXED
+        model, dataset, method, key = cell.split("/")
+        row = rows.get((protocol, model, dataset, method))
         if row is None:
-            raise KeyError(f"report placeholder {match.group(0)}: no runs for {model}/{dataset}/{method}")
+            raise KeyError(f"report placeholder {match.group(0)}: no {protocol}-protocol runs for "
+                           f"{model}/{dataset}/{method}")
         if kind == "metric":
             return pm(row, key)
+        if kind == "ci":
+            return interval_text([run.metrics[key] for run in by_cell[(protocol, model, dataset, method)]])
+        if kind == "diff":
+            pairs = [r for r in paired_differences([run for run in runs if run.protocol == protocol], key)
+                     if (r["model"], r["dataset"], r["method"]) == (model, dataset, method)]
+            if not pairs:
+                raise KeyError(f"report placeholder {match.group(0)}: no seeds shared with {baseline_label()}")
+            return difference_statement(pairs[0])
         if math.isnan(row[key]):
             raise ValueError(f"report placeholder {match.group(0)}: no value (times need runs on the reference host)")
         return f"{row[key]:.0f}" if row[key] >= 10 else f"{row[key]:.2f}"
@@ -202,22 +283,21 @@ def fill_placeholders(text: str, rows: list[dict], repo_root: Path) -> str:
 
 
 def configuration_section(runs: list[RunResult]) -> str:
-    """Every hyperparameter that varies or matters, per (model, dataset, method) cell, from run.json."""
+    """The hyperparameters per (protocol, model, dataset, method) cell, from run.json: a column for each that
+    varies between cells, one line for those every cell shares."""
     keys = [("training_args", "learning_rate"), ("training_args", "num_train_epochs"),
             ("training_args", "per_device_train_batch_size"), ("training_args", "warmup_ratio"),
             ("training_args", "weight_decay"), ("training_args", "lr_scheduler_type"), ("training_args", "bf16"),
-            ("training_args", "optim"),
+            ("training_args", "optim"), ("training_args", "group_by_length"),
             ("data_args", "max_seq_length"), ("data_args", "max_train_samples")]
     # each method's own arguments, for the methods these runs used
     used = {run.record["method_args"]["tuning_method"] for run in runs}
     keys += [("method_args", name) for name in method_argument_fields() if any(
         name in get_method(method).argument_fields for method in used)]
-    rows = []
-    seen = set()
+    cells = {}
     for run in runs:
-        if run.cell in seen:
+        if (run.protocol, *run.cell) in cells:
             continue
-        seen.add(run.cell)
         values = []
         for group, key in keys:
             value = run.record.get(group, {}).get(key)
@@ -225,12 +305,31 @@ def configuration_section(runs: list[RunResult]) -> str:
             if is_method_key and key not in get_method(run.record["method_args"]["tuning_method"]).argument_fields:
                 value = "–"
             elif value is None:  # the fields whose None means something
-                value = "default" if is_method_key else {"max_train_samples": "all"}.get(key, value)
+                value = "default" if is_method_key else {"max_train_samples": "all",
+                                                         "group_by_length": False}.get(key, value)
             values.append(value)
-        rows.append([run.model, run.dataset, run.method, *values])
+        settings = (RunDirectory(run.directory).grid_coordinates() or {}).get("settings")
+        source = f"{settings['from']} ({settings['study']}, trial {settings['trial']})" if settings else "–"
+        cells[(run.protocol, *run.cell)] = [*values, source]
+    names = [key for _, key in keys] + ["settings from sweep"]
+    varying = [i for i in range(len(names)) if len({str(v[i]) for v in cells.values()}) > 1]
+    shared = "; ".join(f"{names[i]} {next(iter(cells.values()))[i]}" for i in range(len(names)) if i not in varying)
     defaults = "; ".join(f"{model_type}: {', '.join(modules)}" for model_type, modules in LORA_DEFAULT_TARGETS.items())
-    return (table(["model", "dataset", "method", *(key for _, key in keys)], rows)
+    return (table(["protocol", "model", "dataset", "method", *(names[i] for i in varying)],
+                  ([*cell, *(values[i] for i in varying)] for cell, values in cells.items()))
+            + f"\nShared by every cell: {shared}.\n"
             + f"\nLoRA's `default` target modules, by architecture (`LORA_DEFAULT_TARGETS`): {defaults}.\n")
+
+
+def per_seed_section(runs: list[RunResult]) -> str:
+    """Every run: its test scores and where it lives (the appendix's per-seed detail)."""
+    return table(["protocol", "model", "dataset", "method", "seed", "accuracy", "macro-F1", "epochs",
+                  "learning rate", "run directory"],
+                 ([run.protocol, run.model, run.dataset, run.method, run.seed, f"{100 * run.metrics['accuracy']:.1f}",
+                   f"{100 * run.metrics['macro_f1']:.1f}", f"{run.record['training_args']['num_train_epochs']:g}",
+                   _setting(run.record["training_args"]["learning_rate"]), f"`{run.directory}`"]
+                  for run in sorted(runs, key=lambda r: (r.protocol != VALIDATION, r.model, r.dataset,
+                                                         method_sort_key(r.method), r.seed))))
 
 
 def per_class_section(runs: list[RunResult]) -> str:
@@ -247,13 +346,14 @@ def per_class_section(runs: list[RunResult]) -> str:
         rows = []
         cells: dict[tuple, list[RunResult]] = defaultdict(list)
         for run in members:
-            cells[(run.model, run.method)].append(run)
-        for (model, method), group in sorted(cells.items()):
+            cells[(run.protocol, run.model, run.method)].append(run)
+        for (protocol, model, method), group in sorted(
+                cells.items(), key=lambda item: (item[0][0] != VALIDATION, item[0][1], method_sort_key(item[0][2]))):
             row = {}
             for name in classes:
                 row[f"{name}_mean"], row[f"{name}_std"] = mean_std([run.metrics[f"f1_{name}"] for run in group])
-            rows.append([model, method, len(group), *(pm(row, name) for name in classes)])
-        blocks.append(f"`{dataset}`:\n\n" + table(["model", "method", "n", *classes], rows).rstrip("\n"))
+            rows.append([protocol, model, method, len(group), *(pm(row, name) for name in classes)])
+        blocks.append(f"`{dataset}`:\n\n" + table(["protocol", "model", "method", "n", *classes], rows).rstrip("\n"))
     return "\n\n".join(blocks) + "\n"
 
 
@@ -375,8 +475,7 @@ def protocol_section(runs: list[RunResult], selection: dict) -> str:
         cell = (row["model"], row["dataset"], row["method"])
         before = old.get(cell)
         entry = selection.get("/".join(cell))
-        settings = (", ".join(f"{key} {_setting(value)}" for key, value in entry["params"].items())
-                    + f" ({entry['study']}, trial {entry['trial']})") if entry else "–"
+        settings = selected_text(entry) if entry else "–"
         rows.append(["/".join(cell), fixed_settings.get(cell, "–"),
                      f"{pm(before, 'macro_f1')} / {pm(before, 'accuracy')} (n={before['n']})" if before else "–",
                      settings, f"{pm(row, 'macro_f1')} / {pm(row, 'accuracy')} (n={row['n']})"])
@@ -392,42 +491,58 @@ def protocol_section(runs: list[RunResult], selection: dict) -> str:
     return text
 
 
+TEMPLATES = {"REPORT.template.md": "REPORT.md", "APPENDIX.template.md": "APPENDIX.md"}  # main text, appendix
+
+
 def build_report(results_root: Path, prose_dir: Path, out_dir: Path, repo_root: Path,
-                 studies_storage: str | None = None, selection_file: Path | None = None) -> Path:
-    """Write figures, results tables and ``REPORT.md`` into ``out_dir``."""
+                 studies_storage: str | None = None, selection_file: Path | None = None,
+                 grid_file: Path | None = None) -> Path:
+    """Write figures, ``results.csv``, ``REPORT.md`` and (when its template exists) ``APPENDIX.md`` into
+    ``out_dir``; returns the path of ``REPORT.md``."""
+    from .experiments import expand, load_grid
+
     every_run = collect(results_root)
-    # The fixed-settings runs fill the tables below as before; the validation protocol's have their own section.
-    runs = [run for run in every_run if run.protocol == FIXED]
-    rows = aggregate(runs)
+    fixed = [run for run in every_run if run.protocol == FIXED]
+    validation = [run for run in every_run if run.protocol == VALIDATION]
+    fixed_rows = aggregate(fixed)
+    headline = headline_runs(every_run)
+    headline_rows = [row | {"protocol": members[0].protocol}
+                     for members in headline.values() for row in aggregate(members)]
     figures = out_dir / "figures"
     figures.mkdir(parents=True, exist_ok=True)
-    write_csv(rows, out_dir / "results.csv")
-    curve_paths = plot_curves(runs, figures)
-    bar_paths = plot_bars(rows, figures)
-
-    sections = {
-        "results_table": markdown_table(rows) if rows else "_no finished runs yet_\n",
-        "configurations": configuration_section(runs) if runs else "_no finished runs yet_\n",
-        "environment": environment_section(runs) if runs else "_no finished runs yet_\n",
-        "per_class": per_class_section(runs),
-        "headline": headline_section(runs),
-        "curves": "\n".join(f"![{p.stem}](figures/{p.name})" for p in curve_paths) + "\n",
-        "bars": "\n".join(f"![{p.stem}](figures/{p.name})" for p in bar_paths) + "\n",
-    }
+    write_csv([row | {"protocol": protocol} for protocol, runs in ((FIXED, fixed), (VALIDATION, validation))
+               for row in aggregate(runs)], out_dir / "results.csv")
+    colours = method_colours(run.method for run in every_run)  # one colour per method in every figure
     studies = load_studies(studies_storage)
     selection = read_selection(selection_file) if selection_file else {}
-    sections["sweeps"] = sweep_section(studies, selection, plot_sweeps(studies, figures / "sweeps.png"))
-    protocol_curves = plot_curves([run for run in every_run if run.protocol == VALIDATION], figures, "validation",
-                                  prefix="protocol_curves")
-    sections["protocol"] = protocol_section(every_run, selection) + "".join(
-        f"\n![{p.stem}](figures/{p.name})" for p in protocol_curves)
-    template = (prose_dir / "REPORT.template.md").read_text()
-    for name, body in sections.items():
-        template = template.replace(f"{{{{section:{name}}}}}", body.rstrip("\n"))
-    report = fill_placeholders(template, rows, repo_root)
-    path = out_dir / "REPORT.md"
-    path.write_text(report)
-    return path
+
+    def images(paths: list[Path]) -> str:
+        return "\n".join(f"![{p.stem}](figures/{p.name})" for p in paths) + "\n"
+
+    sections = {
+        "results_table": markdown_table(fixed_rows) if fixed_rows else "_no finished runs yet_\n",
+        "configurations": configuration_section(every_run) if every_run else "_no finished runs yet_\n",
+        "environment": environment_section(every_run) if every_run else "_no finished runs yet_\n",
+        "per_class": per_class_section(every_run),
+        "per_seed": per_seed_section(every_run) if every_run else "_no finished runs yet_\n",
+        "headline": headline_section(every_run),
+        "coverage": coverage_section(every_run, expand(load_grid(grid_file)) if grid_file else []),
+        "curves": images(plot_curves(fixed, figures, colours)),
+        "bars": images(plot_bars(headline_rows, figures, colours)),
+        "sweeps": sweep_section(studies, selection, plot_sweeps(studies, figures / "sweeps.png")),
+        "protocol": protocol_section(every_run, selection),
+        "protocol_curves": images(plot_curves(validation, figures, colours, "validation", prefix="protocol_curves"))
+                           if validation else "_no run under the validation protocol has finished yet_\n",
+    }
+    for template_name, output_name in TEMPLATES.items():
+        template_path = prose_dir / template_name
+        if not template_path.is_file():
+            continue
+        text = template_path.read_text()
+        for name, body in sections.items():
+            text = text.replace(f"{{{{section:{name}}}}}", body.rstrip("\n"))
+        (out_dir / output_name).write_text(fill_placeholders(text, every_run, repo_root, selection))
+    return out_dir / "REPORT.md"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -437,10 +552,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default="reports", help="where REPORT.md, results.csv and figures/ go")
     parser.add_argument("--studies", help="Optuna storage of the sweeps (default: sqlite:///<results>/sweeps/studies.db)")
     parser.add_argument("--selection", default=DEFAULT_SELECTION_FILE, help="the sweeps' selection file")
+    parser.add_argument("--grid", default="configs/grids/assignment.yaml",
+                        help="the grid whose cells the coverage table counts")
     args = parser.parse_args(argv)
     studies = args.studies or f"sqlite:///{Path(args.results) / 'sweeps' / 'studies.db'}"
     path = build_report(Path(args.results), Path(args.prose), Path(args.out), Path.cwd(), studies,
-                        Path(args.selection))
+                        Path(args.selection), Path(args.grid))
     print(f"wrote {path}")
 
 
