@@ -176,3 +176,44 @@ def test_head_trains_even_when_the_checkpoint_has_one(method, tiny_models, tmp_p
     assert reloaded.newly_initialized_modules == []
     wrapped_model = get_method(method).wrap(reloaded, MethodArguments(tuning_method=method))
     assert any("classifier" in n for n in trainable_names(wrapped_model))
+
+
+@pytest.mark.parametrize("arch", ["bert", "qwen2"])
+@pytest.mark.parametrize("method", ["lora", "ia3", "adapter"])
+def test_frozen_weights_in_bf16_train_in_fp32(arch, method, tiny_models):
+    """Loaded in bfloat16 (--frozen_weights_dtype): the frozen weights stay bf16 and unchanged, every trainable
+    parameter (method and head) is fp32 and moves, and the bf16-autocast step matches fp32-frozen weights'."""
+    from peftlab.methods import frozen_weights_dtype, upcast_trainable
+
+    args = MethodArguments(tuning_method=method)
+    tuning = get_method(method)
+    assert frozen_weights_dtype(tuning, "auto", bf16=True) == torch.bfloat16
+    assert frozen_weights_dtype(tuning, "auto", bf16=False) == torch.float32
+    assert frozen_weights_dtype(tuning, "float32", bf16=True) == torch.float32
+    losses = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        torch.manual_seed(0)
+        tokenizer, model = get_model(tiny_models[arch], 3, LABELS, dtype=dtype)
+        model = upcast_trainable(tuning.wrap(model, args))
+        frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+        assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
+        assert {p.dtype for n, p in model.named_parameters() if n in frozen} == {dtype}
+        model.train()
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(**batch(tokenizer)).loss
+        loss.backward()
+        optimizer.step()
+        assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
+        losses[dtype] = loss.item()
+    # autocast computes the frozen matmuls in bf16 either way: only norms and embeddings are rounded differently
+    assert losses[torch.bfloat16] == pytest.approx(losses[torch.float32], abs=0.05)
+
+
+def test_full_fine_tuning_keeps_fp32_master_weights():
+    from peftlab.errors import InvalidArgument
+    from peftlab.methods import frozen_weights_dtype
+
+    assert frozen_weights_dtype(get_method("full"), "auto", bf16=True) == torch.float32
+    with pytest.raises(InvalidArgument, match="freezes no weights"):
+        frozen_weights_dtype(get_method("full"), "bfloat16", bf16=True)

@@ -77,6 +77,9 @@ def test_peft_methods_end_to_end(method, tmp_path, real_data_dir):
     out, metrics = train(tmp_path, real_data_dir, method, "--num_train_epochs", "1", "--learning_rate", "1e-3",
                          "--report_to", "none")
     assert 0 < metrics["trainable_percent"] < 5
+    record = json.loads((out / "run.json").read_text())
+    # --frozen_weights_dtype auto: the frozen weights load in bf16 exactly when bf16 autocast is on
+    assert record["frozen_weights_dtype"] == ("bfloat16" if record["training_args"]["bf16"] else "float32")
     assert fresh_process_predict(out) == (out / "predict_results.txt").read_text().splitlines()
 
 

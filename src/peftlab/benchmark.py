@@ -128,22 +128,25 @@ def _train_flops_per_token(model, trainable: int, seq_len: float) -> float:
 
 def measure(model_name: str, method: str, precision: str, padding: str, batch_size: int, steps: int,
             warmup: int, threads: int, data_dir: str | None, max_length: int, fused_adamw: bool = False,
-            attn_implementation: str = "sdpa") -> dict:
-    """One configuration, in this process."""
+            attn_implementation: str = "sdpa", frozen_weights_dtype: str = "auto") -> dict:
+    """One configuration, in this process; the model is built as train.py builds it (frozen weights in
+    ``frozen_weights_dtype``, resolved as ``--frozen_weights_dtype`` is)."""
     from .data import get_dataset
-    from .methods import get_method, method_from_label, parameter_counts
+    from .methods import frozen_weights_dtype as resolve_frozen_dtype
+    from .methods import get_method, method_from_label, parameter_counts, upcast_trainable
     from .models import default_sep_token, get_model
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    tokenizer, model = get_model(model_name, 3, attn_implementation=attn_implementation)
+    args = method_from_label(method)
+    tuning = get_method(args.tuning_method)
+    frozen_dtype = resolve_frozen_dtype(tuning, frozen_weights_dtype, precision == "bf16")
+    tokenizer, model = get_model(model_name, 3, attn_implementation=attn_implementation, dtype=frozen_dtype)
     dataset = get_dataset("restaurant_sup", default_sep_token(tokenizer), data_dir=data_dir)
     texts = list(dataset["train"].shuffle(seed=0)["text"])
     labels = torch.tensor(dataset["train"].shuffle(seed=0)["label"])
-    args = method_from_label(method)
-    tuning = get_method(args.tuning_method)
-    model = tuning.wrap(model, args)
+    model = upcast_trainable(tuning.wrap(model, args))
     counts = parameter_counts(model)
     batches = _batches(tokenizer, texts, batch_size, padding, max_length, warmup + steps)
     for i, batch in enumerate(batches):
@@ -158,7 +161,8 @@ def measure(model_name: str, method: str, precision: str, padding: str, batch_si
     result = {
         "model": model_name, "method": method, "precision": precision, "padding": padding,
         "batch_size": batch_size, "threads": threads, "fused_adamw": fused_adamw,
-        "attn_implementation": attn_implementation, **counts,
+        "attn_implementation": attn_implementation, "frozen_weights_dtype": str(frozen_dtype).removeprefix("torch."),
+        **counts,
         "train_step_s": quartiles(step_times),
         "train_examples_per_s": batch_size * len(step_times) / total_time,
         "train_tokens_per_s": sum(real_tokens) / total_time,
@@ -324,8 +328,8 @@ def device_table(results: list[dict]) -> str:
 
 
 def markdown(results: list[dict], peaks: dict) -> str:
-    header = ["model", "method", "precision", "padding", "attention", "threads", "AdamW", "train ex/s",
-              "train tokens/s",
+    header = ["model", "method", "precision", "frozen weights", "padding", "attention", "threads", "AdamW",
+              "train ex/s", "train tokens/s",
               "step s (median [q1, q3])", "% of matmul peak", "infer ex/s", "merged infer ex/s", "trainable %",
               "peak RSS MB"]
     rows = []
@@ -333,8 +337,8 @@ def markdown(results: list[dict], peaks: dict) -> str:
         step = r["train_step_s"]
         peak = peaks["bf16" if r["precision"] == "bf16" else "fp32"] * r["threads"] / peaks["threads"]
         merged = f"{r['merged_infer_examples_per_s']:.1f}" if "merged_infer_examples_per_s" in r else "–"
-        rows.append([r["model"], r["method"], r["precision"], r["padding"], r.get("attn_implementation", "sdpa"),
-                     r["threads"],
+        rows.append([r["model"], r["method"], r["precision"], r.get("frozen_weights_dtype", "float32"), r["padding"],
+                     r.get("attn_implementation", "sdpa"), r["threads"],
                      "fused" if r.get("fused_adamw") else "foreach", f"{r['train_examples_per_s']:.1f}",
                      f"{r['train_tokens_per_s']:.0f}", f"{step['median']:.3f} [{step['q1']:.3f}, {step['q3']:.3f}]",
                      f"{100 * r['train_flops_per_s'] / peak:.1f}", f"{r['infer_examples_per_s']:.1f}", merged,
@@ -353,6 +357,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="AdamW implementation: 0 = foreach (PyTorch's default), 1 = fused")
     parser.add_argument("--attn_implementations", nargs="+", default=["sdpa"], choices=["sdpa", "eager"],
                         help="attention kernels to compare (transformers' attn_implementation)")
+    parser.add_argument("--frozen_weights_dtypes", nargs="+", default=["auto"], choices=["auto", "float32", "bfloat16"],
+                        help="dtype of the weights a PEFT method freezes (train.py's --frozen_weights_dtype)")
     parser.add_argument("--batch_size", type=positive_int, default=16)
     parser.add_argument("--steps", type=positive_int, default=8, help="timed steps per configuration")
     parser.add_argument("--warmup", type=non_negative_int, default=2)
@@ -369,12 +375,13 @@ def main(argv: list[str] | None = None) -> None:
         for method in args.methods:
             for precision in args.precisions:
                 for padding in args.paddings:
-                    for threads, fused, attention in itertools.product(args.threads, args.fused_adamw,
-                                                                       args.attn_implementations):
+                    for threads, fused, attention, frozen in itertools.product(
+                            args.threads, args.fused_adamw, args.attn_implementations, args.frozen_weights_dtypes):
                         config = dict(model_name=model, method=method, precision=precision, padding=padding,
                                       batch_size=args.batch_size, steps=args.steps, warmup=args.warmup,
                                       threads=threads, data_dir=args.data_dir, max_length=args.max_length,
-                                      fused_adamw=bool(fused), attn_implementation=attention)
+                                      fused_adamw=bool(fused), attn_implementation=attention,
+                                      frozen_weights_dtype=frozen)
                         result = call_in_fresh_process("peftlab.benchmark:measure", **config)
                         results.append(result)
                         print(markdown([result], peaks).splitlines()[-1], flush=True)

@@ -24,6 +24,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForSequenceClassification, PreTrainedModel
 
+from .errors import InvalidArgument
+
 HEAD_MODULES = ("classifier", "score")  # sequence-classification heads across architectures
 ADAPTER_NAME = "task"
 HEAD_FILE = "classification_head.safetensors"
@@ -325,6 +327,32 @@ def meta_model(config) -> torch.nn.Module:
     """A sequence classifier of ``config`` on the meta device: exact parameter counts, nothing allocated."""
     with torch.device("meta"):
         return AutoModelForSequenceClassification.from_config(config)
+
+
+FROZEN_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def frozen_weights_dtype(method: TuningMethod, requested: str, bf16: bool) -> torch.dtype:
+    """The dtype to load the checkpoint in: that of the weights ``method`` freezes. ``auto``: bfloat16 with bf16
+    autocast (it computes their matmuls in bf16 anyway; stored so, they take half the memory and need no cast
+    per step), else float32. A method that trains every weight keeps float32 master weights."""
+    if method.trains_everything:
+        if requested == "bfloat16":
+            raise InvalidArgument(f"--frozen_weights_dtype bfloat16: {method.name} freezes no weights (its fp32 "
+                                  "master weights are what bf16 autocast keeps)")
+        return torch.float32
+    if requested == "auto":
+        return torch.bfloat16 if bf16 else torch.float32
+    return FROZEN_DTYPES[requested]
+
+
+def upcast_trainable(model: torch.nn.Module) -> torch.nn.Module:
+    """Every trainable parameter (the method's, the head) in float32, whatever dtype the frozen weights were
+    loaded in: the updates and AdamW states stay full precision."""
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
+    return model
 
 
 def wrap_on_meta(config, args: MethodArguments) -> torch.nn.Module:

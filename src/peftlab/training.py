@@ -33,7 +33,14 @@ from .cli import parse_dataclasses
 from .data import VALIDATION_SEED, check_validation_ratio, hold_out_validation, load_data, take_slice, tokenize
 from .errors import InvalidArgument, TrainingDiverged, exit_on_user_error
 from .hardware import bf16_helps
-from .methods import MethodArguments, get_method, method_label, parameter_counts
+from .methods import (
+    MethodArguments,
+    frozen_weights_dtype,
+    get_method,
+    method_label,
+    parameter_counts,
+    upcast_trainable,
+)
 from .metrics import compute_metrics
 from .models import default_sep_token, load_classifier, load_tokenizer, resolve_model
 from .results import training_throughput
@@ -94,6 +101,13 @@ class ModelArguments:
                           "2-core AMD EPYC, MiniLM at batch 16 x 110 tokens with bf16, eager was faster: 0.58 against "
                           "0.67 s per full fine-tuning step, 0.44 against 0.59 s with LoRA r=16 (one measurement, "
                           "not yet a default)."})
+    frozen_weights_dtype: str = field(
+        default="auto",
+        metadata={"choices": ["auto", "float32", "bfloat16"],
+                  "help": "dtype the checkpoint loads in for a method that freezes weights (LoRA, IA3, adapters); "
+                          "trainable parameters, the head and AdamW states are float32 whatever it is. auto: "
+                          "bfloat16 with --bf16 (autocast computes the frozen matmuls in bf16 anyway), else "
+                          "float32. Full fine-tuning always loads float32."})
 
 
 @dataclass
@@ -279,11 +293,12 @@ def run(data_args: DataArguments, model_args: ModelArguments, method_args: Metho
     logger.info("Dataset %s: %s rows, %d classes, sep_token %r", data_args.dataset_name,
                 " / ".join(f"{len(rows)} {split}" for split, rows in dataset.items()), num_labels, sep_token)
 
-    model = load_classifier(resolved, tokenizer, num_labels, dict(enumerate(label_names)),
+    method = get_method(method_args.tuning_method)
+    frozen_dtype = frozen_weights_dtype(method, model_args.frozen_weights_dtype, training_args.bf16)
+    model = load_classifier(resolved, tokenizer, num_labels, dict(enumerate(label_names)), dtype=frozen_dtype,
                             **({"attn_implementation": model_args.attn_implementation}
                                if model_args.attn_implementation else {}))
-    method = get_method(method_args.tuning_method)
-    model = method.wrap(model, method_args)
+    model = upcast_trainable(method.wrap(model, method_args))
     counts = parameter_counts(model)
     logger.info("Method %s: %d of %d parameters train (%.4f%%)", method.name, counts["trainable_params"],
                 counts["total_params"], counts["trainable_percent"])
@@ -294,6 +309,7 @@ def run(data_args: DataArguments, model_args: ModelArguments, method_args: Metho
         "data_args": asdict(data_args), "model_args": asdict(model_args), "method_args": asdict(method_args),
         "training_args": training_args.to_dict(), "resolved_model": asdict(resolved), "sep_token": sep_token,
         "label_names": label_names, "num_train_rows": len(dataset["train"]), "num_test_rows": len(dataset["test"]),
+        "frozen_weights_dtype": str(frozen_dtype).removeprefix("torch."),
         "validation_split": split_record, "train_tokens_per_epoch": train_tokens,
         "distributed": {"world_size": training_args.world_size, "parallel_mode": training_args.parallel_mode.value,
                         "effective_train_batch_size": training_args.per_device_train_batch_size
