@@ -3,6 +3,7 @@
 #  1. MiniLM and the 0.5B decoder x full / LoRA r=16 / adapter x fp32 / bf16 autocast, fused AdamW as in train.py
 #  2. padding strategies (MiniLM, full, bf16), 3. thread counts (MiniLM, full, bf16)
 #  4. foreach vs fused AdamW (0.5B decoder, full, fp32 and bf16): before/after of train.py's defaults
+#  5. frozen weights stored in fp32 vs bf16 (--frozen_weights_dtype) for the decoders' PEFT, bf16 autocast
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
@@ -15,3 +16,8 @@ $PY -m peftlab.benchmark --models all-MiniLM-L6-v2 --methods full --precisions b
     --steps 20 --out benchmarks/results/threads "$@"
 $PY -m peftlab.benchmark --models Qwen2.5-Coder-0.5B-Instruct --methods full --precisions fp32 bf16 \
     --fused_adamw 0 1 --steps 6 --out benchmarks/results/adamw "$@"
+$PY -m peftlab.benchmark --models Qwen2.5-Coder-0.5B-Instruct --methods lora-r16 adapter --precisions bf16 \
+    --frozen_weights_dtypes float32 auto --fused_adamw 1 --steps 8 --out benchmarks/results/frozen_bf16_qwen-0.5b "$@"
+$PY -m peftlab.benchmark --models Qwen2.5-Coder-1.5B-Instruct --methods lora-r16 --precisions bf16 \
+    --frozen_weights_dtypes float32 auto --fused_adamw 1 --steps 4 --warmup 1 \
+    --out benchmarks/results/frozen_bf16_qwen-1.5b "$@"

@@ -385,16 +385,17 @@ def main(argv: list[str] | None = None) -> None:
                         result = call_in_fresh_process("peftlab.benchmark:measure", **config)
                         results.append(result)
                         print(markdown([result], peaks).splitlines()[-1], flush=True)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    # the stem may hold dots (frozen_bf16_qwen-0.5b): append the suffixes, never replace one
+    json_path, md_path = Path(f"{args.out}.json"), Path(f"{args.out}.md")
+    json_path.parent.mkdir(parents=True, exist_ok=True)
     machine = {"processor": cpu_model() or platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
                "torch": torch.__version__, "matmul_peak_flops": peaks}
-    out.with_suffix(".json").write_text(json.dumps({"machine": machine, "results": results}, indent=2) + "\n")
-    out.with_suffix(".md").write_text(
+    json_path.write_text(json.dumps({"machine": machine, "results": results}, indent=2) + "\n")
+    md_path.write_text(
         f"Machine: {machine['cpu_count']} CPUs ({machine['processor']}), torch {machine['torch']}; measured matmul "
         f"peak fp32 {peaks['fp32'] / 1e12:.2f} TFLOP/s, bf16 {peaks['bf16'] / 1e12:.2f} TFLOP/s "
         f"({peaks['threads']} threads).\n\n" + markdown(results, peaks))
-    print(f"wrote {out.with_suffix('.md')}")
+    print(f"wrote {md_path}")
 
 
 if __name__ == "__main__":

@@ -105,10 +105,11 @@ def t_interval(values: list[float], confidence: float = 0.95) -> tuple[float, fl
     return mean, mean - half, mean + half
 
 
-def paired_differences(runs: list[RunResult], key: str = "macro_f1") -> list[dict]:
-    """Each method against full fine-tuning of the same model and dataset (and protocol), seed by seed: the
-    per-seed differences of ``key`` on the seeds both ran (same data order), their mean and t interval."""
-    baseline = baseline_label()
+def paired_differences(runs: list[RunResult], key: str = "macro_f1", baseline: str | None = None) -> list[dict]:
+    """Each method against ``baseline`` (default: full fine-tuning) of the same model and dataset (and
+    protocol), seed by seed: the per-seed differences of ``key`` on the seeds both ran (same data order), their
+    mean and t interval."""
+    baseline = baseline or baseline_label()
     by_seed = {(run.protocol, run.model, run.dataset, run.method, run.seed): run.metrics[key] for run in runs}
     rows = []
     for protocol, model, dataset, method in sorted({(r.protocol, *r.cell) for r in runs if r.method != baseline}):

@@ -1,0 +1,71 @@
+"""Does a changed default keep quality? Runs of one cell under two settings, paired by seed (issue 22).
+
+Reads finished runs under a results folder (a check grid such as ``configs/grids/checks/frozen_dtype.yaml``),
+compares every method label with ``--baseline`` seed by seed (same seed, same data order): test accuracy and
+macro-F1 of each, the paired difference with its 95% t interval, and how far apart the two runs' logged
+training losses are at the same steps (the fixed-seed loss curve check).
+
+    python benchmarks/quality_check.py results/checks/frozen_dtype --baseline lora-r16-frozen-fp32 \\
+        --out benchmarks/results/frozen_bf16_quality
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from peftlab.markdown import table
+from peftlab.results import collect, difference_statement, paired_differences, t_interval
+
+
+def loss_gap(run, baseline_run) -> tuple[float, float]:
+    """(largest and mean absolute difference) between two runs' training losses logged at the same steps."""
+    def losses(r):
+        return {entry["step"]: entry["loss"] for entry in r.log_history() if "loss" in entry}
+
+    mine, theirs = losses(run), losses(baseline_run)
+    gaps = [abs(mine[step] - theirs[step]) for step in sorted(set(mine) & set(theirs))]
+    return max(gaps), sum(gaps) / len(gaps)
+
+
+def report(results: Path, baseline: str) -> str:
+    runs = collect(results)
+    by_seed = {(run.cell, run.seed): run for run in runs}
+    rows = []
+    for run in sorted(runs, key=lambda r: (r.method != baseline, r.method, r.seed)):
+        base = by_seed.get(((run.model, run.dataset, baseline), run.seed))
+        gap = "–" if base is None or run.method == baseline else "max {:.3f}, mean {:.3f}".format(*loss_gap(run, base))
+        rows.append([run.model, run.dataset, run.method, run.seed, f"{100 * run.metrics['accuracy']:.1f}",
+                     f"{100 * run.metrics['macro_f1']:.1f}", gap])
+    text = table(["model", "dataset", "setting", "seed", "test accuracy %", "test macro-F1 %",
+                  "training loss vs baseline, same steps"], rows)
+    summary = []
+    for method in sorted({run.method for run in runs}):
+        members = [run for run in runs if run.method == method]
+        cells = []
+        for key in ("accuracy", "macro_f1"):
+            mean, low, high = (100 * v for v in t_interval([run.metrics[key] for run in members]))
+            cells.append(f"{mean:.1f} [{low:.1f}, {high:.1f}]")
+        differences = {key: [row for row in paired_differences(runs, key, baseline=baseline) if row["method"] == method]
+                       for key in ("accuracy", "macro_f1")}
+        summary.append([method, len(members), *cells,
+                        *(difference_statement(rows[0]) if rows else "–" for rows in differences.values())])
+    return text + "\n" + table(["setting", "n", "accuracy % [95% CI]", "macro-F1 % [95% CI]",
+                                f"accuracy vs {baseline}, paired", f"macro-F1 vs {baseline}, paired"], summary)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("results", help="folder of the check grid's runs")
+    parser.add_argument("--baseline", required=True, help="method label of the old setting")
+    parser.add_argument("--out", help="path stem: writes <out>.md (default: print only)")
+    args = parser.parse_args()
+    text = report(Path(args.results), args.baseline)
+    if args.out:
+        Path(f"{args.out}.md").write_text(f"Runs under `{args.results}`, paired by seed against `{args.baseline}` "
+                                          "(`benchmarks/quality_check.py`).\n\n" + text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
