@@ -171,6 +171,10 @@ def test_paired_differences_state_only_what_their_interval_supports(tmp_path):
     assert difference_statement(lora8).startswith("+10.0 points (95% CI +7.5 to +12.5)")
     assert lora16["n"] == 2 and lora16["low"] < 0 < lora16["high"]  # +1, -5: paired on the seeds both ran
     assert difference_statement(lora16).startswith("no difference detected at 2 seeds (-2.0, 95% CI")
+    # any label can be the baseline (a check of a changed default compares two settings of one method)
+    against_r16 = {row["method"]: row for row in paired_differences(collect(results), "accuracy", "lora-r16")}
+    assert against_r16["lora-r8"]["n"] == 2 and against_r16["lora-r8"]["mean"] == pytest.approx((0.09 + 0.16) / 2)
+    assert against_r16["full"]["mean"] == pytest.approx((-0.01 + 0.05) / 2)
 
 
 def test_headline_and_figures_follow_method_order_colours_and_data(tmp_path, report_inputs, monkeypatch):
