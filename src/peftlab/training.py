@@ -279,7 +279,9 @@ def run(data_args: DataArguments, model_args: ModelArguments, method_args: Metho
         logger.warning("bf16 on hardware without native bf16 matmuls (CUDA bf16, AMX or AVX512-BF16): it is "
                        "emulated there and slower than fp32 (measured 0.16 against 0.27 TFLOP/s)")
 
-    resolved = resolve_model(model_args.model_name_or_path)
+    method = get_method(method_args.tuning_method)
+    frozen_dtype = frozen_weights_dtype(method, model_args.frozen_weights_dtype, training_args.bf16)
+    resolved = resolve_model(model_args.model_name_or_path, frozen_dtype)
     logger.info("Model %r resolves to %s (%s: %s)", resolved.requested, resolved.checkpoint, resolved.source,
                 resolved.path)
     tokenizer = load_tokenizer(resolved)
@@ -293,8 +295,6 @@ def run(data_args: DataArguments, model_args: ModelArguments, method_args: Metho
     logger.info("Dataset %s: %s rows, %d classes, sep_token %r", data_args.dataset_name,
                 " / ".join(f"{len(rows)} {split}" for split, rows in dataset.items()), num_labels, sep_token)
 
-    method = get_method(method_args.tuning_method)
-    frozen_dtype = frozen_weights_dtype(method, model_args.frozen_weights_dtype, training_args.bf16)
     model = load_classifier(resolved, tokenizer, num_labels, dict(enumerate(label_names)), dtype=frozen_dtype,
                             **({"attn_implementation": model_args.attn_implementation}
                                if model_args.attn_implementation else {}))
