@@ -10,6 +10,7 @@ GPU only while it computes); the peak of ``torch.cuda.max_memory_allocated`` is 
 
     python benchmarks/cuda_fsdp_offload.py --offload --out $OUT/fsdp_offload      # on a CUDA machine
     python benchmarks/cuda_fsdp_offload.py --model <tiny config folder> --device cpu  # the code path, on a CPU
+    python benchmarks/cuda_fsdp_offload.py --summarize reports/cuda/fsdp.md reports/cuda/fsdp_*.json      # the table
 """
 
 from __future__ import annotations
@@ -29,7 +30,29 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 
+def summarize(out: str, json_paths: list[str]) -> None:
+    """One markdown table of the measurements in ``json_paths``."""
+    from peftlab.markdown import table
+    from peftlab.memory import GIB
+
+    results = [json.loads(Path(path).read_text()) for path in sorted(json_paths)]
+    head = results[0]
+    rows = [[r["model"], "FSDP" + (" + CPU offload" if r["offload"] else ""), r["sharding_strategy"],
+             f"{r['batch_size']} x {r['seq_len']}",
+             f"{r['estimated_bytes'] / GIB:.2f} (activations {r['estimated_activations_bytes'] / GIB:.2f}, gathered "
+             f"unit {r['estimated_gathered_bytes'] / GIB:.2f})", f"{r['measured_peak_bytes'] / GIB:.2f}",
+             f"{r['measured_peak_bytes'] / r['estimated_bytes']:.2f}", f"{r['median_step_s']:.2f}"] for r in results]
+    Path(out).write_text(
+        f"Device: {head['device']}, torch {head['torch']}; full fine-tuning, randomly initialised model, bf16 mixed "
+        "precision, AdamW, one process (`benchmarks/cuda_fsdp_offload.py`); measured = "
+        "`torch.cuda.max_memory_allocated` (the CUDA context comes on top).\n\n"
+        + table(["model", "strategy", "FSDP ran as", "batch x seq", "estimated GiB per GPU", "measured peak GiB",
+                 "measured / estimated", "step s (median)"], rows))
+
+
 def main() -> None:
+    if len(sys.argv) > 2 and sys.argv[1] == "--summarize":
+        return summarize(sys.argv[2], sys.argv[3:])
     from torch.distributed.fsdp import CPUOffload, MixedPrecision
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
     from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
