@@ -8,13 +8,13 @@ from peftlab.results import aggregate, collect
 from peftlab.runrecord import GRID_COORDINATES_FILE, STATE_FILE, RunDirectory, write_json
 
 
-def fixture_run(root, method, seed, accuracy, hardware=None, validation_rows=None):
+def fixture_run(root, method, seed, accuracy, hardware=None, validation_rows=None, max_train_samples=None):
     run = RunDirectory(root / "m" / "acl_sup" / method / f"seed{seed}")
     write_json(run.file(GRID_COORDINATES_FILE), {"model": "m", "dataset": "acl_sup", "method": method, "seed": seed})
     run_id = run.start({
         "resolved_model": {"checkpoint": "org/m", "source": "package"},
         "training_args": {"learning_rate": 1e-4, "num_train_epochs": 2, "bf16": True},
-        "data_args": {"max_seq_length": 256}, "label_names": ["Uses", "Future"],
+        "data_args": {"max_seq_length": 256, "max_train_samples": max_train_samples}, "label_names": ["Uses", "Future"],
         "method_args": {"tuning_method": method.split("-")[0], "lora_r": 8},
         "hardware": hardware or {"cpu_count": 2}, "versions": {"torch": "2.13.0"},
         **({"validation_split": {"ratio": 0.1, "validation_rows": validation_rows}} if validation_rows else {})})
@@ -128,6 +128,10 @@ def test_headline_prefers_the_validation_protocol_and_coverage_counts_the_grid(t
     headline = headline_section(runs)
     assert "| m | full | 80.0 / 90.0 (n=1) |" in headline  # its validation-protocol run, unmarked
     assert "| m | lora-r8 | 50.0 [50.0, 50.0] / 60.0 [60.0, 60.0] (n=2)† |" in headline  # fixed settings
+    assert "Training rows capped" not in headline  # every cell trained on all its rows
+    fixture_run(results, "adapter", 1, 0.6, max_train_samples=1000)
+    assert ("Training rows capped (the same cap for every method of a model and dataset unless said): "
+            "m/acl_sup 1000, all (differs between its methods).") in headline_section(collect(results))
     wanted = [GridRun("m", "acl_sup", method, seed, {}) for method in ("full", "lora-r8") for seed in (1, 2, 3)]
     coverage = coverage_section(runs, wanted)
     assert coverage.startswith("0 of 2 cells have all their seeds under the validation protocol.")

@@ -195,7 +195,24 @@ def headline_section(runs: list[RunResult]) -> str:
                                   for key in ("macro_f1", "accuracy"))
             row.append(f"{macro_f1} / {accuracy} (n={len(members)}){marker}")
         rows.append(row)
-    return table(["model", "method", *datasets], rows)
+    return table(["model", "method", *datasets], rows) + row_caps(cells)
+
+
+def row_caps(cells: dict[tuple, list[RunResult]]) -> str:
+    """One line naming the training-row caps of the cells shown (``max_train_samples``), per model and dataset,
+    and saying so wherever the methods compared on one model and dataset trained on different caps."""
+    caps: dict[tuple, set] = defaultdict(set)
+    for (model, dataset, _), members in cells.items():
+        for run in members:
+            caps[model, dataset].add(run.record["data_args"].get("max_train_samples"))
+    capped = []
+    for (model, dataset), values in sorted(caps.items()):
+        if values == {None}:
+            continue
+        shown = ", ".join("all" if v is None else str(v) for v in sorted(values, key=lambda v: v or math.inf))
+        capped.append(f"{model}/{dataset} {shown}" + (" (differs between its methods)" if len(values) > 1 else ""))
+    return ("\nTraining rows capped (the same cap for every method of a model and dataset unless said): "
+            + "; ".join(capped) + ". Every other cell trains on all its rows.\n") if capped else ""
 
 
 def coverage_section(runs: list[RunResult], wanted: list) -> str:
@@ -423,8 +440,8 @@ def plot_sweeps(studies: list, path: Path) -> Path | None:
         axis.set_title(study.study_name, fontsize=9)
         axis.set_xlabel("learning rate")
         axis.grid(alpha=0.3)
-        if scored:
-            axis.legend(fontsize=7, loc="lower left")
+        if scored:  # below the panel, never over the points
+            axis.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=2)
     axes[0][0].set_ylabel("validation macro-F1 (%), final epoch")
     fig.colorbar(plt.cm.ScalarMappable(norm=matplotlib.colors.Normalize(2, 20), cmap="viridis"), ax=axes[0],
                  label="epochs")
