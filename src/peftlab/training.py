@@ -98,9 +98,9 @@ class ModelArguments:
         default=None,
         metadata={"choices": ["eager", "sdpa"],
                   "help": "Attention kernel (transformers' attn_implementation); default: the model's (SDPA). On a "
-                          "2-core AMD EPYC, MiniLM at batch 16 x 110 tokens with bf16, eager was faster: 0.58 against "
-                          "0.67 s per full fine-tuning step, 0.44 against 0.59 s with LoRA r=16 (one measurement, "
-                          "not yet a default)."})
+                          "2-core AMD EPYC with MiniLM in bf16, eager steps were 1.06x (full) and 1.14x (LoRA r=16) "
+                          "faster in the benchmark, but whole runs took the same time with the same scores "
+                          "(benchmarks/results/stock_recipe.md), so SDPA stays the default."})
     frozen_weights_dtype: str = field(
         default="auto",
         metadata={"choices": ["auto", "float32", "bfloat16"],
