@@ -202,3 +202,13 @@ def test_headline_and_figures_follow_method_order_colours_and_data(tmp_path, rep
     report.plot_bars(aggregate(runs), tmp_path, colours)
     (left, right) = captured["bars_m.png"]
     assert left == right and left[0] > 0  # one range for both panels, fitted to the bars
+
+
+def test_quality_checks_and_stale_figures_stay_out_of_the_report(report_inputs):
+    results, prose, root = report_inputs
+    fixture_run(results / "checks" / "frozen_dtype", "lora-r8-frozen-bf16", 1, 0.9, validation_rows=10)
+    (root / "out" / "figures").mkdir(parents=True)
+    (root / "out" / "figures" / "curves_gone_acl_sup.png").write_bytes(b"old")
+    text = build_report(results, prose, root / "out", root).read_text()
+    assert "frozen-bf16" not in text and "| m | acl_sup | lora-r8 |" in text
+    assert not (root / "out" / "figures" / "curves_gone_acl_sup.png").exists()

@@ -511,14 +511,19 @@ def protocol_section(runs: list[RunResult], selection: dict) -> str:
 TEMPLATES = {"REPORT.template.md": "REPORT.md", "APPENDIX.template.md": "APPENDIX.md"}  # main text, appendix
 
 
+CHECKS_FOLDER = "checks"  # under results/: quality checks of changed defaults (configs/grids/checks), not cells
+
+
 def build_report(results_root: Path, prose_dir: Path, out_dir: Path, repo_root: Path,
                  studies_storage: str | None = None, selection_file: Path | None = None,
                  grid_file: Path | None = None) -> Path:
     """Write figures, ``results.csv``, ``REPORT.md`` and (when its template exists) ``APPENDIX.md`` into
-    ``out_dir``; returns the path of ``REPORT.md``."""
+    ``out_dir``; returns the path of ``REPORT.md``. Runs under ``<results_root>/checks`` are left out: they
+    compare two settings of a default (``benchmarks/quality_check.py`` reports them)."""
     from .experiments import expand, load_grid
 
-    every_run = collect(results_root)
+    every_run = [run for run in collect(results_root)
+                 if CHECKS_FOLDER not in run.directory.relative_to(results_root).parts[:1]]
     fixed = [run for run in every_run if run.protocol == FIXED]
     validation = [run for run in every_run if run.protocol == VALIDATION]
     fixed_rows = aggregate(fixed)
@@ -527,6 +532,8 @@ def build_report(results_root: Path, prose_dir: Path, out_dir: Path, repo_root: 
                      for members in headline.values() for row in aggregate(members)]
     figures = out_dir / "figures"
     figures.mkdir(parents=True, exist_ok=True)
+    for stale in figures.glob("*.png"):  # the folder is generated whole: no figure of runs that are gone
+        stale.unlink()
     write_csv([row | {"protocol": protocol} for protocol, runs in ((FIXED, fixed), (VALIDATION, validation))
                for row in aggregate(runs)], out_dir / "results.csv")
     colours = method_colours(run.method for run in every_run)  # one colour per method in every figure
