@@ -46,5 +46,6 @@ def test_measure_compares_attention_kernels(tiny_models, real_data_dir):
     from peftlab.benchmark import markdown
 
     table = markdown(results, {"fp32": 1e11, "bf16": 4e11, "threads": 1}).splitlines()
-    assert table[0].startswith("| model | method | precision | padding | attention |")
-    assert "| lora-r8 | bf16 | dynamic | eager | 1 |" in table[3]
+    assert table[0].startswith("| model | method | precision | frozen weights | padding | attention |")
+    # LoRA under bf16 loads its frozen weights in bf16, as train.py's --frozen_weights_dtype auto does
+    assert "| lora-r8 | bf16 | bfloat16 | dynamic | eager | 1 |" in table[3]
