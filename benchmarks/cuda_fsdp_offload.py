@@ -53,7 +53,7 @@ def summarize(out: str, json_paths: list[str]) -> None:
 def main() -> None:
     if len(sys.argv) > 2 and sys.argv[1] == "--summarize":
         return summarize(sys.argv[2], sys.argv[3:])
-    from torch.distributed.fsdp import CPUOffload, MixedPrecision
+    from torch.distributed.fsdp import BackwardPrefetch, CPUOffload, MixedPrecision
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
     from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
     from transformers import AutoModelForSequenceClassification
@@ -67,6 +67,8 @@ def main() -> None:
     parser.add_argument("--seq_len", type=int, default=256)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    parser.add_argument("--backward_prefetch", default="BACKWARD_PRE",
+                        choices=["BACKWARD_PRE", "BACKWARD_POST", "none"], help="FSDP's prefetch of the next unit's parameters in the backward pass (its default: PRE)")
     parser.add_argument("--out", help="path stem for .json")
     args = parser.parse_args()
 
@@ -92,6 +94,8 @@ def main() -> None:
                 mixed_precision=MixedPrecision(param_dtype=torch.bfloat16, reduce_dtype=torch.bfloat16,
                                                buffer_dtype=torch.bfloat16),
                 cpu_offload=CPUOffload(offload_params=args.offload), use_orig_params=True,
+                backward_prefetch=(None if args.backward_prefetch == "none"
+                                   else BackwardPrefetch[args.backward_prefetch]),
                 # offloaded, the module stays in CPU memory and computes on the current device; otherwise it moves
                 device_id=None if args.offload else device)
     setup_s = time.perf_counter() - started
@@ -113,6 +117,7 @@ def main() -> None:
     result = {
         "model": args.model, "offload": args.offload, "batch_size": args.batch_size, "seq_len": args.seq_len,
         "sharding_strategy": fsdp.sharding_strategy.name,  # FSDP falls back to NO_SHARD on one process
+        "backward_prefetch": args.backward_prefetch,
         "device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
         "setup_s": setup_s, "step_s": step_s, "median_step_s": statistics.median(step_s[1:] or step_s),
         "measured_peak_bytes": torch.cuda.max_memory_allocated() if cuda else None,
