@@ -68,7 +68,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     parser.add_argument("--backward_prefetch", default="BACKWARD_PRE",
-                        choices=["BACKWARD_PRE", "BACKWARD_POST", "none"], help="FSDP's prefetch of the next unit's parameters in the backward pass (its default: PRE)")
+                        choices=["BACKWARD_PRE", "BACKWARD_POST", "none"],
+                        help="FSDP's prefetch of the next unit's parameters in the backward pass (its default: PRE)")
     parser.add_argument("--out", help="path stem for .json")
     args = parser.parse_args()
 
