@@ -20,6 +20,9 @@ export PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 timeout 210 $PY benchmarks/cuda_fsdp_offload.py --offload --out "$OUT/fsdp_offload_qwen2.5-3b" 2>&1 | grep -v Warning
 timeout 120 $PY benchmarks/cuda_fsdp_offload.py --out "$OUT/fsdp_qwen2.5-3b" 2>&1 | grep -v Warning
+# batch 1: what offloaded FSDP keeps on the GPU besides activations
+timeout 150 $PY benchmarks/cuda_fsdp_offload.py --offload --batch_size 1 --backward_prefetch none \
+    --out "$OUT/fsdp_offload_qwen2.5-3b_b1_none" 2>&1 | grep -v Warning
 $PY benchmarks/cuda_fsdp_offload.py --summarize "$OUT/fsdp.md" "$OUT"/fsdp_*.json
 timeout 200 $PY -m peftlab.memory --check_device "$OUT/vram_cuda_frozen" --device_configs Qwen2.5-0.5B Qwen2.5-3B \
     --device_methods lora-r8 adapter --frozen_weights_dtypes float32 bfloat16 --batch_size 16 --seq_len 256 \

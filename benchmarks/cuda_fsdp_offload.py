@@ -38,6 +38,7 @@ def summarize(out: str, json_paths: list[str]) -> None:
     results = [json.loads(Path(path).read_text()) for path in sorted(json_paths)]
     head = results[0]
     rows = [[r["model"], "FSDP" + (" + CPU offload" if r["offload"] else ""), r["sharding_strategy"],
+             r.get("backward_prefetch", "BACKWARD_PRE"),
              f"{r['batch_size']} x {r['seq_len']}",
              f"{r['estimated_bytes'] / GIB:.2f} (activations {r['estimated_activations_bytes'] / GIB:.2f}, gathered "
              f"unit {r['estimated_gathered_bytes'] / GIB:.2f})", f"{r['measured_peak_bytes'] / GIB:.2f}",
@@ -46,7 +47,8 @@ def summarize(out: str, json_paths: list[str]) -> None:
         f"Device: {head['device']}, torch {head['torch']}; full fine-tuning, randomly initialised model, bf16 mixed "
         "precision, AdamW, one process (`benchmarks/cuda_fsdp_offload.py`); measured = "
         "`torch.cuda.max_memory_allocated` (the CUDA context comes on top).\n\n"
-        + table(["model", "strategy", "FSDP ran as", "batch x seq", "estimated GiB per GPU", "measured peak GiB",
+        + table(["model", "strategy", "FSDP ran as", "backward prefetch", "batch x seq", "estimated GiB per GPU",
+                 "measured peak GiB",
                  "measured / estimated", "step s (median)"], rows))
 
 
