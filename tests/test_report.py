@@ -212,3 +212,23 @@ def test_quality_checks_and_stale_figures_stay_out_of_the_report(report_inputs):
     text = build_report(results, prose, root / "out", root).read_text()
     assert "frozen-bf16" not in text and "| m | acl_sup | lora-r8 |" in text
     assert not (root / "out" / "figures" / "curves_gone_acl_sup.png").exists()
+
+
+def test_quality_check_pairs_a_changed_default_with_its_baseline(tmp_path):
+    """benchmarks/quality_check.py: per-seed scores, the loss-curve gap at shared steps, paired differences."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "quality_check.py"
+    spec = importlib.util.spec_from_file_location("quality_check", path)
+    quality_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(quality_check)
+    results = tmp_path / "results"
+    for seed, old, new in ((1, 0.70, 0.71), (2, 0.75, 0.75), (3, 0.80, 0.80)):
+        fixture_run(results, "lora-r8-old", seed, old)
+        fixture_run(results, "lora-r8-new", seed, new)
+    text = quality_check.report(results, "lora-r8-old")
+    # same seed, same logged losses in the fixture: the curves match exactly
+    assert "| m | acl_sup | lora-r8-new | 1 | 71.0 | 61.0 | max 0.000, mean 0.000 |" in text
+    assert "| m | acl_sup | lora-r8-old | 1 | 70.0 | 60.0 | – |" in text
+    assert "| lora-r8-new | 3 |" in text and "no difference detected at 3 seeds (+0.3" in text
