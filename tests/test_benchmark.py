@@ -49,3 +49,24 @@ def test_measure_compares_attention_kernels(tiny_models, real_data_dir):
     assert table[0].startswith("| model | method | precision | frozen weights | padding | attention |")
     # LoRA under bf16 loads its frozen weights in bf16, as train.py's --frozen_weights_dtype auto does
     assert "| lora-r8 | bf16 | bfloat16 | dynamic | eager | 1 |" in table[3]
+
+
+def test_stock_recipe_summary_states_speed_up_and_paired_quality():
+    """benchmarks/stock_recipe.py's table: medians, the speed-up over the stock arm, differences paired by seed."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "stock_recipe.py"
+    spec = importlib.util.spec_from_file_location("stock_recipe", path)
+    stock_recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(stock_recipe)
+    results = []
+    for seed in (1, 2, 3):
+        for arm, seconds, accuracy in zip(stock_recipe.ARMS, (300, 100, 60, 60), (0.75, 0.74, 0.70, 0.70),
+                                          strict=True):
+            results.append({"arm": arm, "seed": seed, "seconds": seconds + seed, "accuracy": accuracy + seed / 100,
+                            "macro_f1": accuracy - 0.2})
+    rows = stock_recipe.summary(results).splitlines()
+    assert rows[2].startswith("| stock | 3 | 301 / 302 / 303 | 302 | 1.00x | 77.0 [74.5, 79.5] | – |")
+    assert rows[3].startswith("| train.py | 3 | 101 / 102 / 103 | 102 | 2.96x |")
+    assert "| 61 / 62 / 63 | 62 | 4.87x | 72.0 [69.5, 74.5] | -4.0 [-4.0, -4.0] |" in rows[4]
