@@ -10,6 +10,7 @@ from collections import Counter
 
 import optuna
 import pytest
+import sqlalchemy
 import yaml
 from optuna.trial import TrialState
 
@@ -129,7 +130,8 @@ def test_a_killed_sweep_resumes_its_study(tmp_path, tiny_models, fixture_data_di
         time.sleep(0.2)
         if not os.path.exists(tmp_path / "studies.db"):
             continue
-        with contextlib.suppress(KeyError):  # the database may exist a moment before the study does
+        # the database may exist a moment before its tables and the study do
+        with contextlib.suppress(KeyError, sqlalchemy.exc.OperationalError):
             study = study_of(path)
         states = [t.state for t in study.get_trials()] if study else []
         if TrialState.COMPLETE in states and TrialState.RUNNING in states:

@@ -43,11 +43,13 @@ import math
 import os
 import socket
 import sys
+import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import optuna
+import sqlalchemy
 import yaml
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
@@ -170,10 +172,18 @@ def open_study(sweep: Sweep):
         Path(sweep.storage.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     pruner = dict(sweep.pruner)
     pruner_class = PRUNERS[pruner.pop("type", "median")]
-    storage = RDBStorage(sweep.storage, heartbeat_interval=sweep.heartbeat_seconds,
-                         grace_period=2 * sweep.heartbeat_seconds,
-                         heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=2),
-                         engine_kwargs={"connect_args": {"timeout": 60}} if sweep.storage.startswith("sqlite") else {})
+    for attempt in range(3):
+        try:
+            storage = RDBStorage(sweep.storage, heartbeat_interval=sweep.heartbeat_seconds,
+                                 grace_period=2 * sweep.heartbeat_seconds,
+                                 heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=2),
+                                 engine_kwargs={"connect_args": {"timeout": 60}}
+                                 if sweep.storage.startswith("sqlite") else {})
+            break
+        except sqlalchemy.exc.OperationalError:  # another worker is creating a new database's tables
+            if attempt == 2:
+                raise
+            time.sleep(1 + attempt)
     study = optuna.create_study(
         study_name=sweep.study_name, storage=storage, load_if_exists=True, direction="maximize",
         sampler=optuna.samplers.TPESampler(**sweep.sampler), pruner=pruner_class(**pruner))
