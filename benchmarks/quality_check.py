@@ -15,7 +15,7 @@ import argparse
 from pathlib import Path
 
 from peftlab.markdown import table
-from peftlab.results import collect, difference_statement, paired_differences, t_interval
+from peftlab.results import collect, difference_statement, mean_interval, paired_differences
 
 
 def loss_gap(run, baseline_run) -> tuple[float, float]:
@@ -42,10 +42,7 @@ def report(results: Path, baseline: str) -> str:
     summary = []
     for method in sorted({run.method for run in runs}):
         members = [run for run in runs if run.method == method]
-        cells = []
-        for key in ("accuracy", "macro_f1"):
-            mean, low, high = (100 * v for v in t_interval([run.metrics[key] for run in members]))
-            cells.append(f"{mean:.1f} [{low:.1f}, {high:.1f}]")
+        cells = [mean_interval([run.metrics[key] for run in members]) for key in ("accuracy", "macro_f1")]
         differences = {key: [row for row in paired_differences(runs, key, baseline=baseline) if row["method"] == method]
                        for key in ("accuracy", "macro_f1")}
         summary.append([method, len(members), *cells,

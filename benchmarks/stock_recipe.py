@@ -83,7 +83,7 @@ def timed_run(arm: str, model: str, dataset: str, seed: int, epochs: float, scra
 
 def summary(results: list[dict]) -> str:
     from peftlab.markdown import table
-    from peftlab.results import t_interval
+    from peftlab.results import mean_interval
 
     stock = statistics.median(r["seconds"] for r in results if r["arm"] == "stock")
     baseline = {r["seed"]: r for r in results if r["arm"] == BASELINE}
@@ -93,13 +93,11 @@ def summary(results: list[dict]) -> str:
         seconds = statistics.median(r["seconds"] for r in mine)
         cells = []
         for key in ("accuracy", "macro_f1"):
-            mean, low, high = (100 * v for v in t_interval([r[key] for r in mine]))
-            cells.append(f"{mean:.1f} [{low:.1f}, {high:.1f}]")
+            cells.append(mean_interval([r[key] for r in mine]))
             if ARMS[arm] is None or arm == BASELINE:
                 cells.append("–")
                 continue
-            mean, low, high = (100 * v for v in t_interval([r[key] - baseline[r["seed"]][key] for r in mine]))
-            cells.append(f"{mean:+.1f} [{low:+.1f}, {high:+.1f}]")
+            cells.append(mean_interval([r[key] - baseline[r["seed"]][key] for r in mine], sign="+"))
         rows.append([arm, len(mine), " / ".join(f"{r['seconds']:.0f}" for r in mine), f"{seconds:.0f}",
                      f"{stock / seconds:.2f}x", *cells])
     return table(["recipe", "seeds", "whole process s, per seed", "median s", "speed-up over stock",

@@ -45,12 +45,13 @@ from .results import (  # noqa: E402
     aggregate,
     collect,
     difference_statement,
+    interval_text,
     markdown_table,
+    mean_interval,
     mean_std,
     paired_differences,
     pm,
     reference_host,
-    t_interval,
     write_csv,
 )
 from .runrecord import RunDirectory  # noqa: E402
@@ -191,7 +192,7 @@ def headline_section(runs: list[RunResult]) -> str:
                 row.append("–")
                 continue
             marker = "†" if members[0].protocol == FIXED else ""
-            macro_f1, accuracy = (interval_text([run.metrics[key] for run in members]).rsplit(" (", 1)[0]
+            macro_f1, accuracy = (mean_interval([run.metrics[key] for run in members])
                                   for key in ("macro_f1", "accuracy"))
             row.append(f"{macro_f1} / {accuracy} (n={len(members)}){marker}")
         rows.append(row)
@@ -244,12 +245,6 @@ def coverage_section(runs: list[RunResult], wanted: list) -> str:
 PLACEHOLDER = re.compile(r"\{\{(metric|ci|diff|cost|file|selected):([^}]+)\}\}")
 
 
-def interval_text(values: list[float], scale: float = 100.0) -> str:
-    """``mean [low, high] (n=k)`` in percent: the mean over seeds with its 95% t interval."""
-    mean, low, high = (scale * v for v in t_interval(values))
-    return f"{mean:.1f} (n=1)" if math.isnan(low) else f"{mean:.1f} [{low:.1f}, {high:.1f}] (n={len(values)})"
-
-
 def selected_text(entry: dict) -> str:
     settings = ", ".join(f"{key} {_setting(value)}" for key, value in entry["params"].items())
     return (f"{settings} (validation macro-F1 {100 * entry['validation_macro_f1']:.1f}; "
@@ -263,6 +258,14 @@ def fill_placeholders(text: str, runs: list[RunResult], repo_root: Path, selecti
     rows = {(protocol, row["model"], row["dataset"], row["method"]): row
             for protocol in (FIXED, VALIDATION)
             for row in aggregate([run for run in runs if run.protocol == protocol])}
+    differences: dict[tuple, dict] = {}  # (protocol, key) -> {cell: paired difference}, computed once each
+
+    def paired(protocol: str, key: str) -> dict:
+        if (protocol, key) not in differences:
+            differences[protocol, key] = {
+                (row["model"], row["dataset"], row["method"]): row
+                for row in paired_differences([run for run in runs if run.protocol == protocol], key)}
+        return differences[protocol, key]
 
     def substitute(match: re.Match) -> str:
         kind, target = match.groups()
@@ -287,11 +290,10 @@ def fill_placeholders(text: str, runs: list[RunResult], repo_root: Path, selecti
         if kind == "ci":
             return interval_text([run.metrics[key] for run in by_cell[(protocol, model, dataset, method)]])
         if kind == "diff":
-            pairs = [r for r in paired_differences([run for run in runs if run.protocol == protocol], key)
-                     if (r["model"], r["dataset"], r["method"]) == (model, dataset, method)]
-            if not pairs:
+            pair = paired(protocol, key).get((model, dataset, method))
+            if pair is None:
                 raise KeyError(f"report placeholder {match.group(0)}: no seeds shared with {baseline_label()}")
-            return difference_statement(pairs[0])
+            return difference_statement(pair)
         if math.isnan(row[key]):
             raise ValueError(f"report placeholder {match.group(0)}: no value (times need runs on the reference host)")
         return f"{row[key]:.0f}" if row[key] >= 10 else f"{row[key]:.2f}"

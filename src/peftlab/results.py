@@ -105,6 +105,18 @@ def t_interval(values: list[float], confidence: float = 0.95) -> tuple[float, fl
     return mean, mean - half, mean + half
 
 
+def mean_interval(values: list[float], scale: float = 100.0, sign: str = "") -> str:
+    """``mean [low, high]`` (percent by default): the mean over seeds with its 95% t interval; the mean alone
+    for a single value. ``sign="+"`` writes differences with their sign."""
+    mean, low, high = (scale * v for v in t_interval(values))
+    return f"{mean:{sign}.1f}" if math.isnan(low) else f"{mean:{sign}.1f} [{low:{sign}.1f}, {high:{sign}.1f}]"
+
+
+def interval_text(values: list[float], scale: float = 100.0) -> str:
+    """``mean [low, high] (n=k)``: :func:`mean_interval` with the number of seeds."""
+    return f"{mean_interval(values, scale)} (n={len(values)})"
+
+
 def paired_differences(runs: list[RunResult], key: str = "macro_f1", baseline: str | None = None) -> list[dict]:
     """Each method against ``baseline`` (default: full fine-tuning) of the same model and dataset (and
     protocol), seed by seed: the per-seed differences of ``key`` on the seeds both ran (same data order), their
