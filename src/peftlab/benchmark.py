@@ -134,7 +134,7 @@ def measure(model_name: str, method: str, precision: str, padding: str, batch_si
     from .data import get_dataset
     from .methods import frozen_weights_dtype as resolve_frozen_dtype
     from .methods import get_method, method_from_label, parameter_counts, upcast_trainable
-    from .models import default_sep_token, get_model
+    from .models import default_sep_token, dtype_name, get_model
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -161,8 +161,7 @@ def measure(model_name: str, method: str, precision: str, padding: str, batch_si
     result = {
         "model": model_name, "method": method, "precision": precision, "padding": padding,
         "batch_size": batch_size, "threads": threads, "fused_adamw": fused_adamw,
-        "attn_implementation": attn_implementation, "frozen_weights_dtype": str(frozen_dtype).removeprefix("torch."),
-        **counts,
+        "attn_implementation": attn_implementation, "frozen_weights_dtype": dtype_name(frozen_dtype), **counts,
         "train_step_s": quartiles(step_times),
         "train_examples_per_s": batch_size * len(step_times) / total_time,
         "train_tokens_per_s": sum(real_tokens) / total_time,
@@ -266,6 +265,7 @@ def measure_device_step(config_name: str, method: str, batch_size: int = 16, seq
 
     from .methods import frozen_weights_dtype as resolve_frozen_dtype
     from .methods import get_method, method_from_label, parameter_counts, upcast_trainable
+    from .models import dtype_name
 
     cuda = device == "cuda"
     gc.collect()
@@ -281,7 +281,7 @@ def measure_device_step(config_name: str, method: str, batch_size: int = 16, seq
     tuning = get_method(args.tuning_method)
     frozen_dtype = resolve_frozen_dtype(tuning, frozen_weights_dtype, bf16=True)
     result = {"model": config_name, "method": method, "batch_size": batch_size, "seq_len": seq_len,
-              "frozen_weights_dtype": str(frozen_dtype).removeprefix("torch."),
+              "frozen_weights_dtype": dtype_name(frozen_dtype),
               "device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__}
     precision = "bf16-pure" if frozen_dtype == torch.bfloat16 else "bf16-mixed"
     result.update({f"estimated_{k}": v for k, v in estimate(config, args.tuning_method, precision, batch_size,

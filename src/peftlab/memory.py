@@ -227,7 +227,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--check_models", nargs="+", default=["all-MiniLM-L6-v2", "Qwen2.5-Coder-0.5B-Instruct"])
     parser.add_argument("--check_device", metavar="PATH",
                         help="on CUDA, measure peak memory and step times of randomly initialised --device_configs x "
-                             "full/LoRA r=8/adapter, and write the estimated-vs-measured table to PATH (.md, .json)")
+                             "--device_methods, and write the estimated-vs-measured table to PATH.md and PATH.json")
     parser.add_argument("--device_configs", nargs="+", default=["bert-base-uncased", "roberta-large", "Qwen2.5-0.5B",
                                                                 "Qwen2.5-1.5B", "Qwen2.5-3B"])
     parser.add_argument("--device_methods", nargs="+", default=["full", "lora-r8", "adapter"],
@@ -279,9 +279,9 @@ def main(argv: list[str] | None = None) -> None:
             results.append(measure_device_step(config_name, method, args.batch_size, args.seq_len, args.steps,
                                                args.warmup, frozen_weights_dtype=dtype))
             print(device_table(results[-1:]).splitlines()[-1], flush=True)
-            # written after every row, so a run stopped early keeps what it measured
-            out.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
-            out.with_suffix(".md").write_text(device_table(results))
+            # written after every row, so a run stopped early keeps what it measured; the stem may hold dots
+            Path(f"{out}.json").write_text(json.dumps(results, indent=2) + "\n")
+            Path(f"{out}.md").write_text(device_table(results))
         return
     if args.model is None:
         parser.error("--model is required")

@@ -30,6 +30,11 @@ logger = logging.getLogger(__name__)
 CACHE_ENV = "PEFTLAB_CACHE"
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """``bfloat16`` for ``torch.bfloat16``: how run records, tables and cache folders name a dtype."""
+    return str(dtype).removeprefix("torch.")
+
+
 def cache_dir() -> Path:
     """``$PEFTLAB_CACHE``, else ``~/.cache/peftlab``: joined and converted checkpoints."""
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "peftlab")
@@ -81,7 +86,7 @@ class PackagedCheckpoint:
             self._build(target, self._join_and_convert)
         if dtype == torch.float32 or self.fmt != "gguf":
             return target
-        copy = target.with_name(f"{self.name}@{str(dtype).removeprefix('torch.')}")
+        copy = target.with_name(f"{self.name}@{dtype_name(dtype)}")
         if not _intact(copy, self.sha256):
             self._build(copy, lambda scratch, building: _cast_copy(target, building, dtype))
         return copy

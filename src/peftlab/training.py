@@ -42,7 +42,7 @@ from .methods import (
     upcast_trainable,
 )
 from .metrics import compute_metrics
-from .models import default_sep_token, load_classifier, load_tokenizer, resolve_model
+from .models import default_sep_token, dtype_name, load_classifier, load_tokenizer, resolve_model
 from .results import training_throughput
 from .runrecord import LOG_FILE, RunDirectory, environment, peak_memory_mb, predicted_ids
 
@@ -309,7 +309,7 @@ def run(data_args: DataArguments, model_args: ModelArguments, method_args: Metho
         "data_args": asdict(data_args), "model_args": asdict(model_args), "method_args": asdict(method_args),
         "training_args": training_args.to_dict(), "resolved_model": asdict(resolved), "sep_token": sep_token,
         "label_names": label_names, "num_train_rows": len(dataset["train"]), "num_test_rows": len(dataset["test"]),
-        "frozen_weights_dtype": str(frozen_dtype).removeprefix("torch."),
+        "frozen_weights_dtype": dtype_name(frozen_dtype),
         "validation_split": split_record, "train_tokens_per_epoch": train_tokens,
         "distributed": {"world_size": training_args.world_size, "parallel_mode": training_args.parallel_mode.value,
                         "effective_train_batch_size": training_args.per_device_train_batch_size
