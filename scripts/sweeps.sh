@@ -18,7 +18,7 @@ in_parallel() {  # in_parallel CMD...: WORKERS copies of CMD, {i} replaced by th
 for model in minilm mpnet; do
   for dataset in acl_sup restaurant_sup; do
     for method in full lora-r16; do
-      in_parallel scripts/sweep.sh "configs/sweeps/$model-$dataset-$method.yaml"
+      in_parallel scripts/sweep.sh "configs/sweeps/$model-$dataset-$method.yaml" --worker "{i}"
       in_parallel .venv/bin/python -m peftlab.experiments configs/grids/assignment.yaml \
         --only model=$model --only dataset=$dataset --only method=$method --shard "{i}/$workers"
     done

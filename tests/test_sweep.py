@@ -180,3 +180,24 @@ def test_a_diverging_trial_is_pruned_and_the_sweep_goes_on(tmp_path, tiny_models
     trials = study_of(path).get_trials()
     assert [t.state for t in trials] == [TrialState.PRUNED] * 2
     assert all("training loss is" in t.user_attrs["diverged"] for t in trials)
+
+
+def test_concurrent_workers_draw_different_trials(tmp_path, tiny_models, fixture_data_dir):
+    """Workers sharing a study seed their samplers apart (the file's seed plus their index): one seed made two
+    workers start the same random trials."""
+    from peftlab.sweep import suggest
+
+    path = sweep_file(tmp_path, tiny_models["bert"], fixture_data_dir)
+    sweep = load_sweep(path)
+    drawn = {}
+    for worker in (0, 1):
+        study = open_study(sweep, worker)
+        trial = study.ask()
+        drawn[worker] = suggest(trial, sweep.space)
+        study.tell(trial, 0.5)
+    assert drawn[0] != drawn[1]
+    # worker 0 keeps the file's seed: a single-worker sweep draws what it always drew
+    again = load_sweep(path)
+    again.storage = f"sqlite:///{tmp_path / 'other.db'}"
+    study = open_study(again)
+    assert suggest(study.ask(), again.space) == drawn[0]

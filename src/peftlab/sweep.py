@@ -166,8 +166,10 @@ def objective(sweep: Sweep, trial: optuna.Trial) -> float:
     return value
 
 
-def open_study(sweep: Sweep):
-    """Create or load the study: TPE sampler, median pruner, heartbeats so a killed trial is retried."""
+def open_study(sweep: Sweep, worker: int = 0):
+    """Create or load the study: TPE sampler, median pruner, heartbeats so a killed trial is retried. Worker
+    ``worker`` of several sharing the study seeds its sampler with the file's seed plus its index: with one
+    seed, concurrent workers draw the same random startup trials."""
     if sweep.storage.startswith("sqlite:///"):
         Path(sweep.storage.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     pruner = dict(sweep.pruner)
@@ -186,20 +188,26 @@ def open_study(sweep: Sweep):
             time.sleep(1 + attempt)
     study = optuna.create_study(
         study_name=sweep.study_name, storage=storage, load_if_exists=True, direction="maximize",
-        sampler=optuna.samplers.TPESampler(**sweep.sampler), pruner=pruner_class(**pruner))
+        sampler=optuna.samplers.TPESampler(**sampler_args(sweep.sampler, worker)), pruner=pruner_class(**pruner))
     study.set_user_attr("cell", sweep.cell_key)  # for readers of the storage alone (the report)
     return study
+
+
+def sampler_args(sampler: dict, worker: int) -> dict:
+    """The sweep file's TPE arguments, the seed offset by the worker's index (worker 0: the file's seed)."""
+    return sampler | {"seed": sampler["seed"] + worker} if sampler.get("seed") is not None else sampler
 
 
 def counted_trials(study) -> int:
     return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
 
 
-def run_sweep(sweep: Sweep, n_trials: int | None = None) -> dict | None:
-    """Run trials until the study holds ``n_trials`` finished ones (shared with any other worker), then
-    write the best trial to the selection file; returns that entry (None while no trial completed)."""
+def run_sweep(sweep: Sweep, n_trials: int | None = None, worker: int = 0) -> dict | None:
+    """Run trials until the study holds ``n_trials`` finished ones (shared with any other worker, ``worker``
+    being this one's index), then write the best trial to the selection file; returns that entry (None while
+    no trial completed)."""
     target = n_trials or sweep.n_trials
-    study = open_study(sweep)
+    study = open_study(sweep, worker)
     done = counted_trials(study)
     print(f"study {sweep.study_name}: {done} of {target} trials finished", flush=True)
     if done < target:
@@ -240,11 +248,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("sweep", help="sweep YAML file")
     parser.add_argument("--n_trials", type=int, help="finished trials wanted in the study (default: the file's)")
     parser.add_argument("--storage", help="Optuna database URL, overriding the file's (share a study across machines)")
+    parser.add_argument("--worker", type=int, default=0,
+                        help="this worker's index among several sharing the study (0, 1, ...): offsets the sampler's "
+                             "seed, so concurrent workers do not draw the same trials")
     args = parser.parse_args(argv)
     sweep = load_sweep(args.sweep)
     if args.storage:
         sweep.storage = args.storage
-    run_sweep(sweep, args.n_trials)
+    run_sweep(sweep, args.n_trials, args.worker)
     return 0
 
 
