@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from peftlab.benchmark import _batches, matmul_peak, measure
+from peftlab.benchmark import _batches, markdown, matmul_peak, measure
 
 
 def test_matmul_peak_is_positive():
@@ -26,6 +26,8 @@ def test_measure_tiny(method, tiny_models, real_data_dir):
     result = measure(tiny_models["qwen2"], method, "bf16", "dynamic", batch_size=4, steps=2, warmup=1, threads=1,
                      data_dir=str(real_data_dir), max_length=32)
     assert result["train_step_s"]["n"] == 2 and result["train_tokens_per_s"] > 0
+    assert result["backward_over_forward"] > 0
+    assert "| backward / forward |" in markdown([result], {"bf16": 1e12, "fp32": 1e12, "threads": 1})
     assert result["infer_examples_per_s"] > 0 and result["peak_rss_mb"] > 0
     assert ("merged_infer_examples_per_s" in result) == (method != "full")
 
