@@ -119,3 +119,31 @@ def test_help_is_the_manual():
                             cwd=ROOT, check=True)
     for flag in ("--dataset_name", "--tuning_method", "--lora_r", "--adapter_reduction_factor", "--max_seq_length"):
         assert flag in result.stdout
+
+
+def test_predict_returns_rows_in_dataset_order_under_group_by_length(tmp_path, tiny_models):
+    """Evaluation runs longest first (the stock Trainer shuffles it under --group_by_length), and predict()
+    hands back each row's own logits and label, in the dataset's order."""
+    from datasets import Dataset
+    from transformers import DataCollatorWithPadding, TrainingArguments
+
+    from peftlab.data import tokenize
+    from peftlab.models import get_model
+    from peftlab.training import PeftlabTrainer, eval_order
+
+    tokenizer, model = get_model(tiny_models["bert"], 3)
+    words = "the food was good but service slow".split()
+    rows = Dataset.from_dict({"text": [" ".join(words[: 1 + (3 * i) % 7]) for i in range(40)],
+                              "label": [i % 3 for i in range(40)]})
+    encoded = tokenize(rows, tokenizer, 32)
+    trainer = PeftlabTrainer(model=model.eval(), data_collator=DataCollatorWithPadding(tokenizer),
+                             args=TrainingArguments(output_dir=str(tmp_path), report_to=[], group_by_length=True,
+                                                    per_device_eval_batch_size=8, use_cpu=True))
+    padded = [batch["input_ids"].shape[1] for batch in trainer.get_test_dataloader(encoded)]
+    assert padded == sorted(padded, reverse=True) and len(set(padded)) > 2  # batches longest first
+    assert [len(encoded[i]["input_ids"]) for i in eval_order(encoded)][::8] == padded
+    output = trainer.predict(encoded)
+    assert output.label_ids.tolist() == rows["label"]
+    with torch.no_grad():
+        one_by_one = [model(**tokenizer(text, return_tensors="pt")).logits[0] for text in rows["text"]]
+    assert torch.allclose(torch.tensor(output.predictions), torch.stack(one_by_one), atol=1e-5)

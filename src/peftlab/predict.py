@@ -7,7 +7,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from transformers import AutoTokenizer, DataCollatorWithPadding, Trainer, TrainingArguments
+from transformers import AutoTokenizer, DataCollatorWithPadding, TrainingArguments
 
 from .cli import parse_dataclasses
 from .data import load_data, take_slice, tokenize
@@ -16,6 +16,7 @@ from .methods import get_method
 from .metrics import classification_metrics
 from .models import resolve_model
 from .runrecord import FINISHED, PREDICT_OUTPUT_FILE, RunDirectory, predicted_ids, write_predictions
+from .training import PeftlabTrainer
 
 
 @dataclass
@@ -63,7 +64,7 @@ def predict(args: PredictArguments) -> dict:
     encoded = tokenize(rows, tokenizer, data_args["max_seq_length"])
     training = record["training_args"]
     with tempfile.TemporaryDirectory() as scratch:
-        trainer = Trainer(model=model, data_collator=DataCollatorWithPadding(tokenizer), processing_class=tokenizer,
+        trainer = PeftlabTrainer(model=model, data_collator=DataCollatorWithPadding(tokenizer), processing_class=tokenizer,
                           args=TrainingArguments(
                               output_dir=scratch, report_to=[], bf16=training["bf16"], use_cpu=training["use_cpu"],
                               per_device_eval_batch_size=training["per_device_eval_batch_size"]))

@@ -16,6 +16,7 @@ from functools import partial
 from pathlib import Path
 
 import datasets
+import numpy as np
 import torch
 import transformers
 from accelerate import PartialState
@@ -225,9 +226,40 @@ def default_run_name(model_args: ModelArguments, data_args: DataArguments, metho
     return f"{model}__{data_args.dataset_name.replace(',', '+')}__{method}__seed{seed}"
 
 
+def eval_order(dataset) -> list[int]:
+    """Row indices, longest first (ties in row order): evaluation batches in this order pad little."""
+    lengths = [len(ids) for ids in dataset["input_ids"]]
+    return sorted(range(len(lengths)), key=lengths.__getitem__, reverse=True)
+
+
 class PeftlabTrainer(Trainer):
-    """``Trainer`` that stops at the first non-finite training loss instead of training on to NaN weights
-    and a majority-class "result"."""
+    """``Trainer`` that evaluates in length order and stops at the first non-finite training loss (instead of
+    training on to NaN weights and a majority-class "result").
+
+    The stock ``Trainer`` evaluates rows in order, or under ``--group_by_length`` in shuffled length groups,
+    which detached ``predict()``'s rows from the dataset's; here evaluation batches run longest first, and
+    ``predict()`` returns its rows in the dataset's order."""
+
+    def _get_eval_sampler(self, eval_dataset):
+        if "input_ids" not in getattr(eval_dataset, "column_names", ()):
+            return super()._get_eval_sampler(eval_dataset)
+        return eval_order(eval_dataset)
+
+    def predict(self, test_dataset, ignore_keys=None, metric_key_prefix: str = "test"):
+        output = super().predict(test_dataset, ignore_keys, metric_key_prefix)
+        if "input_ids" not in getattr(test_dataset, "column_names", ()):
+            return output
+        order = np.array(eval_order(test_dataset))
+
+        def in_row_order(values):
+            if isinstance(values, tuple | list):
+                return type(values)(in_row_order(v) for v in values)
+            restored = np.empty_like(values)
+            restored[order] = values
+            return restored
+
+        return output._replace(predictions=in_row_order(output.predictions),
+                               label_ids=None if output.label_ids is None else in_row_order(output.label_ids))
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
