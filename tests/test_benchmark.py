@@ -21,10 +21,11 @@ def test_padding_strategies(tiny_models):
     assert sum(b["input_ids"].numel() for b in grouped) < sum(b["input_ids"].numel() for b in dynamic)
 
 
-@pytest.mark.parametrize("method", ["full", "lora-r8"])
-def test_measure_tiny(method, tiny_models, real_data_dir):
+@pytest.mark.parametrize("method,checkpointing", [("full", False), ("lora-r8", False), ("lora-r8", True)])
+def test_measure_tiny(method, checkpointing, tiny_models, real_data_dir):
     result = measure(tiny_models["qwen2"], method, "bf16", "dynamic", batch_size=4, steps=2, warmup=1, threads=1,
-                     data_dir=str(real_data_dir), max_length=32)
+                     data_dir=str(real_data_dir), max_length=32, gradient_checkpointing=checkpointing)
+    assert result["gradient_checkpointing"] is checkpointing
     assert result["train_step_s"]["n"] == 2 and result["train_tokens_per_s"] > 0
     assert result["backward_over_forward"] > 0
     assert "| backward / forward |" in markdown([result], {"bf16": 1e12, "fp32": 1e12, "threads": 1})
@@ -48,9 +49,9 @@ def test_measure_compares_attention_kernels(tiny_models, real_data_dir):
     from peftlab.benchmark import markdown
 
     table = markdown(results, {"fp32": 1e11, "bf16": 4e11, "threads": 1}).splitlines()
-    assert table[0].startswith("| model | method | precision | frozen weights | padding | attention |")
+    assert table[0].startswith("| model | method | precision | frozen weights | checkpointing | padding | attention |")
     # LoRA under bf16 loads its frozen weights in bf16, as train.py's --frozen_weights_dtype auto does
-    assert "| lora-r8 | bf16 | bfloat16 | dynamic | eager | 1 |" in table[3]
+    assert "| lora-r8 | bf16 | bfloat16 | no | dynamic | eager | 1 |" in table[3]
 
 
 def test_stock_recipe_summary_states_speed_up_and_paired_quality():

@@ -136,9 +136,11 @@ def _train_flops_per_token(model, trainable: int, seq_len: float) -> float:
 
 def measure(model_name: str, method: str, precision: str, padding: str, batch_size: int, steps: int,
             warmup: int, threads: int, data_dir: str | None, max_length: int, fused_adamw: bool = False,
-            attn_implementation: str = "sdpa", frozen_weights_dtype: str = "auto") -> dict:
+            attn_implementation: str = "sdpa", frozen_weights_dtype: str = "auto",
+            gradient_checkpointing: bool = False) -> dict:
     """One configuration, in this process; the model is built as train.py builds it (frozen weights in
-    ``frozen_weights_dtype``, resolved as ``--frozen_weights_dtype`` is)."""
+    ``frozen_weights_dtype``, resolved as ``--frozen_weights_dtype`` is; with ``gradient_checkpointing`` as
+    ``--gradient_checkpointing True --gradient_checkpointing_kwargs '{"use_reentrant": false}'`` sets it)."""
     from .data import get_dataset
     from .methods import frozen_weights_dtype as resolve_frozen_dtype
     from .methods import get_method, method_from_label, parameter_counts, upcast_trainable
@@ -155,6 +157,8 @@ def measure(model_name: str, method: str, precision: str, padding: str, batch_si
     texts = list(dataset["train"].shuffle(seed=0)["text"])
     labels = torch.tensor(dataset["train"].shuffle(seed=0)["label"])
     model = upcast_trainable(tuning.wrap(model, args))
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     counts = parameter_counts(model)
     batches = _batches(tokenizer, texts, batch_size, padding, max_length, warmup + steps)
     for i, batch in enumerate(batches):
@@ -169,7 +173,8 @@ def measure(model_name: str, method: str, precision: str, padding: str, batch_si
     result = {
         "model": model_name, "method": method, "precision": precision, "padding": padding,
         "batch_size": batch_size, "threads": threads, "fused_adamw": fused_adamw,
-        "attn_implementation": attn_implementation, "frozen_weights_dtype": dtype_name(frozen_dtype), **counts,
+        "attn_implementation": attn_implementation, "frozen_weights_dtype": dtype_name(frozen_dtype),
+        "gradient_checkpointing": gradient_checkpointing, **counts,
         "train_step_s": quartiles(step_times),
         # the issue's bound on the frozen layers' backward pass: at most 1.3x the forward
         "backward_over_forward": statistics.median(b / f for f, b in zip(times["forward"], times["backward"])),
@@ -347,7 +352,8 @@ def device_table(results: list[dict]) -> str:
 
 
 def markdown(results: list[dict], peaks: dict) -> str:
-    header = ["model", "method", "precision", "frozen weights", "padding", "attention", "threads", "AdamW",
+    header = ["model", "method", "precision", "frozen weights", "checkpointing", "padding", "attention", "threads",
+              "AdamW",
               "train ex/s", "train tokens/s",
               "step s (median [q1, q3])", "backward / forward", "% of matmul peak", "infer ex/s", "merged infer ex/s", "trainable %",
               "peak RSS MB"]
@@ -356,7 +362,8 @@ def markdown(results: list[dict], peaks: dict) -> str:
         step = r["train_step_s"]
         peak = peaks["bf16" if r["precision"] == "bf16" else "fp32"] * r["threads"] / peaks["threads"]
         merged = f"{r['merged_infer_examples_per_s']:.1f}" if "merged_infer_examples_per_s" in r else "–"
-        rows.append([r["model"], r["method"], r["precision"], r.get("frozen_weights_dtype", "float32"), r["padding"],
+        rows.append([r["model"], r["method"], r["precision"], r.get("frozen_weights_dtype", "float32"),
+                     "yes" if r.get("gradient_checkpointing") else "no", r["padding"],
                      r.get("attn_implementation", "sdpa"), r["threads"],
                      "fused" if r.get("fused_adamw") else "foreach", f"{r['train_examples_per_s']:.1f}",
                      f"{r['train_tokens_per_s']:.0f}", f"{step['median']:.3f} [{step['q1']:.3f}, {step['q3']:.3f}]",
@@ -378,6 +385,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="attention kernels to compare (transformers' attn_implementation)")
     parser.add_argument("--frozen_weights_dtypes", nargs="+", default=["auto"], choices=["auto", "float32", "bfloat16"],
                         help="dtype of the weights a PEFT method freezes (train.py's --frozen_weights_dtype)")
+    parser.add_argument("--gradient_checkpointing", nargs="+", type=int, default=[0], choices=[0, 1],
+                        help="1: recompute activations in the backward pass (train.py's --gradient_checkpointing)")
     parser.add_argument("--batch_size", type=positive_int, default=16)
     parser.add_argument("--steps", type=positive_int, default=8, help="timed steps per configuration")
     parser.add_argument("--warmup", type=non_negative_int, default=2)
@@ -394,13 +403,14 @@ def main(argv: list[str] | None = None) -> None:
         for method in args.methods:
             for precision in args.precisions:
                 for padding in args.paddings:
-                    for threads, fused, attention, frozen in itertools.product(
-                            args.threads, args.fused_adamw, args.attn_implementations, args.frozen_weights_dtypes):
+                    for threads, fused, attention, frozen, checkpointing in itertools.product(
+                            args.threads, args.fused_adamw, args.attn_implementations, args.frozen_weights_dtypes,
+                            args.gradient_checkpointing):
                         config = dict(model_name=model, method=method, precision=precision, padding=padding,
                                       batch_size=args.batch_size, steps=args.steps, warmup=args.warmup,
                                       threads=threads, data_dir=args.data_dir, max_length=args.max_length,
                                       fused_adamw=bool(fused), attn_implementation=attention,
-                                      frozen_weights_dtype=frozen)
+                                      frozen_weights_dtype=frozen, gradient_checkpointing=bool(checkpointing))
                         result = call_in_fresh_process("peftlab.benchmark:measure", **config)
                         results.append(result)
                         print(markdown([result], peaks).splitlines()[-1], flush=True)
