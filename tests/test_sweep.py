@@ -201,3 +201,31 @@ def test_concurrent_workers_draw_different_trials(tmp_path, tiny_models, fixture
     again.storage = f"sqlite:///{tmp_path / 'other.db'}"
     study = open_study(again)
     assert suggest(study.ask(), again.space) == drawn[0]
+    # a restarted worker draws anew: drawing its first trial again duplicated a trial already run
+    study = open_study(sweep, 0)
+    assert suggest(study.ask(), sweep.space) not in drawn.values()
+
+
+def test_a_worker_paused_past_the_grace_period_goes_on(tmp_path, tiny_models, fixture_data_dir):
+    """A worker stopped longer than the heartbeat's grace period finds its trial failed and retried by
+    another worker when it resumes; it goes on (it crashed before) and ends with the study."""
+    path = sweep_file(tmp_path, tiny_models["bert"], fixture_data_dir, n_trials=2,
+                      space={"learning_rate": {"low": 1.0e-4, "high": 1.0e-2, "log": True},
+                             "num_train_epochs": {"low": 15, "high": 20}})
+    open_study(load_sweep(path))
+    paused = sweep_process(path)
+    deadline = time.time() + 240
+    while time.time() < deadline and paused.poll() is None:
+        time.sleep(0.2)
+        if any(t.state == TrialState.RUNNING and t.intermediate_values for t in study_of(path).get_trials()):
+            break
+    os.killpg(paused.pid, signal.SIGSTOP)
+    time.sleep(2.5)  # past the grace period: the next worker fails the silent trial and retries it
+    run_sweep(load_sweep(path), worker=1)
+    os.killpg(paused.pid, signal.SIGCONT)
+    output = paused.communicate(timeout=240)[0]
+    assert paused.returncode == 0, output[-3000:]
+    assert "taken for killed and is retried" in output
+    trials = study_of(path).get_trials()
+    assert trials[0].state == TrialState.FAIL and trials[0].user_attrs["worker"].endswith(f":{paused.pid}")
+    assert any(t.system_attrs.get("failed_trial") == 0 for t in trials)

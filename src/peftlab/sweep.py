@@ -167,9 +167,9 @@ def objective(sweep: Sweep, trial: optuna.Trial) -> float:
 
 
 def open_study(sweep: Sweep, worker: int = 0):
-    """Create or load the study: TPE sampler, median pruner, heartbeats so a killed trial is retried. Worker
-    ``worker`` of several sharing the study seeds its sampler with the file's seed plus its index: with one
-    seed, concurrent workers draw the same random startup trials."""
+    """Create or load the study: TPE sampler, median pruner, heartbeats so a killed trial is retried. The
+    sampler's seed is the file's, offset by the worker's index and by the trials the study already holds
+    (:func:`sampler_args`)."""
     if sweep.storage.startswith("sqlite:///"):
         Path(sweep.storage.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     pruner = dict(sweep.pruner)
@@ -186,16 +186,26 @@ def open_study(sweep: Sweep, worker: int = 0):
             if attempt == 2:
                 raise
             time.sleep(1 + attempt)
+    try:
+        existing = len(storage.get_all_trials(storage.get_study_id_from_name(sweep.study_name), deepcopy=False))
+    except KeyError:  # a new study
+        existing = 0
     study = optuna.create_study(
         study_name=sweep.study_name, storage=storage, load_if_exists=True, direction="maximize",
-        sampler=optuna.samplers.TPESampler(**sampler_args(sweep.sampler, worker)), pruner=pruner_class(**pruner))
+        sampler=optuna.samplers.TPESampler(**sampler_args(sweep.sampler, worker, existing)),
+        pruner=pruner_class(**pruner))
     study.set_user_attr("cell", sweep.cell_key)  # for readers of the storage alone (the report)
     return study
 
 
-def sampler_args(sampler: dict, worker: int) -> dict:
-    """The sweep file's TPE arguments, the seed offset by the worker's index (worker 0: the file's seed)."""
-    return sampler | {"seed": sampler["seed"] + worker} if sampler.get("seed") is not None else sampler
+def sampler_args(sampler: dict, worker: int, existing_trials: int = 0) -> dict:
+    """The sweep file's TPE arguments, the seed offset by the worker's index and by 1000 per trial the study
+    already holds: with one seed, concurrent workers drew the same random startup trials, and a restarted
+    worker drew again what it drew before its restart (a duplicate, once that trial's retry had run). Worker 0
+    of a new study keeps the file's seed."""
+    if sampler.get("seed") is None:
+        return sampler
+    return sampler | {"seed": sampler["seed"] + worker + 1000 * existing_trials}
 
 
 def counted_trials(study) -> int:
@@ -210,11 +220,18 @@ def run_sweep(sweep: Sweep, n_trials: int | None = None, worker: int = 0) -> dic
     study = open_study(sweep, worker)
     done = counted_trials(study)
     print(f"study {sweep.study_name}: {done} of {target} trials finished", flush=True)
-    if done < target:
-        study.optimize(
-            lambda trial: objective(sweep, trial), gc_after_trial=True,
-            callbacks=[optuna.study.MaxTrialsCallback(target, states=(TrialState.COMPLETE, TrialState.PRUNED)),
-                       _print_trial])
+    while counted_trials(study) < target:
+        try:
+            study.optimize(
+                lambda trial: objective(sweep, trial), gc_after_trial=True,
+                callbacks=[optuna.study.MaxTrialsCallback(target, states=(TrialState.COMPLETE, TrialState.PRUNED)),
+                           _print_trial])
+        except ValueError as err:
+            if "Cannot tell a FAIL trial" not in str(err):
+                raise
+            # This worker's trial was failed under it: the worker stalled past the heartbeat's grace period (a
+            # paused process, a suspended machine) and another worker, taking it for killed, queued its retry.
+            print("  this worker's trial was taken for killed and is retried; the worker goes on", flush=True)
     return write_selection(sweep, study)
 
 
