@@ -42,7 +42,7 @@ for name, commit in (("base", base), ("today", head)):
     table_rows.append([f"{name} ({commit})", f"{wall:.0f}", f"{metrics['train_runtime']:.0f}",
                  f"{metrics.get('eval_seconds_during_training', 0):.0f}", f"{rss_kb / 1024:.0f}",
                  f"{100 * metrics['accuracy']:.1f}", f"{100 * metrics['macro_f1']:.1f}"])
-text = (f"# Whole process against the baseline code\n\nHost: {cpu_model()}, {threads} thread(s) per process, both "
+text = (f"Host: {cpu_model()}, {threads} thread(s) per process, both "
         f"processes at once. {model}, LoRA r=16 (alpha 32), {rows} restaurant training rows, "
         f"{epochs} epochs, bf16, seed 1. Base: test split evaluated every epoch; today: validation split (10%), "
         "evaluations on it, the test split once, --group_by_length. Command: "
