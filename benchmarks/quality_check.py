@@ -1,7 +1,8 @@
 """Does a changed default keep quality? Runs of one cell under two settings, paired by seed (issue 22).
 
 Reads finished runs under a results folder (a check grid such as ``configs/grids/checks/frozen_dtype.yaml``),
-compares every method label with ``--baseline`` seed by seed (same seed, same data order): test accuracy and
+compares every method label with ``--baseline`` seed by seed (the baseline's runs may come from another grid's
+folder, ``--baseline_runs``, for the same models and datasets) (same seed, same data order): test accuracy and
 macro-F1 of each, the paired difference with its 95% t interval, and how far apart the two runs' logged
 training losses are at the same steps (the fixed-seed loss curve check).
 
@@ -28,8 +29,12 @@ def loss_gap(run, baseline_run) -> tuple[float, float]:
     return max(gaps), sum(gaps) / len(gaps)
 
 
-def report(results: Path, baseline: str) -> str:
+def report(results: Path, baseline: str, baseline_runs: Path | None = None) -> str:
     runs = collect(results)
+    if baseline_runs is not None:
+        checked = {(run.model, run.dataset) for run in runs}
+        runs += [run for run in collect(baseline_runs)
+                 if run.method == baseline and (run.model, run.dataset) in checked]
     by_seed = {(run.cell, run.seed): run for run in runs}
     rows = []
     for run in sorted(runs, key=lambda r: (r.method != baseline, r.method, r.seed)):
@@ -55,12 +60,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("results", help="folder of the check grid's runs")
     parser.add_argument("--baseline", required=True, help="method label of the old setting")
+    parser.add_argument("--baseline_runs", type=Path,
+                        help="folder holding the baseline's runs, if not the check's own (e.g. results/assignment)")
     parser.add_argument("--out", help="path stem: writes <out>.md (default: print only)")
     args = parser.parse_args()
-    text = report(Path(args.results), args.baseline)
+    text = report(Path(args.results), args.baseline, args.baseline_runs)
     if args.out:
-        Path(f"{args.out}.md").write_text(f"Runs under `{args.results}`, paired by seed against `{args.baseline}` "
-                                          "(`benchmarks/quality_check.py`).\n\n" + text)
+        source = f" (from `{args.baseline_runs}`)" if args.baseline_runs else ""
+        Path(f"{args.out}.md").write_text(f"Runs under `{args.results}`, paired by seed against `{args.baseline}`"
+                                          f"{source} (`benchmarks/quality_check.py`).\n\n" + text)
     print(text)
 
 

@@ -217,6 +217,7 @@ def test_quality_checks_and_stale_figures_stay_out_of_the_report(report_inputs):
 def test_quality_check_pairs_a_changed_default_with_its_baseline(tmp_path):
     """benchmarks/quality_check.py: per-seed scores, the loss-curve gap at shared steps, paired differences."""
     import importlib.util
+    import shutil
     from pathlib import Path
 
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "quality_check.py"
@@ -232,3 +233,12 @@ def test_quality_check_pairs_a_changed_default_with_its_baseline(tmp_path):
     assert "| m | acl_sup | lora-r8-new | 1 | 71.0 | 61.0 | max 0.000, mean 0.000 |" in text
     assert "| m | acl_sup | lora-r8-old | 1 | 70.0 | 60.0 | – |" in text
     assert "| lora-r8-new | 3 |" in text and "no difference detected at 3 seeds (+0.3" in text
+    # the baseline may live in another grid's folder: only its runs of the checked models and datasets count
+    elsewhere = tmp_path / "grid"
+    for seed, old in ((1, 0.70), (2, 0.75), (3, 0.80)):
+        fixture_run(elsewhere, "lora-r8-old", seed, old)
+        fixture_run(elsewhere, "lora-r8-other", seed, old)
+    shutil.rmtree(results / "m" / "acl_sup" / "lora-r8-old")
+    text = quality_check.report(results, "lora-r8-old", baseline_runs=elsewhere)
+    assert "| m | acl_sup | lora-r8-old | 1 | 70.0 | 60.0 | – |" in text and "lora-r8-other" not in text
+    assert "no difference detected at 3 seeds (+0.3" in text

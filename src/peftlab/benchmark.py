@@ -177,7 +177,8 @@ def measure(model_name: str, method: str, precision: str, padding: str, batch_si
         "gradient_checkpointing": gradient_checkpointing, **counts,
         "train_step_s": quartiles(step_times),
         # the issue's bound on the frozen layers' backward pass: at most 1.3x the forward
-        "backward_over_forward": statistics.median(b / f for f, b in zip(times["forward"], times["backward"])),
+        "backward_over_forward": statistics.median(
+            b / f for f, b in zip(times["forward"], times["backward"], strict=True)),
         "train_examples_per_s": batch_size * len(step_times) / total_time,
         "train_tokens_per_s": sum(real_tokens) / total_time,
         "train_padded_tokens_per_s": sum(padded_tokens) / total_time,
@@ -354,9 +355,8 @@ def device_table(results: list[dict]) -> str:
 def markdown(results: list[dict], peaks: dict) -> str:
     header = ["model", "method", "precision", "frozen weights", "checkpointing", "padding", "attention", "threads",
               "AdamW",
-              "train ex/s", "train tokens/s",
-              "step s (median [q1, q3])", "backward / forward", "% of matmul peak", "infer ex/s", "merged infer ex/s", "trainable %",
-              "peak RSS MB"]
+              "train ex/s", "train tokens/s", "step s (median [q1, q3])", "backward / forward", "% of matmul peak",
+              "infer ex/s", "merged infer ex/s", "trainable %", "peak RSS MB"]
     rows = []
     for r in results:
         step = r["train_step_s"]
@@ -367,7 +367,8 @@ def markdown(results: list[dict], peaks: dict) -> str:
                      r.get("attn_implementation", "sdpa"), r["threads"],
                      "fused" if r.get("fused_adamw") else "foreach", f"{r['train_examples_per_s']:.1f}",
                      f"{r['train_tokens_per_s']:.0f}", f"{step['median']:.3f} [{step['q1']:.3f}, {step['q3']:.3f}]",
-                     f"{r['backward_over_forward']:.2f}" if "backward_over_forward" in r else "–", f"{100 * r['train_flops_per_s'] / peak:.1f}", f"{r['infer_examples_per_s']:.1f}", merged,
+                     f"{r['backward_over_forward']:.2f}" if "backward_over_forward" in r else "–",
+                     f"{100 * r['train_flops_per_s'] / peak:.1f}", f"{r['infer_examples_per_s']:.1f}", merged,
                      f"{r['trainable_percent']:.2f}", f"{r['peak_rss_mb']:.0f}"])
     return table(header, rows)
 

@@ -64,10 +64,10 @@ def predict(args: PredictArguments) -> dict:
     encoded = tokenize(rows, tokenizer, data_args["max_seq_length"])
     training = record["training_args"]
     with tempfile.TemporaryDirectory() as scratch:
-        trainer = PeftlabTrainer(model=model, data_collator=DataCollatorWithPadding(tokenizer), processing_class=tokenizer,
-                          args=TrainingArguments(
-                              output_dir=scratch, report_to=[], bf16=training["bf16"], use_cpu=training["use_cpu"],
-                              per_device_eval_batch_size=training["per_device_eval_batch_size"]))
+        trainer = PeftlabTrainer(
+            model=model, data_collator=DataCollatorWithPadding(tokenizer), processing_class=tokenizer,
+            args=TrainingArguments(output_dir=scratch, report_to=[], bf16=training["bf16"], use_cpu=training["use_cpu"],
+                                   per_device_eval_batch_size=training["per_device_eval_batch_size"]))
         predictions = predicted_ids(trainer.predict(encoded).predictions)
     output = Path(args.output_file or Path(args.run_dir) / PREDICT_OUTPUT_FILE)
     write_predictions(output, predictions, names)  # only now: a failed prediction leaves an earlier file whole
