@@ -226,8 +226,11 @@ def default_run_name(model_args: ModelArguments, data_args: DataArguments, metho
     return f"{model}__{data_args.dataset_name.replace(',', '+')}__{method}__seed{seed}"
 
 
-def eval_order(dataset) -> list[int]:
-    """Row indices, longest first (ties in row order): evaluation batches in this order pad little."""
+def eval_order(dataset) -> list[int] | None:
+    """Row indices, longest first (ties in row order): evaluation batches in this order pad little. None for a
+    dataset without token ids."""
+    if "input_ids" not in getattr(dataset, "column_names", ()):
+        return None
     lengths = [len(ids) for ids in dataset["input_ids"]]
     return sorted(range(len(lengths)), key=lengths.__getitem__, reverse=True)
 
@@ -241,15 +244,14 @@ class PeftlabTrainer(Trainer):
     ``predict()`` returns its rows in the dataset's order."""
 
     def _get_eval_sampler(self, eval_dataset):
-        if "input_ids" not in getattr(eval_dataset, "column_names", ()):
-            return super()._get_eval_sampler(eval_dataset)
-        return eval_order(eval_dataset)
+        order = eval_order(eval_dataset)
+        return super()._get_eval_sampler(eval_dataset) if order is None else order
 
     def predict(self, test_dataset, ignore_keys=None, metric_key_prefix: str = "test"):
         output = super().predict(test_dataset, ignore_keys, metric_key_prefix)
-        if "input_ids" not in getattr(test_dataset, "column_names", ()):
+        order = eval_order(test_dataset)
+        if order is None:
             return output
-        order = np.array(eval_order(test_dataset))
 
         def in_row_order(values):
             if isinstance(values, tuple | list):
