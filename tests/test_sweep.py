@@ -3,6 +3,7 @@
 import contextlib
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -206,6 +207,21 @@ def test_concurrent_workers_draw_different_trials(tmp_path, tiny_models, fixture
     assert suggest(study.ask(), sweep.space) not in drawn.values()
 
 
+def stop_outside_a_write(process: subprocess.Popen, database) -> None:
+    """SIGSTOP a worker at a moment it holds no write lock on the SQLite file (else the other worker would wait
+    for the lock, not for the trial)."""
+    while True:
+        os.killpg(process.pid, signal.SIGSTOP)
+        try:
+            with contextlib.closing(sqlite3.connect(database, timeout=0.2)) as db:
+                db.execute("BEGIN IMMEDIATE")
+                db.rollback()
+            return
+        except sqlite3.OperationalError:
+            os.killpg(process.pid, signal.SIGCONT)
+            time.sleep(0.05)
+
+
 def test_a_worker_paused_past_the_grace_period_goes_on(tmp_path, tiny_models, fixture_data_dir):
     """A worker stopped longer than the heartbeat's grace period finds its trial failed and retried by
     another worker when it resumes; it goes on (it crashed before) and ends with the study."""
@@ -219,7 +235,7 @@ def test_a_worker_paused_past_the_grace_period_goes_on(tmp_path, tiny_models, fi
         time.sleep(0.2)
         if any(t.state == TrialState.RUNNING and t.intermediate_values for t in study_of(path).get_trials()):
             break
-    os.killpg(paused.pid, signal.SIGSTOP)
+    stop_outside_a_write(paused, tmp_path / "studies.db")
     time.sleep(2.5)  # past the grace period: the next worker fails the silent trial and retries it
     run_sweep(load_sweep(path), worker=1)
     os.killpg(paused.pid, signal.SIGCONT)
