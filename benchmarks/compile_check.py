@@ -25,22 +25,21 @@ WARMUP, TIMED, BATCH = 5, 25, 16
 
 
 def measure(model_name: str, method: str, compiled: bool, threads: int) -> dict:
+    from peftlab.benchmark import _batches
     from peftlab.data import get_dataset
-    from peftlab.methods import MethodArguments, frozen_weights_dtype, get_method, upcast_trainable
+    from peftlab.methods import frozen_weights_dtype, get_method, method_from_label, upcast_trainable
     from peftlab.models import default_sep_token, get_model
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    tuning = get_method(method)
+    args = method_from_label(method)
+    tuning = get_method(args.tuning_method)
     tokenizer, model = get_model(model_name, 3, dtype=frozen_weights_dtype(tuning, "auto", True))
-    model = upcast_trainable(tuning.wrap(model, MethodArguments(tuning_method=method)))
+    model = upcast_trainable(tuning.wrap(model, args))
     rows = get_dataset("restaurant_sup", default_sep_token(tokenizer))["train"].shuffle(seed=0)
-    batches = []
-    for start in range(0, BATCH * (WARMUP + TIMED), BATCH):
-        batch = tokenizer(rows[start:start + BATCH]["text"], return_tensors="pt", padding=True, truncation=True,
-                          max_length=256)
-        batch["labels"] = torch.tensor(rows[start:start + BATCH]["label"])
-        batches.append(batch)
+    batches = _batches(tokenizer, list(rows["text"]), BATCH, "dynamic", 256, WARMUP + TIMED)
+    for i, batch in enumerate(batches):
+        batch["labels"] = torch.tensor(rows["label"][i * BATCH:(i + 1) * BATCH])
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     forward = torch.compile(model, dynamic=True) if compiled else model
     model.train()
@@ -62,7 +61,7 @@ def measure(model_name: str, method: str, compiled: bool, threads: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="all-MiniLM-L6-v2")
-    parser.add_argument("--method", default="full")
+    parser.add_argument("--method", default="full", help="a benchmark method label: full, lora-r16, adapter, ...")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--out", help="path stem: writes <out>.md")

@@ -29,19 +29,20 @@ COMMON=(--model_name_or_path "$MODEL" --dataset_name restaurant_sup --data_dir "
     "$PY" train.py "${COMMON[@]}" --group_by_length True --output_dir "$WORK/today_run" > "$WORK/today.log" 2>&1 &
 wait
 "$PY" - "$WORK" "$BASE" "$TODAY" "$OMP_NUM_THREADS" "$OUT" "$MODEL" "$ROWS" "$EPOCHS" <<'PY'
-import json, sys
+import sys
 from pathlib import Path
 from peftlab.hardware import cpu_model
 from peftlab.markdown import table
+from peftlab.runrecord import RunDirectory
 work, (base, head, threads, out, model, rows, epochs) = Path(sys.argv[1]), sys.argv[2:]
 table_rows, seconds = [], {}
 for name, commit in (("base", base), ("today", head)):
     wall, rss_kb = (float(v) for v in (work / f"{name}.time").read_text().split()[-2:])
-    metrics = json.loads((work / f"{name}_run" / "metrics.json").read_text())
+    metrics = RunDirectory(work / f"{name}_run").metrics()
     seconds[name] = wall
     table_rows.append([f"{name} ({commit})", f"{wall:.0f}", f"{metrics['train_runtime']:.0f}",
-                 f"{metrics.get('eval_seconds_during_training', 0):.0f}", f"{rss_kb / 1024:.0f}",
-                 f"{100 * metrics['accuracy']:.1f}", f"{100 * metrics['macro_f1']:.1f}"])
+                       f"{metrics.get('eval_seconds_during_training', 0):.0f}", f"{rss_kb / 1024:.0f}",
+                       f"{100 * metrics['accuracy']:.1f}", f"{100 * metrics['macro_f1']:.1f}"])
 text = (f"Host: {cpu_model()}, {threads} thread(s) per process, both "
         f"processes at once. {model}, LoRA r=16 (alpha 32), {rows} restaurant training rows, "
         f"{epochs} epochs, bf16, seed 1. Base: test split evaluated every epoch; today: validation split (10%), "
