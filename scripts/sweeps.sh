@@ -1,29 +1,48 @@
 #!/usr/bin/env bash
 # The validation protocol's evidence (issue 23) and the assignment grid (issue 24), cheapest model first:
-# each of a model's sweeps (configs/sweeps/<model>-*.yaml) followed by that cell's seeds, then the rest of
-# the model's row in the assignment grid (the cells whose settings transfer from its sweeps), test evaluated
+# a model's sweeps (configs/sweeps/<model>-*.yaml), then the swept cells' seeds, then the rest of the
+# model's row in the assignment grid (the cells whose settings transfer from its sweeps), test evaluated
 # once per run (configs/grids/assignment.yaml, results/assignment).
 # Resumable: studies continue, finished runs are skipped. Long: start it detached,
 #   WORKERS=2 setsid nohup scripts/sweeps.sh > results/sweeps.log 2>&1 &
-# WORKERS processes share each study and each grid (--shard), the CPU's cores split between them: on a
+# Up to WORKERS processes share each study and each grid (--shard), the CPU's cores split between them: on a
 # 2-core host two 1-thread workers train MiniLM 1.22x faster in total than one 2-thread process
-# (benchmarks/results/workers.md).
+# (benchmarks/results/workers.md). Runs and trials save a checkpoint at each epoch's end and resume from it.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-workers=${WORKERS:-1}
-export OMP_NUM_THREADS=$(( $(nproc) / workers > 0 ? $(nproc) / workers : 1 ))
-in_parallel() {  # in_parallel CMD...: WORKERS copies of CMD, {i} replaced by the worker's index
+# Peak RSS of one run in GB (the largest of each model's finished runs: ACL-ARC or AG News at 256 tokens, 0.5B full
+# fine-tuning 17.8 GB): a model runs as many workers as fit in 90% of the host's memory, at most WORKERS, so the
+# kernel never kills one mid-run. On a 24 GB host: two for the encoders, one for each decoder.
+declare -A peak_gb=([minilm]=4 [mpnet]=10 [qwen-0.5b]=18 [qwen-1.5b]=12)
+memory_gb=$(awk '/MemTotal/ {print int($2 / 1048576)}' /proc/meminfo)
+use_workers() {  # use_workers MODEL: sets workers and each worker's share of the cores
+  workers=$(( memory_gb * 9 / 10 / ${peak_gb[$1]} ))
+  workers=$(( workers < ${WORKERS:-1} ? workers : ${WORKERS:-1} ))
+  workers=$(( workers > 0 ? workers : 1 ))
+  export OMP_NUM_THREADS=$(( $(nproc) / workers > 0 ? $(nproc) / workers : 1 ))
+}
+in_parallel() {  # in_parallel CMD...: $workers copies of CMD, {i} replaced by the worker's index
   for ((i = 0; i < workers; i++)); do "${@//\{i\}/$i}" & sleep 5; done
   wait
 }
-grid() {  # grid FILTER...: the assignment grid's runs that match, sharded over the workers
-  in_parallel .venv/bin/python -m peftlab.experiments configs/grids/assignment.yaml "$@" --shard "{i}/$workers"
+assignment_grid() {  # assignment_grid I FILTER...: worker I's shard of the assignment grid's runs that match
+  local worker=$1; shift
+  .venv/bin/python -m peftlab.experiments configs/grids/assignment.yaml "$@" --shard "$worker/$workers"
 }
-for model in minilm mpnet qwen-0.5b qwen-1.5b; do
-  for sweep in configs/sweeps/"$model"-*.yaml; do
-    cell=$(basename "$sweep" .yaml); cell=${cell#"$model"-}  # <dataset>-<method>
-    in_parallel scripts/sweep.sh "$sweep" --worker "{i}"
-    grid --only model="$model" --only dataset="${cell%%-*}" --only method="${cell#*-}"
+sweeps_of() {  # sweeps_of MODEL I: worker I's part of each of the model's sweeps, one after the other
+  for sweep in configs/sweeps/"$1"-*.yaml; do scripts/sweep.sh "$sweep" --worker "$2"; done
+}
+row_of() {  # row_of MODEL I: worker I's shard of the swept cells' seeds first, then of the rest of the model's row
+  for sweep in configs/sweeps/"$1"-*.yaml; do
+    cell=$(basename "$sweep" .yaml); cell=${cell#"$1"-}  # <dataset>-<method>
+    assignment_grid "$2" --only model="$1" --only dataset="${cell%%-*}" --only method="${cell#*-}"
   done
-  grid --only model="$model"
+  assignment_grid "$2" --only model="$1"
+}
+# A worker done with one sweep joins the next; the model's grid runs start once all its sweeps have finished
+# (their selections are final). A run's shard does not depend on the filters, so the workers never share a run.
+for model in minilm mpnet qwen-0.5b qwen-1.5b; do
+  use_workers "$model"
+  in_parallel sweeps_of "$model" "{i}"
+  in_parallel row_of "$model" "{i}"
 done

@@ -9,10 +9,14 @@ from pathlib import Path
 
 import pytest
 import yaml
+from test_resume import KillAfterFirstCheckpoint, Killed
 
+from peftlab.cli import parse_dict
 from peftlab.experiments import estimate_seconds, expand, load_grid, run_grid, select, shard
 from peftlab.results import aggregate, collect, markdown_table, write_csv
 from peftlab.runrecord import GRID_ARGS_FILE, GRID_COORDINATES_FILE, METRICS_FILE, RunDirectory, write_json
+from peftlab.training import PARSED_TYPES, RESUMABLE
+from peftlab.training import run as train_run
 
 
 def grid_file(tmp_path, model_dir, data_dir, **changes):
@@ -111,6 +115,31 @@ def test_resume_after_kill_recomputes_nothing_finished(tmp_path, tiny_models, fi
     assert expand(load_grid(changed))[0].status() == "changed"
     run_grid(str(changed), dry_run=True, filters=["method=full", "dataset=restaurant_sup"])
     assert first.stat().st_mtime_ns == stamp
+
+
+def test_a_killed_run_resumes_from_its_checkpoint_unless_its_arguments_changed(tmp_path, tiny_models,
+                                                                              fixture_data_dir):
+    path = grid_file(tmp_path, tiny_models["bert"], fixture_data_dir, seeds=[1],
+                     defaults={**load_grid(grid_file(tmp_path, tiny_models["bert"], fixture_data_dir))["defaults"],
+                               "num_train_epochs": 3})
+    first, second = expand(load_grid(path))[:2]  # restaurant_sup full and lora-r8
+    for run in (first, second):  # each killed right after its first epoch's checkpoint
+        run.output_dir.mkdir(parents=True)
+        write_json(run.directory.file(GRID_ARGS_FILE), run.args)
+        with pytest.raises(Killed):
+            train_run(*parse_dict(PARSED_TYPES, run.args), callbacks=[KillAfterFirstCheckpoint()])
+        assert run.status() == "incomplete" and run.checkpoint() is not None
+    # the second one's grid arguments changed since (a new selection, say): its checkpoint is not theirs
+    write_json(second.directory.file(GRID_ARGS_FILE), {**second.args, "learning_rate": 0.5})
+    assert second.checkpoint() is None
+    assert run_grid(str(path), filters=["dataset=restaurant_sup"]) == 0
+    assert first.directory.record()["resumed_from_checkpoint"] == str(first.output_dir / "checkpoint-7")
+    assert second.directory.record()["resumed_from_checkpoint"] is None
+    assert [run.status() for run in (first, second)] == ["done", "done"]
+    # checkpointing changes nothing a run computes: a run finished before grids saved checkpoints is done
+    write_json(first.directory.file(GRID_ARGS_FILE),
+               {key: value for key, value in first.args.items() if key not in RESUMABLE})
+    assert first.status() == "done"
 
 
 def write_fixture_run(root, model, dataset, method, seed, accuracy, macro_f1, runtime, amx=True):

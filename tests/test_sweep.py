@@ -134,10 +134,12 @@ def test_a_killed_sweep_resumes_its_study(tmp_path, tiny_models, fixture_data_di
         # the database may exist a moment before its tables and the study do
         with contextlib.suppress(KeyError, sqlalchemy.exc.OperationalError):
             study = study_of(path)
-        states = [t.state for t in study.get_trials()] if study else []
-        if TrialState.COMPLETE in states and TrialState.RUNNING in states:
+        trials = study.get_trials() if study else []
+        running = [t for t in trials if t.state == TrialState.RUNNING and "output_dir" in t.user_attrs]
+        if (any(t.state == TrialState.COMPLETE for t in trials) and running
+                and RunDirectory(running[0].user_attrs["output_dir"]).last_checkpoint()):
             break
-    assert worker.poll() is None, worker.communicate()[0][-3000:]  # still inside its second trial
+    assert worker.poll() is None, worker.communicate()[0][-3000:]  # inside its second trial, past an epoch
     os.killpg(worker.pid, signal.SIGKILL)  # mid-trial, as a stopped session or a lost machine would
     worker.wait()
     before = {t.number: t for t in study.get_trials()}
@@ -152,6 +154,13 @@ def test_a_killed_sweep_resumes_its_study(tmp_path, tiny_models, fixture_data_di
     assert after[killed[0]].state == TrialState.FAIL  # and retried with the same settings
     retried = [t for t in after if t.system_attrs.get("failed_trial") == killed[0]]
     assert retried and retried[0].params == before[killed[0]].params
+    # ... from the killed trial's last checkpoint: its folder became the retry's, and the epochs before the
+    # checkpoint were reported to the retry, so the pruner saw every epoch
+    resumed = RunDirectory(retried[0].user_attrs["output_dir"])
+    assert resumed.record()["resumed_from_checkpoint"].startswith(str(resumed.path / "checkpoint-"))
+    assert not os.path.exists(before[killed[0]].user_attrs["output_dir"])
+    if retried[0].state == TrialState.COMPLETE:
+        assert sorted(retried[0].intermediate_values) == list(range(1, retried[0].params["num_train_epochs"] + 1))
     for number, stamp in stamps.items():  # finished trials are not run again
         assert os.stat(before[number].user_attrs["output_dir"] + "/metrics.json").st_mtime_ns == stamp
     assert entry is not None and read_selection(tmp_path / "selected.yaml")

@@ -28,7 +28,9 @@ Arguments merge in this order: defaults, the model's, the method's, the cell's s
 
 Each run gets ``output_root/<model>/<dataset>/<method>/seed<k>/`` with its arguments in
 ``grid_args.json``; ``python train.py that/grid_args.json`` reproduces it alone. A finished run
-whose arguments are unchanged is skipped, so a killed grid loses at most the run in flight.
+whose arguments are unchanged is skipped. Every run saves a checkpoint at each epoch's end
+(``training.RESUMABLE``, under the defaults), and a run that was killed resumes from it, so a killed
+grid loses at most the unfinished epoch of the run in flight.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ import yaml
 from .errors import InvalidArgument, MissingFile, exit_on_user_error
 from .runrecord import FINISHED, GRID_ARGS_FILE, GRID_COORDINATES_FILE, GRID_LOG_FILE, RunDirectory, write_json
 from .selection import apply_params, cell_key, read_selection
+from .training import RESUMABLE
 
 # Keys of a model entry that describe the grid, not train.py: the assignment's model it stands in for,
 # the subsets of datasets and methods it runs (default: all of the grid's), and its own seeds.
@@ -86,7 +89,19 @@ class GridRun:
             return "incomplete" if self.output_dir.exists() and any(self.output_dir.iterdir()) else "todo"
         if self.directory.state() != FINISHED:
             return "incomplete"
-        return "done" if grid_args == self.args else "changed"
+        return "done" if self.same_arguments(grid_args) else "changed"
+
+    def same_arguments(self, grid_args: dict) -> bool:
+        """Whether a run with ``grid_args`` computes what this one does (checkpointing aside: runs from before
+        grids saved checkpoints count as done)."""
+        def computed(args):
+            return {key: value for key, value in args.items() if key not in RESUMABLE}
+        return computed(grid_args) == computed(self.args)
+
+    def checkpoint(self) -> Path | None:
+        """The newest checkpoint that a killed run of these same arguments left, to resume from."""
+        grid_args = self.directory.grid_args()
+        return self.directory.last_checkpoint() if grid_args and self.same_arguments(grid_args) else None
 
 
 def load_grid(path: str | Path) -> dict:
@@ -127,7 +142,8 @@ def expand(grid: dict) -> list[GridRun]:
                 seeds = model_entry.get("seeds") or grid.get("seeds_by_dataset", {}).get(dataset, grid["seeds"])
                 for seed in seeds:
                     coords = {**cell, "seed": seed}
-                    args = apply_params({**grid.get("defaults", {}), **model_args, **method_args}, params)
+                    args = apply_params({**RESUMABLE, **grid.get("defaults", {}), **model_args, **method_args},
+                                        params)
                     for override in grid.get("overrides", []):
                         if all(coords.get(key) == value for key, value in override["match"].items()):
                             args.update(override["set"])
@@ -138,7 +154,8 @@ def expand(grid: dict) -> list[GridRun]:
 
 
 def shard(runs: list[GridRun], spec: str | None) -> list[GridRun]:
-    """``i/n``: every n-th run starting at i (0-based), so shards 0..n-1 cover the grid once."""
+    """``i/n``: every n-th run of the whole grid starting at i (0-based), so shards 0..n-1 cover the grid once,
+    and a run's shard does not depend on ``--only`` filters: workers that filter differently never share a run."""
     if not spec:
         return runs
     index, count = (int(part) for part in spec.split("/"))
@@ -174,15 +191,17 @@ def estimate_seconds(run: GridRun, runs: list[GridRun]) -> float | None:
 
 
 def execute(run: GridRun, python: str = sys.executable) -> int:
-    """One run in a fresh process through train.py's code; its output goes to ``stdout.log``."""
-    if run.output_dir.exists():
+    """One run in a fresh process through train.py's code, which resumes from the checkpoint a killed run of the
+    same arguments left (:meth:`GridRun.checkpoint`); its output goes to ``stdout.log``."""
+    resume = run.checkpoint() is not None
+    if run.output_dir.exists() and not resume:
         shutil.rmtree(run.output_dir)  # an incomplete run: only status() decides we may get here
-    run.output_dir.mkdir(parents=True)
+    run.output_dir.mkdir(parents=True, exist_ok=True)
     write_json(run.output_dir / GRID_ARGS_FILE, run.args)
     write_json(run.output_dir / GRID_COORDINATES_FILE,
                {"model": run.model, "dataset": run.dataset, "method": run.method, "seed": run.seed,
                 **({"settings": run.settings} if run.settings else {})})
-    with (run.output_dir / GRID_LOG_FILE).open("w") as log:
+    with (run.output_dir / GRID_LOG_FILE).open("a" if resume else "w") as log:
         return subprocess.run([python, "-m", "peftlab.training", str(run.output_dir / GRID_ARGS_FILE)],
                               stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy()).returncode
 
@@ -201,7 +220,7 @@ def run_grid(path: str, shard_spec: str | None = None, dry_run: bool = False, re
              filters: list[str] | None = None) -> int:
     grid = load_grid(path)
     runs = expand(grid)
-    mine = shard(select(runs, filters), shard_spec)
+    mine = select(shard(runs, shard_spec), filters)
     if grid.get("require_selection"):
         waiting = [run for run in mine if run.settings is None]
         if waiting:
@@ -227,7 +246,9 @@ def run_grid(path: str, shard_spec: str | None = None, dry_run: bool = False, re
     failures = 0
     for number, run in enumerate(todo, start=1):
         if statuses[run] == "incomplete":
-            print(f"restarting incomplete run {run.output_dir}", flush=True)
+            checkpoint = run.checkpoint()
+            print(f"resuming incomplete run {run.output_dir} from {checkpoint.name}" if checkpoint
+                  else f"restarting incomplete run {run.output_dir}", flush=True)
         started = time.time()
         print(f"[{number}/{len(todo)}] {run.label} -> {run.output_dir}", flush=True)
         code = execute(run)
@@ -252,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
     parser = argparse.ArgumentParser(description="Run an experiment grid (resumable).")
     parser.add_argument("grid", help="YAML grid file")
-    parser.add_argument("--shard", help="i/n: run every n-th run from the i-th (0-based)")
+    parser.add_argument("--shard", help="i/n: run every n-th run of the grid from the i-th (0-based), before --only")
     parser.add_argument("--dry-run", action="store_true", help="list the runs, their status and estimated time")
     parser.add_argument("--rerun-changed", action="store_true",
                         help="rerun finished runs whose arguments changed (default: keep them and say so)")

@@ -7,6 +7,8 @@ A run directory holds
 * ``metrics.json``: final metrics and costs, carrying the same ``run_id``; written last;
 * ``trainer_state.json`` (the Trainer's log history), ``train.log``, ``model/`` (what trained),
   ``predict_results.txt`` (with ``--do_predict``) and ``wandb/``;
+* while it trains, the Trainer's ``checkpoint-<step>/`` folders (with ``--save_strategy``), which a
+  run that was killed resumes from; removed when the run finishes;
 * for grid runs, ``grid_args.json`` and ``grid_coordinates.json``, written by the grid before the run.
 
 Every file is written to a temporary name and renamed, so a reader sees a whole file or none. A
@@ -33,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR  # checkpoint-<step>: load_best_model_at_end's
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR  # checkpoint-<step>
 
 from .hardware import cpu_has_amx_bf16, cpu_model, native_bf16
 
@@ -182,6 +184,15 @@ class RunDirectory:
                 shutil.rmtree(target)
             else:
                 target.unlink()
+
+    def last_checkpoint(self) -> Path | None:
+        """The newest whole ``checkpoint-<step>`` folder of a started, unfinished run, to resume from; None if the
+        run finished or left none. The Trainer writes a checkpoint's ``trainer_state.json`` last, so a folder
+        whose state does not parse was cut short while saving (the one before it is still there)."""
+        if self.state() != STARTED:
+            return None
+        whole = [c for c in self._checkpoints() if c.name.split("-")[-1].isdigit() and read_json(c / STATE_FILE)]
+        return max(whole, key=lambda c: int(c.name.split("-")[-1]), default=None)
 
     def remove_checkpoints(self) -> None:
         """The Trainer's intermediate checkpoints; the weights that count are saved under ``model/``."""

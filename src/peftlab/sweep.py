@@ -30,9 +30,10 @@ on one shared Trainer writing to one ``output_dir``; a trial here also sets the 
 alpha/r) and must leave a normal run directory, so each trial runs the training recipe itself under
 Optuna's ``study.optimize``, with the pruning report that Trainer would make (:class:`PruningCallback`).
 
-The study lives in the storage, so a killed sweep resumes where it stopped (a trial killed midway
-is retried with the same settings), and several processes or machines pointed at one database URL
-share the work. When the study has its trials, the best one's settings go to the selection file.
+The study lives in the storage, so a killed sweep resumes where it stopped: a trial killed midway
+is retried with the same settings, from the last epoch it finished (its folder becomes the retry's,
+checkpoint included). Several processes or machines pointed at one database URL share the work.
+When the study has its trials, the best one's settings go to the selection file.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ import argparse
 import fcntl
 import math
 import os
+import shutil
 import socket
 import sys
 import time
@@ -57,9 +59,9 @@ from transformers import TrainerCallback
 
 from .cli import parse_dict
 from .errors import InvalidArgument, MissingFile, TrainingDiverged, exit_on_user_error
-from .runrecord import write_text
+from .runrecord import RunDirectory, write_text
 from .selection import DEFAULT_SELECTION_FILE, apply_params, cell_key, read_selection
-from .training import PARSED_TYPES, run
+from .training import PARSED_TYPES, RESUMABLE, run
 
 OBJECTIVE = "validation_macro_f1"
 EVAL_OBJECTIVE = "eval_macro_f1"  # the same score in the Trainer's per-epoch evaluation log
@@ -131,27 +133,55 @@ def suggest(trial, space: dict) -> dict:
 class PruningCallback(TrainerCallback):
     """Reports each end-of-epoch validation evaluation to the trial (step = epoch: trials of different
     lengths compare at the same epochs) and stops a trial Optuna prunes. Evaluations between epochs (short
-    runs evaluate more often, --min_evaluations) only draw curves."""
+    runs evaluate more often, --min_evaluations) only draw curves. A trial resumed from a checkpoint reports
+    the epochs before it first, from the checkpoint's log history."""
 
     def __init__(self, trial: optuna.Trial):
         self.trial = trial
 
+    def on_train_begin(self, args, state, control, **kwargs):
+        for entry in state.log_history:
+            self.report(entry)
+
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
-        epoch = round(state.epoch or 0)
-        if metrics and EVAL_OBJECTIVE in metrics and abs((state.epoch or 0) - epoch) < 1e-6:
-            self.trial.report(metrics[EVAL_OBJECTIVE], step=epoch)
+        self.report({**(metrics or {}), "epoch": state.epoch or 0})
+
+    def report(self, log_entry: dict) -> None:
+        epoch = round(log_entry.get("epoch", 0))
+        if EVAL_OBJECTIVE in log_entry and abs(log_entry["epoch"] - epoch) < 1e-6:
+            self.trial.report(log_entry[EVAL_OBJECTIVE], step=epoch)
             if self.trial.should_prune():
-                raise optuna.TrialPruned(f"pruned at epoch {state.epoch:.0f}")
+                raise optuna.TrialPruned(f"pruned at epoch {epoch}")
+
+
+def resume_from_retried(sweep: Sweep, trial: optuna.Trial, args: dict) -> bool:
+    """For a retry of a killed trial whose folder holds a checkpoint of these same arguments: move that folder to
+    this trial's, so its run resumes there; whether it did."""
+    frozen = next(t for t in trial.study.get_trials(deepcopy=False) if t.number == trial.number)
+    earlier = RetryHeartbeatStaleTrialCallback.retry_history(frozen)  # the tries before this one, oldest first
+    if not earlier or trial.user_attrs.get("args") != args:  # user attributes carry over to a retry
+        return False
+    killed = RunDirectory(sweep.trial_dir(earlier[-1]))
+    if killed.last_checkpoint() is None:
+        return False
+    target = sweep.trial_dir(trial.number)
+    if target.exists():
+        shutil.rmtree(target)
+    killed.path.rename(target)
+    print(f"  trial {trial.number} resumes trial {earlier[-1]}'s run from its last checkpoint", flush=True)
+    return True
 
 
 def objective(sweep: Sweep, trial: optuna.Trial) -> float:
     params = suggest(trial, sweep.space)
+    args = apply_params({"report_to": "none", **RESUMABLE, **sweep.base}, params) | {
+        "do_test": False, "do_predict": False, "save_model": False}
+    resumed = resume_from_retried(sweep, trial, args)
     output_dir = sweep.trial_dir(trial.number)
     trial.set_user_attr("output_dir", str(output_dir))
     trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
-    args = apply_params({"report_to": "none", **sweep.base}, params) | {
-        "output_dir": str(output_dir), "overwrite_output_dir": True, "do_test": False, "do_predict": False,
-        "save_model": False}
+    trial.set_user_attr("args", args)
+    args |= {"output_dir": str(output_dir), "overwrite_output_dir": not resumed}
     try:
         value = run(*parse_dict(PARSED_TYPES, args), callbacks=[PruningCallback(trial)])[OBJECTIVE]
     except TrainingDiverged as err:
@@ -182,7 +212,8 @@ def open_study(sweep: Sweep, worker: int = 0):
                                  engine_kwargs={"connect_args": {"timeout": 60}}
                                  if sweep.storage.startswith("sqlite") else {})
             break
-        except sqlalchemy.exc.OperationalError:  # another worker is creating a new database's tables
+        except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.IntegrityError):
+            # another process is creating a new database's tables (or stamping its version) at the same time
             if attempt == 2:
                 raise
             time.sleep(1 + attempt)

@@ -11,6 +11,7 @@ import logging
 import netrc
 import os
 import sys
+import time
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -28,6 +29,7 @@ from transformers import (
     TrainingArguments,
     set_seed,
 )
+from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import IntervalStrategy
 
 from .cli import parse_dataclasses
@@ -45,9 +47,14 @@ from .methods import (
 from .metrics import compute_metrics
 from .models import default_sep_token, dtype_name, load_classifier, load_tokenizer, resolve_model
 from .results import training_throughput
-from .runrecord import LOG_FILE, RunDirectory, environment, peak_memory_mb, predicted_ids
+from .runrecord import LOG_FILE, STATE_FILE, RunDirectory, environment, peak_memory_mb, predicted_ids
 
 logger = logging.getLogger("peftlab")
+
+# What grids and sweeps train with so that a run killed midway (a session's end, an out-of-memory kill) resumes
+# from its last finished epoch, not from the start: a checkpoint at each epoch's end, only the newest kept,
+# removed when the run finishes. It changes nothing a run computes.
+RESUMABLE = {"save_strategy": "epoch", "save_total_limit": 1}
 
 
 @dataclass
@@ -134,7 +141,11 @@ class PeftlabTrainingArguments(TrainingArguments):
                           "after training."})
     logging_steps: float = field(default=10, metadata={"help": "Log the training loss every N steps."})
     save_strategy: str = field(
-        default="no", metadata={"help": "Checkpointing; the final model is saved under output_dir/model anyway."})
+        default="no",
+        metadata={"help": "Checkpointing (epoch, with --save_total_limit 1, is what grids and sweeps use): a run "
+                          "killed midway and started again with the same output_dir resumes from its newest "
+                          "checkpoint, which is removed when the run finishes. The final model is saved under "
+                          "output_dir/model anyway."})
     report_to: None | str | list[str] = field(
         default="wandb", metadata={"help": "Trackers: wandb (offline unless logged in), or none."})
     bf16: bool = field(
@@ -172,8 +183,7 @@ class PeftlabTrainingArguments(TrainingArguments):
         if self.load_best_model_at_end:
             # Trainer needs a checkpoint at every evaluation to go back to the best one.
             self.metric_for_best_model = self.metric_for_best_model or "macro_f1"
-            if self.save_strategy == "no":
-                self.save_strategy, self.save_steps, self.save_total_limit = self.eval_strategy, self.eval_steps, 1
+            self.save_strategy, self.save_steps, self.save_total_limit = self.eval_strategy, self.eval_steps, 1
         super().__post_init__()
 
 
@@ -235,13 +245,64 @@ def eval_order(dataset) -> list[int] | None:
     return sorted(range(len(lengths)), key=lengths.__getitem__, reverse=True)
 
 
+class WholeRunTotals(TrainerCallback, ExportableState):
+    """Training seconds and summed training loss of the whole run, across resumes. ``Trainer.train()`` counts
+    both for its own process only (its ``train_loss`` divides this process's summed loss by every step of the
+    run). Each checkpoint stores the totals so far (in its ``trainer_state.json``, where Trainer keeps every
+    ``ExportableState`` callback's state), and a resumed run counts on from them; the work lost after the last
+    checkpoint is not counted."""
+
+    def __init__(self):
+        self.before = {"seconds": 0.0, "loss_sum": 0.0}  # earlier processes', up to the checkpoint resumed from
+        self.started: float | None = None
+        self.loss_sum = 0.0  # this process's; becomes a tensor: adding a step's loss does not synchronize a GPU
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        saved = state.stateful_callbacks.get(type(self).__name__)  # a resumed run's state is the checkpoint's
+        self.before = dict(saved["attributes"]) if saved else {"seconds": 0.0, "loss_sum": 0.0}
+        self.started, self.loss_sum = time.perf_counter(), 0.0
+
+    def add_loss(self, loss: torch.Tensor) -> None:
+        self.loss_sum = self.loss_sum + loss.detach()
+
+    def totals(self) -> dict[str, float]:
+        elapsed = 0.0 if self.started is None else time.perf_counter() - self.started
+        return {"seconds": self.before["seconds"] + elapsed, "loss_sum": self.before["loss_sum"] + float(self.loss_sum)}
+
+    def state(self) -> dict:
+        return {"args": {}, "attributes": self.totals()}
+
+    def whole_run(self, train_metrics: dict, global_step: int) -> dict:
+        """``Trainer.train()``'s metrics with the runtime, rates and mean loss of the whole run."""
+        if not self.before["seconds"]:  # not resumed: the Trainer's own numbers are the whole run's
+            return train_metrics
+        this_process = train_metrics["train_runtime"]
+        whole = this_process + self.before["seconds"]
+        return {key: value * this_process / whole if key.endswith("_per_second") else value
+                for key, value in train_metrics.items()} | {
+            "train_runtime": whole, "train_loss": self.totals()["loss_sum"] / global_step}
+
+
 class PeftlabTrainer(Trainer):
-    """``Trainer`` that evaluates in length order and stops at the first non-finite training loss (instead of
-    training on to NaN weights and a majority-class "result").
+    """``Trainer`` that evaluates in length order, stops at the first non-finite training loss (instead of
+    training on to NaN weights and a majority-class "result"), and reports a resumed run's training time and
+    loss over the whole run (:class:`WholeRunTotals`).
 
     The stock ``Trainer`` evaluates rows in order, or under ``--group_by_length`` in shuffled length groups,
     which detached ``predict()``'s rows from the dataset's; here evaluation batches run longest first, and
     ``predict()`` returns its rows in the dataset's order."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.totals = WholeRunTotals()
+        self.add_callback(self.totals)
+
+    def train(self, resume_from_checkpoint=None, **kwargs):
+        output = super().train(resume_from_checkpoint, **kwargs)
+        metrics = self.totals.whole_run(output.metrics, self.state.global_step)
+        summary = self.state.log_history[-1]  # the Trainer logged its own metrics last
+        summary.update({key: value for key, value in metrics.items() if key in summary})
+        return output._replace(training_loss=metrics["train_loss"], metrics=metrics)
 
     def _get_eval_sampler(self, eval_dataset):
         order = eval_order(eval_dataset)
@@ -265,6 +326,7 @@ class PeftlabTrainer(Trainer):
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
+        self.totals.add_loss(loss)
         if not torch.isfinite(loss):
             raise TrainingDiverged(
                 f"the training loss is {loss.item()} at step {self.state.global_step + 1}: lower the learning "
@@ -282,33 +344,50 @@ class EvaluateLastStep(TrainerCallback):
             control.should_evaluate = True
 
 
-def prepare_output_dir(training_args: TrainingArguments) -> RunDirectory:
-    """The run's folder, refused if it holds another run's files (Trainer's convention) unless
+def prepare_output_dir(training_args: TrainingArguments) -> tuple[RunDirectory, Path | None]:
+    """The run's folder, and the checkpoint training resumes from (None: from the start).
+
+    As in the Hugging Face example scripts, a run killed after saving a checkpoint (``--save_strategy``) resumes
+    from its newest one when started again with the same ``output_dir``; ``--resume_from_checkpoint`` names one.
+    Otherwise a folder holding another run's files is refused (Trainer's convention) unless
     ``--overwrite_output_dir``, which removes them first: a folder never mixes two runs. Under torchrun or
     accelerate every process looks before the main process writes anything, and only the main process writes."""
     run_dir = RunDirectory(Path(training_args.output_dir))
-    in_use, state = run_dir.has_outputs(), PartialState()
+    state = PartialState()
+    if training_args.overwrite_output_dir:
+        checkpoint = None
+    elif training_args.resume_from_checkpoint:
+        checkpoint = Path(training_args.resume_from_checkpoint)
+        if not (checkpoint / STATE_FILE).is_file():
+            raise InvalidArgument(f"--resume_from_checkpoint {str(checkpoint)!r} is not a Trainer checkpoint "
+                                  f"(no {STATE_FILE} in it)")
+    else:
+        checkpoint = run_dir.last_checkpoint()
+    in_use = run_dir.has_outputs()
     state.wait_for_everyone()
-    if in_use and not training_args.overwrite_output_dir:
+    if in_use and checkpoint is None and not training_args.overwrite_output_dir:
         raise InvalidArgument(f"output_dir {str(run_dir.path)!r} already holds a run ({run_dir.state()}); pass "
                               "--overwrite_output_dir to replace it, or choose another --output_dir")
     if training_args.should_save:
-        run_dir.clear()
+        if checkpoint is None:
+            run_dir.clear()
         run_dir.path.mkdir(parents=True, exist_ok=True)
     state.wait_for_everyone()
-    return run_dir
+    return run_dir, checkpoint
 
 
 def run(data_args: DataArguments, model_args: ModelArguments, method_args: MethodArguments,
         training_args: TrainingArguments, callbacks: list | None = None) -> dict:
     """One run, start to finish; ``callbacks`` (``TrainerCallback``) join the Trainer's (a sweep's pruning)."""
-    run_dir = prepare_output_dir(training_args)
+    run_dir, checkpoint = prepare_output_dir(training_args)
     setup_logging(training_args)
     set_seed(training_args.seed)
     configure_wandb(training_args)
     if training_args.run_name in (None, training_args.output_dir):
         training_args.run_name = default_run_name(model_args, data_args, method_args, training_args.seed)
     logger.info("Run %s -> %s", training_args.run_name, run_dir.path)
+    if checkpoint is not None:
+        logger.info("Resuming training from %s", checkpoint)
     if training_args.bf16 and not bf16_helps():
         logger.warning("bf16 on hardware without native bf16 matmuls (CUDA bf16, AMX or AVX512-BF16): it is "
                        "emulated there and slower than fp32 (measured 0.16 against 0.27 TFLOP/s)")
@@ -345,6 +424,7 @@ def run(data_args: DataArguments, model_args: ModelArguments, method_args: Metho
         "label_names": label_names, "num_train_rows": len(dataset["train"]), "num_test_rows": len(dataset["test"]),
         "frozen_weights_dtype": dtype_name(frozen_dtype),
         "validation_split": split_record, "train_tokens_per_epoch": train_tokens,
+        "resumed_from_checkpoint": None if checkpoint is None else str(checkpoint),
         "distributed": {"world_size": training_args.world_size, "parallel_mode": training_args.parallel_mode.value,
                         "effective_train_batch_size": training_args.per_device_train_batch_size
                         * training_args.world_size * training_args.gradient_accumulation_steps},
@@ -358,7 +438,7 @@ def run(data_args: DataArguments, model_args: ModelArguments, method_args: Metho
         callbacks=[EvaluateLastStep(), *(callbacks or [])])
     metrics: dict = dict(counts)
     if training_args.do_train:
-        result = trainer.train()
+        result = trainer.train(resume_from_checkpoint=None if checkpoint is None else str(checkpoint))
         metrics.update(result.metrics)
         metrics["train_tokens_per_second"], metrics["eval_seconds_during_training"] = training_throughput(
             train_tokens, trainer.state.epoch, result.metrics["train_runtime"], trainer.state.log_history)

@@ -1,0 +1,71 @@
+"""Resuming a killed run from its last checkpoint: train.py, the grid runner and sweep trials."""
+
+import pytest
+from transformers import TrainerCallback
+
+from peftlab.runrecord import STARTED, RunDirectory, read_json
+from peftlab.training import main, parse_args, run
+
+
+class Killed(Exception):
+    pass
+
+
+class KillAfterFirstCheckpoint(TrainerCallback):
+    """The process dies right after the first epoch's checkpoint is saved."""
+
+    def on_save(self, args, state, control, **kwargs):
+        raise Killed
+
+
+def tiny_run_args(model: str, data_dir, method: str, output_dir) -> list[str]:
+    return ["--model_name_or_path", model, "--dataset_name", "restaurant_sup", "--data_dir", str(data_dir),
+            "--tuning_method", method, "--num_train_epochs", "4", "--per_device_train_batch_size", "8",
+            "--learning_rate", "1e-3", "--logging_steps", "1", "--report_to", "none", "--seed", "3",
+            "--save_strategy", "epoch", "--save_total_limit", "1", "--output_dir", str(output_dir)]
+
+
+def curve(run_dir: RunDirectory) -> list[dict]:
+    """The log history without wall-clock entries."""
+    return [{k: v for k, v in entry.items() if "runtime" not in k and "per_second" not in k}
+            for entry in run_dir.log_history()]
+
+
+@pytest.mark.parametrize(("arch", "method", "precision"), [
+    ("bert", "full", "fp32"), ("bert", "lora", "fp32"), ("bert", "adapter", "fp32"),
+    ("qwen2", "lora", "bf16"),  # frozen weights stored in bf16, trainable ones in fp32
+])
+def test_a_killed_run_resumes_from_its_last_checkpoint_and_ends_as_if_never_killed(arch, method, precision, tmp_path,
+                                                                                    tiny_models, fixture_data_dir):
+    def args_for(output_dir):
+        return [*tiny_run_args(tiny_models[arch], fixture_data_dir, method, output_dir),
+                "--bf16", str(precision == "bf16")]
+
+    whole = main(args_for(tmp_path / "whole"))
+
+    killed = RunDirectory(tmp_path / "killed")
+    args = args_for(killed.path)
+    with pytest.raises(Killed):
+        run(*parse_args(args), callbacks=[KillAfterFirstCheckpoint()])
+    assert killed.state() == STARTED and killed.last_checkpoint().name == "checkpoint-4"
+    saved = read_json(killed.last_checkpoint() / "trainer_state.json")["stateful_callbacks"]["WholeRunTotals"]
+
+    resumed = main(args)  # the same command again, as the grid runner or a user would
+    assert killed.record()["resumed_from_checkpoint"] == str(killed.path / "checkpoint-4")
+    assert not list(killed.path.glob("checkpoint-*"))  # removed once finished
+    expected = curve(RunDirectory(tmp_path / "whole"))
+    assert len(curve(killed)) == len(expected)
+    for entry, wanted in zip(curve(killed), expected, strict=True):
+        assert entry == pytest.approx(wanted)
+    for key in ("accuracy", "macro_f1", "validation_macro_f1", "train_loss"):
+        assert resumed[key] == pytest.approx(whole[key])
+    # the time of the whole run: the first process's epoch (recorded in the checkpoint) and the resumed three
+    assert 0 < saved["attributes"]["seconds"] < resumed["train_runtime"]
+    assert resumed["train_samples_per_second"] == pytest.approx(4 * 27 / resumed["train_runtime"], rel=0.01)
+
+
+def test_resume_from_checkpoint_must_name_a_checkpoint(tmp_path, tiny_models, fixture_data_dir, capsys):
+    with pytest.raises(SystemExit) as exited:
+        main([*tiny_run_args(tiny_models["bert"], fixture_data_dir, "full", tmp_path / "run"),
+              "--resume_from_checkpoint", str(tmp_path)])
+    assert exited.value.code != 0 and "is not a Trainer checkpoint" in capsys.readouterr().err
