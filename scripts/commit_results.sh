@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Stage and commit the finished runs under results/ (a run is finished once metrics.json exists;
-# started ones are left out) and a snapshot of the sweeps' study database; weights and wandb folders
-# are ignored by .gitignore.
+# started ones are left out), a snapshot of the sweeps' study database and the selection file the sweeps
+# write (configs/selected.yaml); weights and wandb folders are ignored by .gitignore.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 finished=$(find results -name metrics.json -printf '%h\n' 2>/dev/null | sort)
@@ -15,5 +15,6 @@ if [ -f results/sweeps/studies.db ]; then
   git update-index --add --cacheinfo "100644,$(git hash-object -w "$snapshot"),results/sweeps/studies.db"
   rm -f "$snapshot"
 fi
+[ -f configs/selected.yaml ] && git add configs/selected.yaml
 git diff --cached --quiet && { echo "nothing new"; exit 0; }
 git commit -qm "Results: $(echo "$finished" | wc -l) finished runs under results/" && git log --oneline -1
