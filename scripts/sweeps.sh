@@ -5,9 +5,10 @@
 # once per run (configs/grids/assignment.yaml, results/assignment).
 # Resumable: studies continue, finished runs are skipped. Long: start it detached,
 #   WORKERS=2 setsid nohup scripts/sweeps.sh > results/sweeps.log 2>&1 &
-# Up to WORKERS processes share each study and each grid (--shard), the CPU's cores split between them: on a
-# 2-core host two 1-thread workers train MiniLM 1.22x faster in total than one 2-thread process
-# (benchmarks/results/workers.md). Runs and trials save a checkpoint at each epoch's end and resume from it.
+# Up to WORKERS processes share each study and each grid (each takes the next free trial or run), the CPU's
+# cores split between them: on a 2-core host two 1-thread workers train MiniLM 1.22x faster in total than one
+# 2-thread process (benchmarks/results/workers.md). Runs and trials save a checkpoint at each epoch's end
+# and resume from it.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 # Peak RSS of one run in GB (the largest of each model's finished runs: ACL-ARC or AG News at 256 tokens, 0.5B full
@@ -25,24 +26,22 @@ in_parallel() {  # in_parallel CMD...: $workers copies of CMD, {i} replaced by t
   for ((i = 0; i < workers; i++)); do "${@//\{i\}/$i}" & sleep 5; done
   wait
 }
-assignment_grid() {  # assignment_grid I FILTER...: worker I's shard of the assignment grid's runs that match
-  local worker=$1; shift
-  .venv/bin/python -m peftlab.experiments configs/grids/assignment.yaml "$@" --shard "$worker/$workers"
-}
 sweeps_of() {  # sweeps_of MODEL I: worker I's part of each of the model's sweeps, one after the other
   for sweep in configs/sweeps/"$1"-*.yaml; do scripts/sweep.sh "$sweep" --worker "$2"; done
 }
-row_of() {  # row_of MODEL I: worker I's shard of the swept cells' seeds first, then of the rest of the model's row
+row_of() {  # row_of MODEL: the swept cells' seeds first, then the rest of the model's row; each worker takes the
+            # next run no other worker holds
   for sweep in configs/sweeps/"$1"-*.yaml; do
     cell=$(basename "$sweep" .yaml); cell=${cell#"$1"-}  # <dataset>-<method>
-    assignment_grid "$2" --only model="$1" --only dataset="${cell%%-*}" --only method="${cell#*-}"
+    .venv/bin/python -m peftlab.experiments configs/grids/assignment.yaml \
+      --only model="$1" --only dataset="${cell%%-*}" --only method="${cell#*-}"
   done
-  assignment_grid "$2" --only model="$1"
+  .venv/bin/python -m peftlab.experiments configs/grids/assignment.yaml --only model="$1"
 }
 # A worker done with one sweep joins the next; the model's grid runs start once all its sweeps have finished
-# (their selections are final). A run's shard does not depend on the filters, so the workers never share a run.
+# (their selections are final).
 for model in minilm mpnet qwen-0.5b qwen-1.5b; do
   use_workers "$model"
   in_parallel sweeps_of "$model" "{i}"
-  in_parallel row_of "$model" "{i}"
+  in_parallel row_of "$model"
 done

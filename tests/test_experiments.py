@@ -12,7 +12,7 @@ import yaml
 from test_resume import KillAfterFirstCheckpoint, Killed
 
 from peftlab.cli import parse_dict
-from peftlab.experiments import estimate_seconds, expand, load_grid, run_grid, select, shard
+from peftlab.experiments import claim, estimate_seconds, expand, load_grid, run_grid, select, shard
 from peftlab.results import aggregate, collect, markdown_table, write_csv
 from peftlab.runrecord import GRID_ARGS_FILE, GRID_COORDINATES_FILE, METRICS_FILE, RunDirectory, write_json
 from peftlab.training import PARSED_TYPES, RESUMABLE
@@ -140,6 +140,23 @@ def test_a_killed_run_resumes_from_its_checkpoint_unless_its_arguments_changed(t
     write_json(first.directory.file(GRID_ARGS_FILE),
                {key: value for key, value in first.args.items() if key not in RESUMABLE})
     assert first.status() == "done"
+
+
+def test_workers_running_one_grid_take_each_run_once(tmp_path, tiny_models, fixture_data_dir):
+    path = grid_file(tmp_path, tiny_models["bert"], fixture_data_dir, datasets=["restaurant_sup"])
+    runs = expand(load_grid(path))
+    held = runs[0]
+    with claim(held, load_grid(path)["output_root"]) as lock:  # a live worker holds the first run
+        assert lock is not None
+        workers = [subprocess.Popen([sys.executable, "-m", "peftlab.experiments", str(path)], text=True,
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for _ in range(2)]
+        outputs = [worker.communicate(timeout=600)[0] for worker in workers]
+    assert [worker.returncode for worker in workers] == [0, 0], outputs
+    started = [line for output in outputs for line in output.splitlines() if " -> " in line]
+    assert sorted(line.split("] ")[1].split(" -> ")[0] for line in started) == sorted(r.label for r in runs[1:])
+    assert held.status() == "todo" and all(r.status() == "done" for r in runs[1:])
+    assert sum("another worker runs it" in output for output in outputs) == 2  # both skipped the held run
+    assert run_grid(str(path)) == 0 and held.status() == "done"  # free once its holder let go
 
 
 def write_fixture_run(root, model, dataset, method, seed, accuracy, macro_f1, runtime, amx=True):

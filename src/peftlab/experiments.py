@@ -30,18 +30,23 @@ Each run gets ``output_root/<model>/<dataset>/<method>/seed<k>/`` with its argum
 ``grid_args.json``; ``python train.py that/grid_args.json`` reproduces it alone. A finished run
 whose arguments are unchanged is skipped. Every run saves a checkpoint at each epoch's end
 (``training.RESUMABLE``, under the defaults), and a run that was killed resumes from it, so a killed
-grid loses at most the unfinished epoch of the run in flight.
+grid loses at most the unfinished epoch of the run in flight. Several workers may run the same grid
+command at once (on one machine, or machines sharing the folder): each takes the next run no other
+live worker holds (:func:`claim`); ``--shard i/n`` splits the grid between them statically instead.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import os
 import shutil
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,6 +63,7 @@ MODEL_METADATA = ("slot", "datasets", "methods", "seeds")
 # train.py arguments whose default follows the host (bf16: on where bf16 matmuls are native). A grid
 # must set them, or the seeds of one cell could train in different precisions on different machines.
 HOST_DEPENDENT_ARGS = ("bf16",)
+CLAIMS_DIR = ".claims"  # under output_root: one lock file per run (:func:`claim`)
 
 
 @dataclass(frozen=True, eq=False)  # hashed by identity: a run is one place in one grid
@@ -190,9 +196,30 @@ def estimate_seconds(run: GridRun, runs: list[GridRun]) -> float | None:
     return sum(rates) / len(rates) * rows * run.args.get("num_train_epochs", 3)
 
 
-def execute(run: GridRun, python: str = sys.executable) -> int:
+@contextlib.contextmanager
+def claim(run: GridRun, output_root: str | Path) -> Iterator[int | None]:
+    """This worker's hold on ``run``: an exclusive ``flock`` on ``<output_root>/.claims/<run>``, yielding the locked
+    file descriptor, or None while another live worker holds the run. The lock ends with the last process holding
+    it (the run's training process inherits it), killed or not, so a killed worker's run is free to be taken over
+    (and resumed) at once; several workers can run one grid command side by side, each taking the next free run."""
+    path = Path(output_root) / CLAIMS_DIR / f"{run.model}__{run.dataset}__{run.method}__seed{run.seed}"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor = os.open(path, os.O_CREAT | os.O_RDWR)
+    try:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield None
+        else:
+            yield descriptor
+    finally:
+        os.close(descriptor)
+
+
+def execute(run: GridRun, python: str = sys.executable, lock: int | None = None) -> int:
     """One run in a fresh process through train.py's code, which resumes from the checkpoint a killed run of the
-    same arguments left (:meth:`GridRun.checkpoint`); its output goes to ``stdout.log``."""
+    same arguments left (:meth:`GridRun.checkpoint`); its output goes to ``stdout.log``. The process inherits
+    ``lock`` (:func:`claim`), so the run stays claimed while it trains, even if this process is killed."""
     resume = run.checkpoint() is not None
     if run.output_dir.exists() and not resume:
         shutil.rmtree(run.output_dir)  # an incomplete run: only status() decides we may get here
@@ -203,7 +230,8 @@ def execute(run: GridRun, python: str = sys.executable) -> int:
                 **({"settings": run.settings} if run.settings else {})})
     with (run.output_dir / GRID_LOG_FILE).open("a" if resume else "w") as log:
         return subprocess.run([python, "-m", "peftlab.training", str(run.output_dir / GRID_ARGS_FILE)],
-                              stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy()).returncode
+                              stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy(),
+                              pass_fds=() if lock is None else (lock,)).returncode
 
 
 def select(runs: list[GridRun], filters: list[str] | None) -> list[GridRun]:
@@ -245,13 +273,20 @@ def run_grid(path: str, shard_spec: str | None = None, dry_run: bool = False, re
         return 0
     failures = 0
     for number, run in enumerate(todo, start=1):
-        if statuses[run] == "incomplete":
-            checkpoint = run.checkpoint()
-            print(f"resuming incomplete run {run.output_dir} from {checkpoint.name}" if checkpoint
-                  else f"restarting incomplete run {run.output_dir}", flush=True)
-        started = time.time()
-        print(f"[{number}/{len(todo)}] {run.label} -> {run.output_dir}", flush=True)
-        code = execute(run)
+        with claim(run, grid["output_root"]) as lock:
+            if lock is None:
+                print(f"[{number}/{len(todo)}] {run.label}: another worker runs it; skipped", flush=True)
+                continue
+            status = run.status()  # another worker may have finished it since the list was made
+            if status == "done" or (status == "changed" and not rerun_changed):
+                continue
+            if status == "incomplete":
+                checkpoint = run.checkpoint()
+                print(f"resuming incomplete run {run.output_dir} from {checkpoint.name}" if checkpoint
+                      else f"restarting incomplete run {run.output_dir}", flush=True)
+            started = time.time()
+            print(f"[{number}/{len(todo)}] {run.label} -> {run.output_dir}", flush=True)
+            code = execute(run, lock=lock)
         elapsed = (time.time() - started) / 60
         if code:
             failures += 1
