@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# The validation protocol's evidence (issue 23) and the assignment grid (issue 24), cheapest model first:
-# a model's sweeps (configs/sweeps/<model>-*.yaml), then the swept cells' seeds, then the rest of the
-# model's row in the assignment grid (the cells whose settings transfer from its sweeps), test evaluated
-# once per run (configs/grids/assignment.yaml, results/assignment).
+# The validation protocol's evidence (issue 23) and the assignment grid (issue 24), test evaluated once per
+# run (configs/grids/assignment.yaml, results/assignment), in two phases:
+# 1. model by model, cheapest first: its sweeps (configs/sweeps/<model>-*.yaml), then the swept cells' seeds;
+#    this gives every selection the grid's other cells transfer from.
+# 2. the rest of the grid seed by seed (seed 1 of every cell of every model, then seed 2, ...), so that the
+#    CPU hours go first to the cells' first seeds: every cell has results before any has its last seed.
 # Resumable: studies continue, finished runs are skipped. Long: start it detached,
 #   WORKERS=2 setsid nohup scripts/sweeps.sh > results/sweeps.log 2>&1 &
 # Up to WORKERS processes share each study and each grid (each takes the next free trial or run), the CPU's
@@ -29,19 +31,24 @@ in_parallel() {  # in_parallel CMD...: $workers copies of CMD, {i} replaced by t
 sweeps_of() {  # sweeps_of MODEL I: worker I's part of each of the model's sweeps, one after the other
   for sweep in configs/sweeps/"$1"-*.yaml; do scripts/sweep.sh "$sweep" --worker "$2"; done
 }
-row_of() {  # row_of MODEL: the swept cells' seeds first, then the rest of the model's row; each worker takes the
-            # next run no other worker holds
+swept_cells_of() {  # swept_cells_of MODEL: the seeds of the model's swept cells
   for sweep in configs/sweeps/"$1"-*.yaml; do
     cell=$(basename "$sweep" .yaml); cell=${cell#"$1"-}  # <dataset>-<method>
     .venv/bin/python -m peftlab.experiments configs/grids/assignment.yaml \
       --only model="$1" --only dataset="${cell%%-*}" --only method="${cell#*-}"
   done
-  .venv/bin/python -m peftlab.experiments configs/grids/assignment.yaml --only model="$1"
 }
-# A worker done with one sweep joins the next; the model's grid runs start once all its sweeps have finished
-# (their selections are final).
+# A worker done with one sweep joins the next; a model's grid runs start once all its sweeps have finished
+# (their selections are final), and each worker takes the next run no other worker holds.
 for model in minilm mpnet qwen-0.5b qwen-1.5b; do
   use_workers "$model"
   in_parallel sweeps_of "$model" "{i}"
-  in_parallel row_of "$model"
+  in_parallel swept_cells_of "$model"
+done
+for seed in 1 2 3 4 5; do  # seeds 4 and 5: ACL-ARC's (configs/grids/assignment.yaml, seeds_by_dataset)
+  for model in minilm mpnet qwen-0.5b qwen-1.5b; do
+    use_workers "$model"
+    in_parallel .venv/bin/python -m peftlab.experiments configs/grids/assignment.yaml \
+      --only model="$model" --only seed="$seed"
+  done
 done
