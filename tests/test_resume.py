@@ -33,7 +33,7 @@ def curve(run_dir: RunDirectory) -> list[dict]:
 
 @pytest.mark.parametrize(("arch", "method", "precision"), [
     ("bert", "full", "fp32"), ("bert", "lora", "fp32"), ("bert", "adapter", "fp32"),
-    ("qwen2", "lora", "bf16"),  # frozen weights stored in bf16, trainable ones in fp32
+    ("qwen2", "lora", "bf16"), ("qwen2", "adapter", "bf16"),  # frozen weights in bf16, trainable ones in fp32
 ])
 def test_a_killed_run_resumes_from_its_last_checkpoint_and_ends_as_if_never_killed(arch, method, precision, tmp_path,
                                                                                     tiny_models, fixture_data_dir):
