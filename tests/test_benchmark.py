@@ -73,3 +73,10 @@ def test_stock_recipe_summary_states_speed_up_and_paired_quality():
     assert rows[2].startswith("| stock | 3 | 301 / 302 / 303 | 302 | 1.00x | 77.0 [74.5, 79.5] | – |")
     assert rows[3].startswith("| train.py | 3 | 101 / 102 / 103 | 102 | 2.96x |")
     assert "| 61 / 62 / 63 | 62 | 4.87x | 72.0 [69.5, 74.5] | -4.0 [-4.0, -4.0] |" in rows[4]
+
+
+def test_measure_defaults_to_the_models_own_attention(tiny_models, real_data_dir):
+    """MPNet has no SDPA kernel: by default the benchmark builds each model as train.py does."""
+    result = measure(tiny_models["mpnet"], "full", "fp32", "dynamic", batch_size=4, steps=1, warmup=1, threads=1,
+                     data_dir=str(real_data_dir), max_length=32)
+    assert result["attn_implementation"] == "eager" and result["train_step_s"]["median"] > 0

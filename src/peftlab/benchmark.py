@@ -136,7 +136,7 @@ def _train_flops_per_token(model, trainable: int, seq_len: float) -> float:
 
 def measure(model_name: str, method: str, precision: str, padding: str, batch_size: int, steps: int,
             warmup: int, threads: int, data_dir: str | None, max_length: int, fused_adamw: bool = False,
-            attn_implementation: str = "sdpa", frozen_weights_dtype: str = "auto",
+            attn_implementation: str | None = None, frozen_weights_dtype: str = "auto",
             gradient_checkpointing: bool = False) -> dict:
     """One configuration, in this process; the model is built as train.py builds it (frozen weights in
     ``frozen_weights_dtype``, resolved as ``--frozen_weights_dtype`` is; with ``gradient_checkpointing`` as
@@ -173,7 +173,7 @@ def measure(model_name: str, method: str, precision: str, padding: str, batch_si
     result = {
         "model": model_name, "method": method, "precision": precision, "padding": padding,
         "batch_size": batch_size, "threads": threads, "fused_adamw": fused_adamw,
-        "attn_implementation": attn_implementation, "frozen_weights_dtype": dtype_name(frozen_dtype),
+        "attn_implementation": model.config._attn_implementation, "frozen_weights_dtype": dtype_name(frozen_dtype),
         "gradient_checkpointing": gradient_checkpointing, **counts,
         "train_step_s": quartiles(step_times),
         # the issue's bound on the frozen layers' backward pass: at most 1.3x the forward
@@ -382,8 +382,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", nargs="+", type=positive_int, default=[os.cpu_count()])
     parser.add_argument("--fused_adamw", nargs="+", type=int, default=[0], choices=[0, 1],
                         help="AdamW implementation: 0 = foreach (PyTorch's default), 1 = fused")
-    parser.add_argument("--attn_implementations", nargs="+", default=["sdpa"], choices=["sdpa", "eager"],
-                        help="attention kernels to compare (transformers' attn_implementation)")
+    parser.add_argument("--attn_implementations", nargs="+", default=["default"], choices=["default", "sdpa", "eager"],
+                        help="attention kernels to compare (transformers' attn_implementation); default: the "
+                             "model's own, as train.py (SDPA where the architecture has it; MPNet has not)")
     parser.add_argument("--frozen_weights_dtypes", nargs="+", default=["auto"], choices=["auto", "float32", "bfloat16"],
                         help="dtype of the weights a PEFT method freezes (train.py's --frozen_weights_dtype)")
     parser.add_argument("--gradient_checkpointing", nargs="+", type=int, default=[0], choices=[0, 1],
@@ -410,7 +411,8 @@ def main(argv: list[str] | None = None) -> None:
                         config = dict(model_name=model, method=method, precision=precision, padding=padding,
                                       batch_size=args.batch_size, steps=args.steps, warmup=args.warmup,
                                       threads=threads, data_dir=args.data_dir, max_length=args.max_length,
-                                      fused_adamw=bool(fused), attn_implementation=attention,
+                                      fused_adamw=bool(fused),
+                                      attn_implementation=None if attention == "default" else attention,
                                       frozen_weights_dtype=frozen, gradient_checkpointing=bool(checkpointing))
                         result = call_in_fresh_process("peftlab.benchmark:measure", **config)
                         results.append(result)
