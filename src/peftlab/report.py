@@ -35,6 +35,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
 
 from .markdown import table  # noqa: E402
 from .methods import LORA_DEFAULT_TARGETS, baseline_label, get_method, method_argument_fields, method_sort_key  # noqa: E402
@@ -422,31 +423,41 @@ def _trial_score(trial) -> tuple[float, str] | None:
     return None
 
 
+SWEEP_PANELS_PER_ROW = 4  # a model's four encoder sweeps side by side
+
+
 def plot_sweeps(studies: list, path: Path) -> Path | None:
-    """One panel per study: each trial's validation macro-F1 against its learning rate (log scale), coloured by
-    its epochs; pruned trials as crosses, at the last epoch they reached. Panels share the y-range."""
+    """One panel per study, four to a row: each trial's validation macro-F1 against its learning rate (log
+    scale), coloured by its epochs; pruned trials as crosses, at the last epoch they reached. Panels share the
+    y-range; one legend, below them all."""
     if not any(_trial_score(trial) for study in studies for trial in study.trials):
         return None
-    fig, axes = plt.subplots(1, len(studies), figsize=(max(6.0, 4.2 * len(studies)), 3.8), sharey=True,
-                             squeeze=False)
-    for axis, study in zip(axes[0], studies, strict=True):
+    columns = min(SWEEP_PANELS_PER_ROW, len(studies))
+    rows = math.ceil(len(studies) / columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(max(6.0, 4.2 * columns), 3.4 * rows + 0.4), sharey=True,
+                             squeeze=False, layout="constrained")
+    markers = {"complete": "o", "pruned, at its last epoch": "x"}
+    for axis, study in zip(axes.flat, studies, strict=False):
         scored = [(trial, score) for trial in study.trials if (score := _trial_score(trial))]
-        for state, marker in (("complete", "o"), ("pruned, at its last epoch", "x")):
+        for state, marker in markers.items():
             points = [(t.params["learning_rate"], 100 * score, t.params.get("num_train_epochs", 0))
                       for t, (score, how) in scored if how == state]
             if points:
                 lr, score, epochs = zip(*points, strict=True)
-                axis.scatter(lr, score, c=epochs, cmap="viridis", vmin=2, vmax=20, s=36, marker=marker,
-                             label=f"{state} ({len(points)})")
+                axis.scatter(lr, score, c=epochs, cmap="viridis", vmin=2, vmax=20, s=36, marker=marker)
         axis.set_xscale("log")
         axis.set_title(study.study_name, fontsize=9)
         axis.set_xlabel("learning rate")
         axis.grid(alpha=0.3)
-        if scored:  # below the panel, never over the points
-            axis.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=2)
-    axes[0][0].set_ylabel("validation macro-F1 (%), final epoch")
-    fig.colorbar(plt.cm.ScalarMappable(norm=matplotlib.colors.Normalize(2, 20), cmap="viridis"), ax=axes[0],
+    for axis in list(axes.flat)[len(studies):]:
+        axis.set_visible(False)
+    for row in axes:
+        row[0].set_ylabel("validation macro-F1 (%),\nfinal epoch")
+    fig.colorbar(plt.cm.ScalarMappable(norm=matplotlib.colors.Normalize(2, 20), cmap="viridis"), ax=axes,
                  label="epochs")
+    fig.legend(handles=[Line2D([], [], color="grey", marker=marker, linestyle="none", label=state)
+                        for state, marker in markers.items()],
+               loc="outside lower center", ncol=2, fontsize=8)  # below the panels, never over the points
     fig.savefig(path, dpi=80, bbox_inches="tight", metadata={"Software": None})
     plt.close(fig)
     return path
