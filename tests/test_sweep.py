@@ -105,13 +105,15 @@ def test_sweep_tunes_on_validation_and_writes_the_selection(tmp_path, tiny_model
 
 
 def test_bad_trials_are_pruned_from_their_epoch_scores(tmp_path, tiny_models, fixture_data_dir):
-    path = sweep_file(tmp_path, tiny_models["bert"], fixture_data_dir, n_trials=2,
-                      pruner={"type": "threshold", "lower": 1.01})  # no trial can reach it: all pruned
+    path = sweep_file(tmp_path, tiny_models["bert"], fixture_data_dir, n_trials=2,  # no trial can reach it
+                      pruner={"type": "threshold", "lower": 1.01, "n_warmup_steps": 2})  # at epoch 2: all pruned
     assert run_sweep(load_sweep(path)) is None  # nothing completed, nothing selected
     trials = study_of(path).get_trials()
     assert [t.state for t in trials] == [TrialState.PRUNED] * 2
-    assert all(list(t.intermediate_values) == [1] for t in trials)  # stopped after its first epoch
+    assert all(list(t.intermediate_values) == [1, 2] for t in trials)  # stopped after its second epoch
     assert not (tmp_path / "selected.yaml").exists()
+    # the first epoch's checkpoint is gone with the trial: a pruned trial is never resumed
+    assert not list((tmp_path / "sweeps").rglob("checkpoint-*"))
 
 
 def sweep_process(path: str) -> subprocess.Popen:

@@ -188,6 +188,10 @@ def objective(sweep: Sweep, trial: optuna.Trial) -> float:
         value, reason = math.nan, str(err)
     else:
         reason = f"{OBJECTIVE} is {value}"
+    finally:
+        # A pruned or failed trial is never resumed: its checkpoint goes (6 GB for the 0.5B decoder's full
+        # fine-tuning). A killed one never gets here, and keeps its checkpoint for its retry.
+        RunDirectory(output_dir).remove_checkpoints()
     if not math.isfinite(value):
         # A setting that diverges (too high a learning rate) is a bad trial, not a broken sweep: it ends as
         # pruned, counts towards n_trials, and the study goes on.
