@@ -5,6 +5,7 @@
 #    this gives every selection the grid's other cells transfer from.
 # 2. the rest of the grid seed by seed (seed 1 of every cell of every model, then seed 2, ...), so that the
 #    CPU hours go first to the cells' first seeds: every cell has results before any has its last seed.
+# 3. the bridge between the decoders (configs/grids/bridge.yaml: the 0.5B decoder's PEFT cells), last.
 # Resumable: studies continue, finished runs are skipped. Long: start it detached,
 #   WORKERS=2 setsid nohup scripts/sweeps.sh > results/sweeps.log 2>&1 &
 # Up to WORKERS processes share each study and each grid (each takes the next free trial or run), the CPU's
@@ -14,10 +15,10 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 # Peak RSS of one run in GB (the largest of each model's finished runs: ACL-ARC or AG News at 256 tokens, 0.5B full
-# fine-tuning 17.8 GB; the 1.5B's LoRA with gradient checkpointing, as the grid runs it, about 6): a model runs as
-# many workers as fit in 90% of the host's memory, at most WORKERS, so the kernel never kills one mid-run. On a
-# 24 GB host: two for the encoders and the 1.5B decoder, one for the 0.5B decoder's full fine-tuning.
-declare -A peak_gb=([minilm]=4 [mpnet]=10 [qwen-0.5b]=18 [qwen-1.5b]=7)
+# fine-tuning 17.8 GB, its LoRA 12.8 GB; the 1.5B's LoRA with gradient checkpointing, as the grid runs it, about 6):
+# a model runs as many workers as fit in 90% of the host's memory, at most WORKERS, so the kernel never kills one
+# mid-run. On a 24 GB host: two for the encoders and the 1.5B decoder, one for the 0.5B decoder.
+declare -A peak_gb=([minilm]=4 [mpnet]=10 [qwen-0.5b]=18 [qwen-1.5b]=7 [qwen-0.5b-peft]=12)
 memory_gb=$(awk '/MemTotal/ {print int($2 / 1048576)}' /proc/meminfo)
 use_workers() {  # use_workers MODEL: sets workers and each worker's share of the cores
   workers=$(( memory_gb * 9 / 10 / ${peak_gb[$1]} ))
@@ -52,4 +53,8 @@ for seed in 1 2 3 4 5; do  # seeds 4 and 5: ACL-ARC's (configs/grids/assignment.
     in_parallel .venv/bin/python -m peftlab.experiments configs/grids/assignment.yaml \
       --only model="$model" --only seed="$seed"
   done
+done
+use_workers qwen-0.5b-peft
+for seed in 1 2 3 4 5; do
+  in_parallel .venv/bin/python -m peftlab.experiments configs/grids/bridge.yaml --only seed="$seed"
 done

@@ -52,6 +52,19 @@ def test_expand_merges_and_names_runs(tmp_path):
     assert [(r.dataset, r.method) for r in expand(grid)] == [("acl_sup", "full")] * 2
 
 
+def test_a_grid_extends_another(tmp_path, tiny_models, fixture_data_dir):
+    parent = grid_file(tmp_path, tiny_models["bert"], fixture_data_dir)
+    child = tmp_path / "child.yaml"
+    child.write_text(yaml.safe_dump({"extends": str(parent), "output_root": str(tmp_path / "check"),
+                                     "defaults": {"num_train_epochs": 2}, "datasets": ["acl_sup"]}))
+    runs = expand(load_grid(child))
+    assert {r.dataset for r in runs} == {"acl_sup"} and {r.method for r in runs} == {"full", "lora-r8"}
+    for run in runs:  # the parent's defaults, one changed; its overrides still apply
+        assert run.args["num_train_epochs"] == 2 and run.args["per_device_train_batch_size"] == 4
+        assert run.output_dir.is_relative_to(tmp_path / "check")
+        assert ("max_train_samples" in run.args) == (run.method == "full")
+
+
 def test_grids_must_pin_host_dependent_precision(tmp_path):
     defaults = load_grid(grid_file(tmp_path, "m", "d"))["defaults"]
     del defaults["bf16"]

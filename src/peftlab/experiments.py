@@ -26,6 +26,9 @@ A grid file looks like::
 Arguments merge in this order: defaults, the model's, the method's, the cell's selected settings
 (its own, or those of the cell its transfer names), overrides.
 
+A grid can build on another: ``extends: configs/grids/assignment.yaml`` takes that file's keys, each
+replaced by this file's where it sets one, except ``defaults``, which merge key by key (this file's win).
+
 Each run gets ``output_root/<model>/<dataset>/<method>/seed<k>/`` with its arguments in
 ``grid_args.json``; ``python train.py that/grid_args.json`` reproduces it alone. A finished run
 whose arguments are unchanged is skipped. Every run saves a checkpoint at each epoch's end
@@ -110,10 +113,19 @@ class GridRun:
         return self.directory.last_checkpoint() if grid_args and self.same_arguments(grid_args) else None
 
 
-def load_grid(path: str | Path) -> dict:
+def read_grid_file(path: str | Path) -> dict:
+    """A grid file's keys, over those of the file it ``extends`` (defaults merged key by key)."""
     if not Path(path).is_file():
         raise MissingFile(f"no grid file {path}")
-    grid = yaml.safe_load(Path(path).read_text())
+    grid = yaml.safe_load(Path(path).read_text()) or {}
+    if "extends" not in grid:
+        return grid
+    parent = read_grid_file(grid.pop("extends"))
+    return {**parent, **grid, "defaults": {**parent.get("defaults", {}), **grid.get("defaults", {})}}
+
+
+def load_grid(path: str | Path) -> dict:
+    grid = read_grid_file(path)
     missing = {"output_root", "models", "datasets", "methods", "seeds"} - set(grid or {})
     if missing:
         raise InvalidArgument(f"{path}: grid file lacks {sorted(missing)}")
