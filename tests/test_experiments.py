@@ -14,8 +14,8 @@ from test_resume import KillAfterFirstCheckpoint, Killed
 from peftlab.cli import parse_dict
 from peftlab.experiments import claim, estimate_seconds, expand, load_grid, run_grid, select, shard
 from peftlab.results import aggregate, collect, markdown_table, write_csv
-from peftlab.runrecord import GRID_ARGS_FILE, GRID_COORDINATES_FILE, METRICS_FILE, RunDirectory, write_json
-from peftlab.training import PARSED_TYPES, RESUMABLE
+from peftlab.runrecord import GRID_ARGS_FILE, GRID_COORDINATES_FILE, METRICS_FILE, RESUMABLE, RunDirectory, write_json
+from peftlab.training import PARSED_TYPES
 from peftlab.training import run as train_run
 
 

@@ -32,7 +32,7 @@ replaced by this file's where it sets one, except ``defaults``, which merge key 
 Each run gets ``output_root/<model>/<dataset>/<method>/seed<k>/`` with its arguments in
 ``grid_args.json``; ``python train.py that/grid_args.json`` reproduces it alone. A finished run
 whose arguments are unchanged is skipped. Every run saves a checkpoint at each epoch's end
-(``training.RESUMABLE``, under the defaults), and a run that was killed resumes from it, so a killed
+(``runrecord.RESUMABLE``, under the defaults), and a run that was killed resumes from it, so a killed
 grid loses at most the unfinished epoch of the run in flight. Several workers may run the same grid
 command at once (on one machine, or machines sharing the folder): each takes the next run no other
 live worker holds (:func:`claim`); ``--shard i/n`` splits the grid between them statically instead.
@@ -56,9 +56,16 @@ from pathlib import Path
 import yaml
 
 from .errors import InvalidArgument, MissingFile, exit_on_user_error
-from .runrecord import FINISHED, GRID_ARGS_FILE, GRID_COORDINATES_FILE, GRID_LOG_FILE, RunDirectory, write_json
+from .runrecord import (
+    FINISHED,
+    GRID_ARGS_FILE,
+    GRID_COORDINATES_FILE,
+    GRID_LOG_FILE,
+    RESUMABLE,
+    RunDirectory,
+    write_json,
+)
 from .selection import apply_params, cell_key, read_selection
-from .training import RESUMABLE
 
 # Keys of a model entry that describe the grid, not train.py: the assignment's model it stands in for,
 # the subsets of datasets and methods it runs (default: all of the grid's), and its own seeds.

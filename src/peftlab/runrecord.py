@@ -56,6 +56,11 @@ GRID_LOG_FILE = "stdout.log"  # the grid run's stdout and stderr
 
 EMPTY, STARTED, FINISHED = "empty", "started", "finished"
 
+# What grids and sweeps train with so that a run killed midway (a session's end, an out-of-memory kill) resumes
+# from its last finished epoch, not from the start: a checkpoint at each epoch's end, only the newest kept,
+# removed when the run finishes. It changes nothing a run computes.
+RESUMABLE = {"save_strategy": "epoch", "save_total_limit": 1}
+
 
 # ----------------------------------------------------------------------------- atomic writes
 

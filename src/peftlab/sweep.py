@@ -59,9 +59,9 @@ from transformers import TrainerCallback
 
 from .cli import parse_dict
 from .errors import InvalidArgument, MissingFile, TrainingDiverged, exit_on_user_error
-from .runrecord import RunDirectory, write_text
+from .runrecord import RESUMABLE, RunDirectory, write_text
 from .selection import DEFAULT_SELECTION_FILE, apply_params, cell_key, read_selection
-from .training import PARSED_TYPES, RESUMABLE, run
+from .training import PARSED_TYPES, run
 
 OBJECTIVE = "validation_macro_f1"
 EVAL_OBJECTIVE = "eval_macro_f1"  # the same score in the Trainer's per-epoch evaluation log

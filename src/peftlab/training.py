@@ -51,11 +51,6 @@ from .runrecord import LOG_FILE, STATE_FILE, RunDirectory, environment, peak_mem
 
 logger = logging.getLogger("peftlab")
 
-# What grids and sweeps train with so that a run killed midway (a session's end, an out-of-memory kill) resumes
-# from its last finished epoch, not from the start: a checkpoint at each epoch's end, only the newest kept,
-# removed when the run finishes. It changes nothing a run computes.
-RESUMABLE = {"save_strategy": "epoch", "save_total_limit": 1}
-
 
 @dataclass
 class DataArguments:
