@@ -1,8 +1,8 @@
 """Does a changed default keep quality? Runs of one cell under two settings, paired by seed (issue 22).
 
 Reads finished runs under a results folder (a check grid such as ``configs/grids/checks/frozen_dtype.yaml``),
-compares every method label with ``--baseline`` seed by seed (the baseline's runs may come from another grid's
-folder, ``--baseline_runs``, for the same models and datasets) (same seed, same data order): test accuracy and
+compares every method label with ``--baseline`` seed by seed (same seed, same data order; the baseline's runs
+may come from another grid's folder, ``--baseline_runs``, for the same models and datasets): test accuracy and
 macro-F1 of each, the paired difference with its 95% t interval, and how far apart the two runs' logged
 training losses are at the same steps (the fixed-seed loss curve check).
 
