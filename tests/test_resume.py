@@ -31,15 +31,20 @@ def curve(run_dir: RunDirectory) -> list[dict]:
             for entry in run_dir.log_history()]
 
 
-@pytest.mark.parametrize(("arch", "method", "precision"), [
-    ("bert", "full", "fp32"), ("bert", "lora", "fp32"), ("bert", "adapter", "fp32"),
-    ("qwen2", "lora", "bf16"), ("qwen2", "adapter", "bf16"),  # frozen weights in bf16, trainable ones in fp32
+@pytest.mark.parametrize(("arch", "method", "precision", "batches"), [
+    ("bert", "full", "fp32", "random"), ("bert", "lora", "fp32", "random"), ("bert", "adapter", "fp32", "random"),
+    ("bert", "full", "fp32", "length groups, shuffled"),
+    ("qwen2", "lora", "bf16", "random"), ("qwen2", "adapter", "bf16", "random"),  # frozen weights in bf16
 ])
-def test_a_killed_run_resumes_from_its_last_checkpoint_and_ends_as_if_never_killed(arch, method, precision, tmp_path,
-                                                                                    tiny_models, fixture_data_dir):
+def test_a_killed_run_resumes_from_its_last_checkpoint_and_ends_as_if_never_killed(arch, method, precision, batches,
+                                                                                    tmp_path, tiny_models,
+                                                                                    fixture_data_dir):
+    grouped = batches != "random"
+
     def args_for(output_dir):
         return [*tiny_run_args(tiny_models[arch], fixture_data_dir, method, output_dir),
-                "--bf16", str(precision == "bf16")]
+                "--bf16", str(precision == "bf16"), "--group_by_length", str(grouped),
+                "--shuffle_length_groups", str(grouped)]
 
     whole = main(args_for(tmp_path / "whole"))
 

@@ -1,5 +1,6 @@
 """End-to-end train.py runs on real data with MiniLM, and a fresh-process predict afterwards."""
 
+import itertools
 import json
 import subprocess
 import sys
@@ -72,6 +73,32 @@ def test_full_fine_tune_end_to_end(tmp_path, real_data_dir, monkeypatch):
 
 
 @pytest.mark.slow
+def test_shuffled_length_groups_train_on_the_same_batches_in_a_random_order():
+    """The batches of --group_by_length (each of rows of similar length), not longest to shortest within each
+    mega-batch as Trainer orders them, but in an order drawn from the seeded torch RNG."""
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    from peftlab.training import ShuffledLengthGroupedSampler
+
+    lengths = [(7 * i) % 97 + 3 for i in range(1000)]
+
+    def batches(sampler_type, seed):
+        torch.manual_seed(seed)
+        rows = list(sampler_type(16, lengths=lengths))
+        assert sorted(rows) == list(range(1000))
+        return [tuple(rows[i:i + 16]) for i in range(0, 1000, 16)]
+
+    grouped, shuffled = batches(LengthGroupedSampler, 0), batches(ShuffledLengthGroupedSampler, 0)
+    assert set(shuffled) == set(grouped) and shuffled != grouped
+    assert shuffled == batches(ShuffledLengthGroupedSampler, 0) != batches(ShuffledLengthGroupedSampler, 1)
+
+    def longest_first_runs(order):  # consecutive batches whose longest row shrinks
+        longest = [max(lengths[i] for i in batch) for batch in order]
+        return sum(a >= b for a, b in itertools.pairwise(longest))
+    assert longest_first_runs(grouped) > 0.9 * len(grouped)
+    assert longest_first_runs(shuffled) < 0.7 * len(shuffled)
+
+
 @pytest.mark.parametrize("method", ["lora", "adapter"])
 def test_peft_methods_end_to_end(method, tmp_path, real_data_dir):
     out, metrics = train(tmp_path, real_data_dir, method, "--num_train_epochs", "1", "--learning_rate", "1e-3",

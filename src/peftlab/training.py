@@ -30,6 +30,7 @@ from transformers import (
     set_seed,
 )
 from transformers.trainer_callback import ExportableState
+from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.trainer_utils import IntervalStrategy
 
 from .cli import parse_dataclasses
@@ -164,6 +165,11 @@ class PeftlabTrainingArguments(TrainingArguments):
     do_test: bool = field(
         default=True, metadata={"help": "Evaluate the chosen model on the test split, once, after training (sweep "
                                         "trials turn it off: nothing is chosen on test)."})
+    shuffle_length_groups: bool = field(
+        default=False,
+        metadata={"help": "Under --group_by_length, train on the length-grouped batches in a random order. Trainer's "
+                          "own order runs each mega-batch of ~50 batches from longest to shortest, so every epoch "
+                          "ends on a run of the shortest rows."})
     overwrite_output_dir: bool = field(
         default=False,
         metadata={"help": "Replace a finished or failed run in output_dir (its files are removed first); "
@@ -229,6 +235,19 @@ def default_run_name(model_args: ModelArguments, data_args: DataArguments, metho
     method = method_label(method_args)
     model = Path(model_args.model_name_or_path.rstrip("/")).name
     return f"{model}__{data_args.dataset_name.replace(',', '+')}__{method}__seed{seed}"
+
+
+class ShuffledLengthGroupedSampler(LengthGroupedSampler):
+    """``LengthGroupedSampler``'s batches (rows of similar length, so little padding), in a random order: its own
+    order sorts each mega-batch from longest to shortest, a length curriculum repeated every ~50 batches."""
+
+    def __iter__(self):
+        rows = list(super().__iter__())
+        whole = len(rows) // self.batch_size  # a short last batch stays last: the DataLoader cuts batches in order
+        batches = [rows[start:start + self.batch_size] for start in range(0, len(rows), self.batch_size)]
+        # the global torch RNG, as the parent's permutation: seeded by --seed, restored on resume
+        order = [*torch.randperm(whole, generator=self.generator).tolist(), *range(whole, len(batches))]
+        return (row for batch in order for row in batches[batch])
 
 
 def eval_order(dataset) -> list[int] | None:
@@ -298,6 +317,13 @@ class PeftlabTrainer(Trainer):
         summary = self.state.log_history[-1]  # the Trainer logged its own metrics last
         summary.update({key: value for key, value in metrics.items() if key in summary})
         return output._replace(training_loss=metrics["train_loss"], metrics=metrics)
+
+    def _get_train_sampler(self, train_dataset=None):
+        sampler = super()._get_train_sampler(train_dataset)
+        if isinstance(sampler, LengthGroupedSampler) and self.args.shuffle_length_groups:
+            return ShuffledLengthGroupedSampler(sampler.batch_size, lengths=sampler.lengths,
+                                                generator=sampler.generator)
+        return sampler
 
     def _get_eval_sampler(self, eval_dataset):
         order = eval_order(eval_dataset)
