@@ -14,7 +14,15 @@ from test_resume import KillAfterFirstCheckpoint, Killed
 from peftlab.cli import parse_dict
 from peftlab.experiments import claim, estimate_seconds, expand, load_grid, run_grid, select, shard
 from peftlab.results import aggregate, collect, markdown_table, write_csv
-from peftlab.runrecord import GRID_ARGS_FILE, GRID_COORDINATES_FILE, METRICS_FILE, RESUMABLE, RunDirectory, write_json
+from peftlab.runrecord import (
+    ADDED_ARGUMENTS,
+    GRID_ARGS_FILE,
+    GRID_COORDINATES_FILE,
+    METRICS_FILE,
+    RESUMABLE,
+    RunDirectory,
+    write_json,
+)
 from peftlab.training import PARSED_TYPES
 from peftlab.training import run as train_run
 
@@ -153,6 +161,11 @@ def test_a_killed_run_resumes_from_its_checkpoint_unless_its_arguments_changed(t
     write_json(first.directory.file(GRID_ARGS_FILE),
                {key: value for key, value in first.args.items() if key not in RESUMABLE})
     assert first.status() == "done"
+    # an argument train.py gained since the run: the grid that pins it at its old value still finds the run done
+    first.args["shuffle_length_groups"] = ADDED_ARGUMENTS["shuffle_length_groups"]
+    assert first.status() == "done"
+    first.args["shuffle_length_groups"] = not ADDED_ARGUMENTS["shuffle_length_groups"]
+    assert first.status() == "changed" and first.checkpoint() is None
 
 
 def test_workers_running_one_grid_take_each_run_once(tmp_path, tiny_models, fixture_data_dir):

@@ -63,6 +63,7 @@ from .runrecord import (
     GRID_LOG_FILE,
     RESUMABLE,
     RunDirectory,
+    same_computation,
     write_json,
 )
 from .selection import apply_params, cell_key, read_selection
@@ -108,11 +109,8 @@ class GridRun:
         return "done" if self.same_arguments(grid_args) else "changed"
 
     def same_arguments(self, grid_args: dict) -> bool:
-        """Whether a run with ``grid_args`` computes what this one does (checkpointing aside: runs from before
-        grids saved checkpoints count as done)."""
-        def computed(args):
-            return {key: value for key, value in args.items() if key not in RESUMABLE}
-        return computed(grid_args) == computed(self.args)
+        """Whether a run with ``grid_args`` computes what this one does (:func:`runrecord.same_computation`)."""
+        return same_computation(grid_args, self.args)
 
     def checkpoint(self) -> Path | None:
         """The newest checkpoint that a killed run of these same arguments left, to resume from."""

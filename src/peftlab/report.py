@@ -55,7 +55,7 @@ from .results import (  # noqa: E402
     reference_host,
     write_csv,
 )
-from .runrecord import RunDirectory  # noqa: E402
+from .runrecord import ADDED_ARGUMENTS, RunDirectory  # noqa: E402
 from .selection import DEFAULT_SELECTION_FILE, read_selection  # noqa: E402
 
 matplotlib.rcParams["svg.hashsalt"] = "peftlab"  # deterministic output
@@ -309,6 +309,7 @@ def configuration_section(runs: list[RunResult]) -> str:
             ("training_args", "per_device_train_batch_size"), ("training_args", "warmup_ratio"),
             ("training_args", "weight_decay"), ("training_args", "lr_scheduler_type"), ("training_args", "bf16"),
             ("training_args", "optim"), ("training_args", "group_by_length"),
+            ("training_args", "shuffle_length_groups"),
             ("data_args", "max_seq_length"), ("data_args", "max_train_samples")]
     # each method's own arguments, for the methods these runs used
     used = {run.record["method_args"]["tuning_method"] for run in runs}
@@ -326,7 +327,8 @@ def configuration_section(runs: list[RunResult]) -> str:
                 value = "–"
             elif value is None:  # the fields whose None means something
                 value = "default" if is_method_key else {"max_train_samples": "all",
-                                                         "group_by_length": False}.get(key, value)
+                                                         "group_by_length": False,
+                                                         **ADDED_ARGUMENTS}.get(key, value)
             values.append(value)
         settings = (RunDirectory(run.directory).grid_coordinates() or {}).get("settings")
         source = f"{settings['from']} ({settings['study']}, trial {settings['trial']})" if settings else "–"

@@ -61,6 +61,19 @@ EMPTY, STARTED, FINISHED = "empty", "started", "finished"
 # removed when the run finishes. It changes nothing a run computes.
 RESUMABLE = {"save_strategy": "epoch", "save_total_limit": 1}
 
+# Arguments that train.py gained after grids and sweeps had recorded runs, each with the value that computes what
+# the code did before: an argument a record lacks counts at that value. The grids and sweeps whose runs predate
+# one set it to that value explicitly, so their later runs compute what their earlier ones did.
+ADDED_ARGUMENTS = {"shuffle_length_groups": False}
+
+
+def same_computation(recorded: dict, args: dict) -> bool:
+    """Whether a run recorded with the arguments ``recorded`` computes what ``args`` do: checkpoint settings
+    (:data:`RESUMABLE`) aside, and :data:`ADDED_ARGUMENTS` counted at their old value where either lacks them."""
+    def computed(arguments: dict) -> dict:
+        return {key: value for key, value in (ADDED_ARGUMENTS | arguments).items() if key not in RESUMABLE}
+    return computed(recorded) == computed(args)
+
 
 # ----------------------------------------------------------------------------- atomic writes
 

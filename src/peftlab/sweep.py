@@ -59,7 +59,7 @@ from transformers import TrainerCallback
 
 from .cli import parse_dict
 from .errors import InvalidArgument, MissingFile, TrainingDiverged, exit_on_user_error
-from .runrecord import RESUMABLE, RunDirectory, write_text
+from .runrecord import RESUMABLE, RunDirectory, same_computation, write_text
 from .selection import DEFAULT_SELECTION_FILE, apply_params, cell_key, read_selection
 from .training import PARSED_TYPES, run
 
@@ -159,7 +159,8 @@ def resume_from_retried(sweep: Sweep, trial: optuna.Trial, args: dict) -> bool:
     this trial's, so its run resumes there; whether it did."""
     frozen = next(t for t in trial.study.get_trials(deepcopy=False) if t.number == trial.number)
     earlier = RetryHeartbeatStaleTrialCallback.retry_history(frozen)  # the tries before this one, oldest first
-    if not earlier or trial.user_attrs.get("args") != args:  # user attributes carry over to a retry
+    # user attributes carry over to a retry
+    if not earlier or not same_computation(trial.user_attrs.get("args", {}), args):
         return False
     killed = RunDirectory(sweep.trial_dir(earlier[-1]))
     if killed.last_checkpoint() is None:
