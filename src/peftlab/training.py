@@ -104,7 +104,7 @@ class ModelArguments:
                   "help": "Attention kernel (transformers' attn_implementation); default: the model's (SDPA). On a "
                           "2-core AMD EPYC with MiniLM in bf16, eager steps were 1.06x (full) and 1.14x (LoRA r=16) "
                           "faster in the benchmark, but whole runs took the same time with the same scores "
-                          "(benchmarks/results/stock_recipe.md), so SDPA stays the default."})
+                          "(the stock-recipe check, benchmarks/stock_recipe.py), so SDPA stays the default."})
     frozen_weights_dtype: str = field(
         default="auto",
         metadata={"choices": ["auto", "float32", "bfloat16"],
@@ -174,7 +174,8 @@ class PeftlabTrainingArguments(TrainingArguments):
         metadata={"help": "Under --group_by_length, train on the length-grouped batches in a random order. False: "
                           "Trainer's own order, which runs each mega-batch of ~50 batches from longest to shortest, "
                           "so every epoch ends on a run of the shortest rows; after one epoch on restaurant_sup that "
-                          "cost two seeds of three 5-6 points of accuracy (benchmarks/results/stock_recipe.md)."})
+                          "cost two seeds of three about 5 points of accuracy and 10 of macro-F1 against random "
+                          "batches, which shuffled groups matched (benchmarks/results/stock_recipe.md)."})
     overwrite_output_dir: bool = field(
         default=False,
         metadata={"help": "Replace a finished or failed run in output_dir (its files are removed first); "
