@@ -65,14 +65,16 @@ def test_stock_recipe_summary_states_speed_up_and_paired_quality():
     spec.loader.exec_module(stock_recipe)
     results = []
     for seed in (1, 2, 3):
-        for arm, seconds, accuracy in zip(stock_recipe.ARMS, (300, 100, 60, 60), (0.75, 0.74, 0.70, 0.70),
+        for arm, seconds, accuracy in zip(stock_recipe.ARMS, (300, 60, 100, 60), (0.75, 0.74, 0.74, 0.70),
                                           strict=True):
             results.append({"arm": arm, "seed": seed, "seconds": seconds + seed, "accuracy": accuracy + seed / 100,
                             "macro_f1": accuracy - 0.2})
     rows = stock_recipe.summary(results).splitlines()
     assert rows[2].startswith("| stock | 3 | 301 / 302 / 303 | 302 | 1.00x | 77.0 [74.5, 79.5] | – |")
-    assert rows[3].startswith("| train.py | 3 | 101 / 102 / 103 | 102 | 2.96x |")
-    assert "| 61 / 62 / 63 | 62 | 4.87x | 72.0 [69.5, 74.5] | -4.0 [-4.0, -4.0] |" in rows[4]
+    # each train.py arm is paired by seed with the baseline arm (random batches, the default grouping replaced)
+    assert rows[3].startswith("| train.py | 3 | 61 / 62 / 63 | 62 | 4.87x | 76.0 [73.5, 78.5] | +0.0 [+0.0, +0.0] |")
+    assert rows[4].startswith(f"| {stock_recipe.BASELINE} | 3 | 101 / 102 / 103 | 102 | 2.96x | 76.0 [73.5, 78.5] |")
+    assert "| 61 / 62 / 63 | 62 | 4.87x | 72.0 [69.5, 74.5] | -4.0 [-4.0, -4.0] |" in rows[5]
 
 
 def test_measure_defaults_to_the_models_own_attention(tiny_models, real_data_dir):
