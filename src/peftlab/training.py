@@ -327,8 +327,10 @@ class PeftlabTrainer(Trainer):
     def _get_train_sampler(self, train_dataset=None):
         sampler = super()._get_train_sampler(train_dataset)
         if isinstance(sampler, LengthGroupedSampler) and self.args.shuffle_length_groups:
-            return ShuffledLengthGroupedSampler(sampler.batch_size, lengths=sampler.lengths,
-                                                generator=sampler.generator)
+            # grouped and shuffled by the global batch, so that processes training together each take their
+            # share of the batch one process would train on (every process draws the same order from --seed)
+            global_batch = self.args.train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size
+            return ShuffledLengthGroupedSampler(global_batch, lengths=sampler.lengths, generator=sampler.generator)
         return sampler
 
     def _get_eval_sampler(self, eval_dataset):
