@@ -242,3 +242,19 @@ def test_quality_check_pairs_a_changed_default_with_its_baseline(tmp_path):
     text = quality_check.report(results, "lora-r8-old", baseline_runs=elsewhere)
     assert "| m | acl_sup | lora-r8-old | 1 | 70.0 | 60.0 | – |" in text and "lora-r8-other" not in text
     assert "no difference detected at 3 seeds (+0.3" in text
+
+
+def test_the_validation_finding_pairs_each_method_with_full_fine_tuning_once_seeds_exist(tmp_path):
+    from peftlab.report import validation_differences_sentence
+
+    results = tmp_path / "results"
+    for seed, full in ((1, 0.70), (2, 0.75), (3, 0.80)):
+        fixture_run(results, "full", seed, full)  # fixed settings: not part of this finding
+        fixture_run(results / "protocol", "full", seed, full, validation_rows=169)
+    assert validation_differences_sentence(collect(results)).startswith("no method shares seeds")
+    for seed, lora8, lora16 in ((1, 0.80, 0.71), (2, 0.86, 0.74), (3, 0.89, 0.81)):
+        fixture_run(results / "protocol", "lora-r16", seed, lora16, validation_rows=169)
+        fixture_run(results / "protocol", "lora-r8", seed, lora8, validation_rows=169)
+    assert validation_differences_sentence(collect(results)) == (
+        "m acl_sup lora-r8: +10.0 points (95% CI +7.5 to +12.5); "  # ranks in order, not alphabetically
+        "m acl_sup lora-r16: no difference detected at 3 seeds (+0.3, 95% CI -2.5 to +3.2).")

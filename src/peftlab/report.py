@@ -489,6 +489,17 @@ def _setting(value) -> str:
     return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
+def validation_differences_sentence(runs: list[RunResult]) -> str:
+    """The summary's finding on the validation protocol: each method against full fine-tuning of the same model
+    and dataset, test macro-F1 paired by seed, a difference stated only where its interval excludes zero."""
+    rows = sorted(paired_differences([run for run in runs if run.protocol == VALIDATION]),
+                  key=lambda row: (row["dataset"], row["model"], method_sort_key(row["method"])))
+    if not rows:
+        return "no method shares seeds with full fine-tuning of its cell yet (the grid runs them next)."
+    return "; ".join(f"{row['model']} {row['dataset']} {row['method']}: {difference_statement(row)}"
+                     for row in rows) + "."
+
+
 def protocol_section(runs: list[RunResult], selection: dict) -> str:
     """Per cell run under the validation protocol: the earlier fixed-settings runs beside the selected-settings
     runs, test macro-F1 and accuracy, mean ± std over seeds."""
@@ -570,6 +581,7 @@ def build_report(results_root: Path, prose_dir: Path, out_dir: Path, repo_root: 
         "bars": images(plot_bars(headline_rows, figures, colours)),
         "sweeps": sweep_section(studies, selection, plot_sweeps(studies, figures / "sweeps.png")),
         "protocol": protocol_section(every_run, selection),
+        "validation_differences": validation_differences_sentence(every_run),
         "protocol_curves": images(plot_curves(validation, figures, colours, "validation", prefix="protocol_curves"))
                            if validation else "_no run under the validation protocol has finished yet_\n",
     }
