@@ -491,13 +491,21 @@ def _setting(value) -> str:
 
 def validation_differences_sentence(runs: list[RunResult]) -> str:
     """The summary's finding on the validation protocol: each method against full fine-tuning of the same model
-    and dataset, test macro-F1 paired by seed, a difference stated only where its interval excludes zero."""
+    and dataset, test macro-F1 paired by seed; the differences whose interval excludes zero are named, the rest
+    counted (the appendix lists every pair)."""
     rows = sorted(paired_differences([run for run in runs if run.protocol == VALIDATION]),
                   key=lambda row: (row["dataset"], row["model"], method_sort_key(row["method"])))
     if not rows:
         return "no method shares seeds with full fine-tuning of its cell yet (the grid runs them next)."
-    return "; ".join(f"{row['model']} {row['dataset']} {row['method']}: {difference_statement(row)}"
-                     for row in rows) + "."
+    detected = [row for row in rows if row["low"] > 0 or row["high"] < 0]  # a NaN interval (one seed) is not
+    fewest, most = min(row["n"] for row in rows), max(row["n"] for row in rows)
+    seeds = f"{fewest}" if fewest == most else f"{fewest}-{most}"
+    pairs = f"{len(rows)} method-cell pair{'s' if len(rows) > 1 else ''} ({seeds} seeds each)"
+    if not detected:
+        return f"no difference detected in any of the {pairs}."
+    return (f"a difference in {len(detected)} of the {pairs}: "
+            + "; ".join(f"{row['model']} {row['dataset']} {row['method']} {difference_statement(row)}"
+                        for row in detected) + ".")
 
 
 def protocol_section(runs: list[RunResult], selection: dict) -> str:
