@@ -256,13 +256,13 @@ def test_the_validation_finding_pairs_each_method_with_full_fine_tuning_once_see
         fixture_run(results / "protocol", "lora-r16", seed, lora16, validation_rows=169)
         fixture_run(results / "protocol", "lora-r8", seed, lora8, validation_rows=169)
     assert validation_differences_sentence(collect(results)) == (  # the detected ones named, the rest counted
-        "a difference in 1 of the 2 method-cell pairs (3 seeds each): m acl_sup lora-r8 +10.0 points "
+        "1 of 2 method-cell pairs (3 seeds each) differs: m acl_sup lora-r8 +10.0 points "
         "(95% CI +7.5 to +12.5).")
     fixture_run(results / "protocol", "adapter", 1, 0.70, validation_rows=169)
     fixture_run(results / "protocol", "lora-r8", 4, 0.70, validation_rows=169)  # no full run of seed 4: unpaired
     assert validation_differences_sentence(collect(results)).startswith(
-        "a difference in 1 of the 3 method-cell pairs (1-3 seeds each): m acl_sup lora-r8 +10.0 points")
+        "1 of 3 method-cell pairs (1-3 seeds each) differs: m acl_sup lora-r8 +10.0 points")
     for seed, full in ((1, 0.70), (2, 0.75), (3, 0.80)):
         fixture_run(results / "protocol", "lora-r8", seed, full, validation_rows=169)  # now scoring as full does
     assert validation_differences_sentence(collect(results)) == (
-        "no difference detected in any of the 3 method-cell pairs (1-3 seeds each).")
+        "no difference detected in the 3 method-cell pairs (1-3 seeds each).")

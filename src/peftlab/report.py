@@ -502,8 +502,8 @@ def validation_differences_sentence(runs: list[RunResult]) -> str:
     seeds = f"{fewest}" if fewest == most else f"{fewest}-{most}"
     pairs = f"{len(rows)} method-cell pair{'s' if len(rows) > 1 else ''} ({seeds} seeds each)"
     if not detected:
-        return f"no difference detected in any of the {pairs}."
-    return (f"a difference in {len(detected)} of the {pairs}: "
+        return f"no difference detected in the {pairs}."
+    return (f"{len(detected)} of {pairs} differ{'s' if len(detected) == 1 else ''}: "
             + "; ".join(f"{row['model']} {row['dataset']} {row['method']} {difference_statement(row)}"
                         for row in detected) + ".")
 
