@@ -173,6 +173,9 @@ def test_paired_differences_state_only_what_their_interval_supports(tmp_path):
     assert (lora8["method"], lora8["baseline"], lora8["n"]) == ("lora-r8", "full", 3)
     assert lora8["mean"] == pytest.approx(0.10) and lora8["low"] > 0  # +10, +11, +9: an interval above zero
     assert difference_statement(lora8).startswith("+10.0 points (95% CI +7.5 to +12.5)")
+    # an interval that just excludes zero does not print a bound of 0.0
+    assert difference_statement({**lora8, "low": -0.219, "high": -0.0003}) == (
+        "+10.0 points (95% CI -21.9 to -0.03)")
     assert lora16["n"] == 2 and lora16["low"] < 0 < lora16["high"]  # +1, -5: paired on the seeds both ran
     assert difference_statement(lora16).startswith("no difference detected at 2 seeds (-2.0, 95% CI")
     # any label can be the baseline (a check of a changed default compares two settings of one method)

@@ -140,7 +140,10 @@ def paired_differences(runs: list[RunResult], key: str = "macro_f1", baseline: s
 def difference_statement(row: dict, scale: float = 100.0) -> str:
     """A difference is stated only where its interval excludes zero; otherwise none was detected."""
     mean, low, high = (scale * row[k] for k in ("mean", "low", "high"))
-    interval = f"95% CI {low:+.1f} to {high:+.1f}"
+
+    def bound(value: float) -> str:  # one decimal, or as many as keep a bound near zero off zero
+        return f"{value:+.1f}" if abs(value) >= 0.05 or value == 0 else f"{value:+.1g}"
+    interval = f"95% CI {bound(low)} to {bound(high)}"
     if math.isnan(low):
         return f"{mean:+.1f} from one seed (no interval)"
     if low > 0 or high < 0:
