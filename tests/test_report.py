@@ -258,14 +258,17 @@ def test_the_validation_finding_pairs_each_method_with_full_fine_tuning_once_see
     for seed, lora8, lora16 in ((1, 0.80, 0.71), (2, 0.86, 0.74), (3, 0.89, 0.81)):
         fixture_run(results / "protocol", "lora-r16", seed, lora16, validation_rows=169)
         fixture_run(results / "protocol", "lora-r8", seed, lora8, validation_rows=169)
-    assert validation_differences_sentence(collect(results)) == (  # the detected ones named, the rest counted
-        "1 of 2 method-cell pairs (3 seeds each) differs: m acl_sup lora-r8 +10.0 points "
-        "(95% CI +7.5 to +12.5).")
+    assert validation_differences_sentence(collect(results)) == (  # a few pairs: each named, with its numbers
+        "1 of 2 method-cell pairs (3 seeds each) differs: m acl_sup lora-r8 +10.0 points (95% CI +7.5 to +12.5); "
+        "m acl_sup lora-r16 no difference detected at 3 seeds (+0.3, 95% CI -2.5 to +3.2).")
     fixture_run(results / "protocol", "adapter", 1, 0.70, validation_rows=169)
     fixture_run(results / "protocol", "lora-r8", 4, 0.70, validation_rows=169)  # no full run of seed 4: unpaired
-    assert validation_differences_sentence(collect(results)).startswith(
-        "1 of 3 method-cell pairs (1-3 seeds each) differs: m acl_sup lora-r8 +10.0 points")
+    for method in ("ia3", "lora-r32"):
+        fixture_run(results / "protocol", method, 1, 0.70, validation_rows=169)
+    # more pairs than a sentence holds: the differing ones named, the rest counted
+    assert validation_differences_sentence(collect(results)) == (
+        "1 of 5 method-cell pairs (1-3 seeds each) differs: m acl_sup lora-r8 +10.0 points (95% CI +7.5 to +12.5).")
     for seed, full in ((1, 0.70), (2, 0.75), (3, 0.80)):
         fixture_run(results / "protocol", "lora-r8", seed, full, validation_rows=169)  # now scoring as full does
     assert validation_differences_sentence(collect(results)) == (
-        "no difference detected in the 3 method-cell pairs (1-3 seeds each).")
+        "no difference detected in the 5 method-cell pairs (1-3 seeds each).")

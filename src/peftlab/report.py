@@ -489,6 +489,9 @@ def _setting(value) -> str:
     return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
+FEW_PAIRS = 4  # up to this many, the validation finding names every pair, differing or not
+
+
 def validation_differences_sentence(runs: list[RunResult]) -> str:
     """The summary's finding on the validation protocol: each method against full fine-tuning of the same model
     and dataset, test macro-F1 paired by seed; the differences whose interval excludes zero are named, the rest
@@ -501,11 +504,12 @@ def validation_differences_sentence(runs: list[RunResult]) -> str:
     fewest, most = min(row["n"] for row in rows), max(row["n"] for row in rows)
     seeds = f"{fewest}" if fewest == most else f"{fewest}-{most}"
     pairs = f"{len(rows)} method-cell pair{'s' if len(rows) > 1 else ''} ({seeds} seeds each)"
+    named = rows if len(rows) <= FEW_PAIRS else detected  # a few pairs are all named, with their numbers
+    statements = "; ".join(f"{row['model']} {row['dataset']} {row['method']} {difference_statement(row)}"
+                           for row in named)
     if not detected:
-        return f"no difference detected in the {pairs}."
-    return (f"{len(detected)} of {pairs} differ{'s' if len(detected) == 1 else ''}: "
-            + "; ".join(f"{row['model']} {row['dataset']} {row['method']} {difference_statement(row)}"
-                        for row in detected) + ".")
+        return f"no difference detected in the {pairs}" + (f": {statements}." if named else ".")
+    return f"{len(detected)} of {pairs} differ{'s' if len(detected) == 1 else ''}: {statements}."
 
 
 def protocol_section(runs: list[RunResult], selection: dict) -> str:
