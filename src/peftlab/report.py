@@ -494,22 +494,24 @@ FEW_PAIRS = 4  # up to this many, the validation finding names every pair, diffe
 
 def validation_differences_sentence(runs: list[RunResult]) -> str:
     """The summary's finding on the validation protocol: each method against full fine-tuning of the same model
-    and dataset, test macro-F1 paired by seed; the differences whose interval excludes zero are named, the rest
-    counted (the appendix lists every pair)."""
+    and dataset, test macro-F1 paired by seed. A few pairs are each named with their numbers; more are counted,
+    and those whose interval excludes zero named (the appendix lists every pair)."""
     rows = sorted(paired_differences([run for run in runs if run.protocol == VALIDATION]),
                   key=lambda row: (row["dataset"], row["model"], method_sort_key(row["method"])))
     if not rows:
         return "no method shares seeds with full fine-tuning of its cell yet (the grid runs them next)."
+
+    def statements(named: list[dict]) -> str:
+        return "; ".join(f"{row['model']} {row['dataset']} {row['method']} {difference_statement(row)}"
+                         for row in named)
+    if len(rows) <= FEW_PAIRS:
+        return statements(rows) + "."
     detected = [row for row in rows if row["low"] > 0 or row["high"] < 0]  # a NaN interval (one seed) is not
     fewest, most = min(row["n"] for row in rows), max(row["n"] for row in rows)
-    seeds = f"{fewest}" if fewest == most else f"{fewest}-{most}"
-    pairs = f"{len(rows)} method-cell pair{'s' if len(rows) > 1 else ''} ({seeds} seeds each)"
-    named = rows if len(rows) <= FEW_PAIRS else detected  # a few pairs are all named, with their numbers
-    statements = "; ".join(f"{row['model']} {row['dataset']} {row['method']} {difference_statement(row)}"
-                           for row in named)
+    pairs = f"{len(rows)} method-cell pairs ({fewest if fewest == most else f'{fewest}-{most}'} seeds each)"
     if not detected:
-        return f"no difference detected in the {pairs}" + (f": {statements}." if named else ".")
-    return f"{len(detected)} of {pairs} differ{'s' if len(detected) == 1 else ''}: {statements}."
+        return f"no difference detected in the {pairs}."
+    return f"{len(detected)} of {pairs} differ{'s' if len(detected) == 1 else ''}: {statements(detected)}."
 
 
 def protocol_section(runs: list[RunResult], selection: dict) -> str:
