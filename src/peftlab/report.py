@@ -46,6 +46,7 @@ from .results import (  # noqa: E402
     aggregate,
     collect,
     difference_statement,
+    interval_excludes_zero,
     interval_text,
     markdown_table,
     mean_interval,
@@ -506,7 +507,7 @@ def validation_differences_sentence(runs: list[RunResult]) -> str:
                          for row in named)
     if len(rows) <= FEW_PAIRS:
         return statements(rows) + "."
-    detected = [row for row in rows if row["low"] > 0 or row["high"] < 0]  # a NaN interval (one seed) is not
+    detected = [row for row in rows if interval_excludes_zero(row)]
     fewest, most = min(row["n"] for row in rows), max(row["n"] for row in rows)
     pairs = f"{len(rows)} method-cell pairs ({fewest if fewest == most else f'{fewest}-{most}'} seeds each)"
     if not detected:

@@ -137,6 +137,11 @@ def paired_differences(runs: list[RunResult], key: str = "macro_f1", baseline: s
     return rows
 
 
+def interval_excludes_zero(row: dict) -> bool:
+    """Whether a paired difference's interval lies wholly on one side of zero (never for one seed: NaN)."""
+    return row["low"] > 0 or row["high"] < 0
+
+
 def difference_statement(row: dict, scale: float = 100.0) -> str:
     """A difference is stated only where its interval excludes zero; otherwise none was detected."""
     mean, low, high = (scale * row[k] for k in ("mean", "low", "high"))
@@ -146,7 +151,7 @@ def difference_statement(row: dict, scale: float = 100.0) -> str:
     interval = f"95% CI {bound(low)} to {bound(high)}"
     if math.isnan(low):
         return f"{mean:+.1f} from one seed (no interval)"
-    if low > 0 or high < 0:
+    if interval_excludes_zero(row):
         return f"{mean:+.1f} points ({interval})"
     return f"no difference detected at {row['n']} seeds ({mean:+.1f}, {interval})"
 
