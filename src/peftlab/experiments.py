@@ -307,10 +307,12 @@ def run_grid(path: str, shard_spec: str | None = None, dry_run: bool = False, re
         elapsed = (time.time() - started) / 60
         if code:
             failures += 1
-            print(f"    FAILED (exit {code}) after {elapsed:.1f} min; see {run.output_dir / GRID_LOG_FILE}", flush=True)
+            print(f"    {run.label} FAILED (exit {code}) after {elapsed:.1f} min; see {run.output_dir / GRID_LOG_FILE}",
+                  flush=True)
             continue
         metrics = run.directory.metrics()
-        print(f"    done in {elapsed:.1f} min: accuracy {metrics.get('accuracy', float('nan')):.4f}, "
+        # named again: workers sharing one log interleave their lines
+        print(f"    {run.label} done in {elapsed:.1f} min: accuracy {metrics.get('accuracy', float('nan')):.4f}, "
               f"macro_f1 {metrics.get('macro_f1', float('nan')):.4f}", flush=True)
     return 1 if failures else 0
 
