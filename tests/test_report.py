@@ -8,7 +8,8 @@ from peftlab.results import aggregate, collect
 from peftlab.runrecord import GRID_COORDINATES_FILE, STATE_FILE, RunDirectory, write_json
 
 
-def fixture_run(root, method, seed, accuracy, hardware=None, validation_rows=None, max_train_samples=None):
+def fixture_run(root, method, seed, accuracy, hardware=None, validation_rows=None, max_train_samples=None,
+                validation_macro_f1=None):
     run = RunDirectory(root / "m" / "acl_sup" / method / f"seed{seed}")
     write_json(run.file(GRID_COORDINATES_FILE), {"model": "m", "dataset": "acl_sup", "method": method, "seed": seed})
     run_id = run.start({
@@ -21,7 +22,8 @@ def fixture_run(root, method, seed, accuracy, hardware=None, validation_rows=Non
     run.finish(run_id, {
         "accuracy": accuracy, "micro_f1": accuracy, "macro_f1": accuracy - 0.1, "weighted_f1": accuracy,
         "trainable_percent": 1.0, "trainable_params": 5, "train_runtime": 12.0, "train_tokens_per_second": 100.0,
-        "train_samples_per_second": 3.0, "peak_rss_mb": 900.0, "f1_Uses": accuracy, "f1_Future": 0.0})
+        "train_samples_per_second": 3.0, "peak_rss_mb": 900.0, "f1_Uses": accuracy, "f1_Future": 0.0,
+        **({"validation_macro_f1": validation_macro_f1} if validation_macro_f1 is not None else {})})
     history = [{"step": s, "loss": 1.0 / s + seed / 100} for s in (1, 2, 3, 4)]
     history += [{"step": 2, "eval_accuracy": accuracy - 0.05, "eval_macro_f1": 0.3},
                 {"step": 4, "eval_accuracy": accuracy, "eval_macro_f1": 0.4}]
@@ -272,3 +274,25 @@ def test_the_validation_finding_pairs_each_method_with_full_fine_tuning_once_see
         fixture_run(results / "protocol", "lora-r8", seed, full, validation_rows=169)  # now scoring as full does
     assert validation_differences_sentence(collect(results)) == (
         "no difference detected in the 5 method-cell pairs (1-3 seeds each).")
+
+
+def test_the_sweep_table_sets_the_selected_trial_beside_the_cells_seeds(tmp_path):
+    import optuna
+
+    from peftlab.report import sweep_section
+
+    study = optuna.create_study(study_name="m-acl_sup-full", direction="maximize")
+    distributions = {"learning_rate": optuna.distributions.FloatDistribution(1e-5, 1e-3, log=True)}
+    for lr, value in ((1e-4, 0.55), (3e-4, 0.60)):
+        study.add_trial(optuna.trial.create_trial(params={"learning_rate": lr}, distributions=distributions,
+                                                  value=value))
+    selection = {"m/acl_sup/full": {"study": "m-acl_sup-full", "trial": 1, "params": {"learning_rate": 3e-4},
+                                    "validation_macro_f1": 0.60}}
+    results = tmp_path / "results"
+    fixture_run(results, "full", 1, 0.7)  # fixed settings: no validation score, not counted
+    for seed, validation in ((1, 0.60), (2, 0.50), (3, 0.46)):
+        fixture_run(results / "protocol", "full", seed, 0.7, validation_rows=169, validation_macro_f1=validation)
+    row = sweep_section([study], selection, None, collect(results)).splitlines()[2]
+    # the winner's own score (60.0, seed 1) beside its seeds' mean and 95% t interval (sd 7.2, t 4.30)
+    assert row == ("| m-acl_sup-full | m/acl_sup/full | 2 complete | 60.0 (trial 1: learning_rate 0.0003) "
+                   "| trial 1 | 52.0 [34.1, 69.9] (n=3) |")

@@ -466,11 +466,17 @@ def plot_sweeps(studies: list, path: Path) -> Path | None:
     return path
 
 
-def sweep_section(studies: list, selection: dict, figure: Path | None) -> str:
-    """What each study has tried, its best trial so far, and what it selected once it had its trials."""
+def sweep_section(studies: list, selection: dict, figure: Path | None, runs: list[RunResult] = ()) -> str:
+    """What each study has tried, its best trial so far, what it selected once it had its trials, and the
+    validation macro-F1 of the cell's seeds at the selected settings (``runs``): the selected trial is the best
+    of many on one seed, so its own score is optimistic; the seeds' mean on the same held-out rows is not."""
     if not studies:
         return "_no sweep has run yet_\n"
     chosen = {entry["study"]: (cell, entry) for cell, entry in selection.items()}
+    seeds_validation: dict[str, list[float]] = defaultdict(list)
+    for run in runs:
+        if run.protocol == VALIDATION and "validation_macro_f1" in run.metrics:
+            seeds_validation["/".join(run.cell)].append(run.metrics["validation_macro_f1"])
     rows = []
     for study in studies:
         states = Counter(trial.state.name.lower() for trial in study.trials)
@@ -481,8 +487,10 @@ def sweep_section(studies: list, selection: dict, figure: Path | None) -> str:
                      f"{100 * best.value:.1f} (trial {best.number}: "
                      + ", ".join(f"{key} {_setting(value)}" for key, value in best.params.items()) + ")"
                      if best else "–",
-                     f"trial {entry['trial']}" if entry else "–"])
-    text = table(["study", "cell it selects for", "trials", "best validation macro-F1 so far", "selected"], rows)
+                     f"trial {entry['trial']}" if entry else "–",
+                     interval_text(seeds_validation[cell]) if entry and seeds_validation[cell] else "–"])
+    text = table(["study", "cell it selects for", "trials", "best validation macro-F1 so far", "selected",
+                  "the cell's seeds at the selected settings: validation macro-F1"], rows)
     return text + (f"\n![sweeps](figures/{figure.name})\n" if figure else "")
 
 
@@ -594,7 +602,7 @@ def build_report(results_root: Path, prose_dir: Path, out_dir: Path, repo_root: 
         "coverage": coverage_section(every_run, expand(load_grid(grid_file)) if grid_file else []),
         "curves": images(plot_curves(fixed, figures, colours)),
         "bars": images(plot_bars(headline_rows, figures, colours)),
-        "sweeps": sweep_section(studies, selection, plot_sweeps(studies, figures / "sweeps.png")),
+        "sweeps": sweep_section(studies, selection, plot_sweeps(studies, figures / "sweeps.png"), every_run),
         "protocol": protocol_section(every_run, selection),
         "validation_differences": validation_differences_sentence(every_run),
         "protocol_curves": images(plot_curves(validation, figures, colours, "validation", prefix="protocol_curves"))
