@@ -217,3 +217,39 @@ def test_full_fine_tuning_keeps_fp32_master_weights():
     assert frozen_weights_dtype(get_method("full"), "auto", bf16=True) == torch.float32
     with pytest.raises(InvalidArgument, match="freezes no weights"):
         frozen_weights_dtype(get_method("full"), "bfloat16", bf16=True)
+
+
+@pytest.mark.parametrize("method", ["lora", "adapter"])
+def test_modules_to_save_train_beside_the_method_and_reload(method, tiny_models, tmp_path):
+    # a BERT classifier saved whole: its pooler loads from the checkpoint, so it stays frozen unless named
+    tokenizer, model = get_model(tiny_models["bert"], 3, LABELS)
+    model.save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    _, base = get_model(str(tmp_path / "base"), 3, LABELS)
+    assert base.newly_initialized_modules == []
+    assert not any("pooler" in n for n in trainable_names(get_method(method).wrap(
+        base, MethodArguments(tuning_method=method))))
+    torch.manual_seed(0)
+    _, base = get_model(str(tmp_path / "base"), 3, LABELS)
+    model = get_method(method).wrap(base, MethodArguments(tuning_method=method, modules_to_save="pooler"))
+    assert {n for n in trainable_names(model) if "pooler" in n}  # the pooler (peft: its saved copy) trains
+    original = base.bert.pooler.dense.weight.detach().clone() if method == "adapter" else None
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-2)
+    for _ in range(3):
+        optimizer.zero_grad()
+        model(**batch(tokenizer)).loss.backward()
+        optimizer.step()
+    model.eval()
+    inputs = {k: v for k, v in batch(tokenizer).items() if k != "labels"}
+    with torch.no_grad():
+        expected = model(**inputs).logits
+    METHODS[method].save(model, tmp_path / "model")
+    reloaded = METHODS[method].load(str(tmp_path / "base"), tmp_path / "model").eval()
+    with torch.no_grad():  # the trained pooler came back with the method's weights
+        torch.testing.assert_close(reloaded(**inputs).logits, expected, atol=1e-5, rtol=1e-5)
+    if original is not None:
+        assert not torch.equal(reloaded.bert.pooler.dense.weight, original)
+    with pytest.raises(ValueError, match="--modules_to_save names modules BertForSequenceClassification lacks: nope"):
+        get_method(method).wrap(get_model(str(tmp_path / "base"), 3, LABELS)[1],
+                                MethodArguments(tuning_method=method, modules_to_save="pooler,nope"))

@@ -46,17 +46,25 @@ def method_from_label(label: str) -> MethodArguments:
     raise ValueError(f"unknown tuning_method {label!r}; choose one of {sorted(METHODS)}")
 
 
-def new_modules(model: torch.nn.Module) -> list[str]:
-    """Modules that train and are saved with every method: the classification head, and whatever
-    ``get_model`` found missing from the checkpoint (none nested in another)."""
+def new_modules(model: torch.nn.Module, also: str | None = None) -> list[str]:
+    """Modules that train and are saved with every method: the classification head, whatever ``get_model``
+    found missing from the checkpoint, and the comma-separated names in ``also`` (``--modules_to_save``);
+    none nested in another."""
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    names = set(getattr(inner, "newly_initialized_modules", ())) | {n for n in HEAD_MODULES if hasattr(inner, n)}
+    requested = {}  # as in peft, a name stands for every module whose qualified name ends with it
+    for name in _module_list(also) or ():
+        requested[name] = [q for q, _ in inner.named_modules() if q == name or q.endswith(f".{name}")]
+    absent = [name for name, found in requested.items() if not found]
+    if absent:
+        raise ValueError(f"--modules_to_save names modules {inner.__class__.__name__} lacks: {', '.join(absent)}")
+    names = (set(getattr(inner, "newly_initialized_modules", ())) | {n for n in HEAD_MODULES if hasattr(inner, n)}
+             | {q for found in requested.values() for q in found})
     return sorted(n for n in names if not any(n.startswith(f"{other}.") for other in names))
 
 
-def head_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
-    """Parameters of the randomly initialised modules (the head at least), by their names in ``model``."""
-    prefixes = tuple(f"{name}." for name in new_modules(model))
+def head_parameters(model: torch.nn.Module, also: str | None = None) -> dict[str, torch.nn.Parameter]:
+    """Parameters of the modules :func:`new_modules` names (the head at least), by their names in ``model``."""
+    prefixes = tuple(f"{name}." for name in new_modules(model, also))
     return {name: p for name, p in model.named_parameters() if name.startswith(prefixes)}
 
 
@@ -192,7 +200,7 @@ class LoRA(PeftMethod):
             lora_dropout=args.lora_dropout, target_modules=lora_targets(model.config.model_type,
                                                                         args.lora_target_modules),
             # Saved with the adapter, so a reloaded model never has a random head (peft #310/#577).
-            modules_to_save=new_modules(model),
+            modules_to_save=new_modules(model, args.modules_to_save),
         )
         return get_peft_model(model, config)
 
@@ -218,7 +226,7 @@ class IA3(PeftMethod):
 
         config = IA3Config(task_type=TaskType.SEQ_CLS, target_modules=_module_list(args.ia3_target_modules),
                            feedforward_modules=_module_list(args.ia3_feedforward_modules),
-                           modules_to_save=new_modules(model))
+                           modules_to_save=new_modules(model, args.modules_to_save))
         try:
             return get_peft_model(model, config)
         except ValueError as err:
@@ -279,7 +287,7 @@ class BottleneckAdapter(TuningMethod):
         self._init(model)
         model.add_adapter(ADAPTER_NAME, config=self._config(args))
         model.train_adapter(ADAPTER_NAME)  # freezes the base model, adapter weights train
-        for param in head_parameters(model).values():
+        for param in head_parameters(model, args.modules_to_save).values():
             param.requires_grad_(True)
         return model
 
@@ -287,8 +295,9 @@ class BottleneckAdapter(TuningMethod):
         directory.mkdir(parents=True, exist_ok=True)
         model.save_adapter(str(directory), ADAPTER_NAME, with_head=False)
         model.config.save_pretrained(directory)
-        save_file({name: p.detach().contiguous() for name, p in head_parameters(model).items()},
-                  directory / HEAD_FILE)
+        # what trained beside the adapter (the head, --modules_to_save), which save_adapter leaves out
+        save_file({name: p.detach().contiguous() for name, p in model.named_parameters()
+                   if p.requires_grad and f"adapters.{ADAPTER_NAME}." not in name}, directory / HEAD_FILE)
 
     def load(self, base_path, directory):
         config = AutoConfig.from_pretrained(directory)
@@ -395,6 +404,12 @@ class MethodArguments:
         default=None,
         metadata={"help": "Those of --ia3_target_modules that are feed-forward layers (IA3 scales their input "
                           "rather than their output). Default: peft's per architecture."})
+    modules_to_save: str | None = field(
+        default=None,
+        metadata={"help": "Comma-separated modules that train in full beside a PEFT method's own weights and are "
+                          "saved with them (peft's modules_to_save), in addition to the classification head and any "
+                          "module the checkpoint lacks. E.g. pooler for a BERT checkpoint whose pooler never "
+                          "trained (all-MiniLM-L6-v2's has an all-zero bias), which the classifier reads through."})
 
     def __post_init__(self):
         if self.tuning_method not in METHODS:
