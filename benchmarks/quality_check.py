@@ -29,7 +29,8 @@ def loss_gap(run, baseline_run) -> tuple[float, float]:
     return max(gaps), sum(gaps) / len(gaps)
 
 
-def report(results: Path, baseline: str, baseline_runs: Path | None = None) -> str:
+def report(results: Path, baseline: str, baseline_runs: Path | None = None) -> tuple[str, list[str]]:
+    """(the tables, each checked setting's paired macro-F1 difference against the baseline as one statement)."""
     runs = collect(results)
     if baseline_runs is not None:
         checked = {(run.model, run.dataset) for run in runs}
@@ -44,7 +45,7 @@ def report(results: Path, baseline: str, baseline_runs: Path | None = None) -> s
                      f"{100 * run.metrics['macro_f1']:.1f}", gap])
     text = table(["model", "dataset", "setting", "seed", "test accuracy %", "test macro-F1 %",
                   "training loss vs baseline, same steps"], rows)
-    summary = []
+    summary, statements = [], []
     for method in sorted({run.method for run in runs}):
         members = [run for run in runs if run.method == method]
         cells = [mean_interval([run.metrics[key] for run in members]) for key in ("accuracy", "macro_f1")]
@@ -52,8 +53,11 @@ def report(results: Path, baseline: str, baseline_runs: Path | None = None) -> s
                        for key in ("accuracy", "macro_f1")}
         summary.append([method, len(members), *cells,
                         *(difference_statement(rows[0]) if rows else "–" for rows in differences.values())])
+        if differences["macro_f1"]:
+            statements.append(difference_statement(differences["macro_f1"][0]))
     return text + "\n" + table(["setting", "n", "accuracy % [95% CI]", "macro-F1 % [95% CI]",
-                                f"accuracy vs {baseline}, paired", f"macro-F1 vs {baseline}, paired"], summary)
+                                f"accuracy vs {baseline}, paired", f"macro-F1 vs {baseline}, paired"],
+                                summary), statements
 
 
 def main() -> None:
@@ -62,13 +66,16 @@ def main() -> None:
     parser.add_argument("--baseline", required=True, help="method label of the old setting")
     parser.add_argument("--baseline_runs", type=Path,
                         help="folder holding the baseline's runs, if not the check's own (e.g. results/assignment)")
-    parser.add_argument("--out", help="path stem: writes <out>.md (default: print only)")
+    parser.add_argument("--out", help="path stem: writes <out>.md and <out>_macro_f1.txt, the paired macro-F1 "
+                                      "differences in one line (default: print only)")
     args = parser.parse_args()
-    text = report(Path(args.results), args.baseline, args.baseline_runs)
+    text, statements = report(Path(args.results), args.baseline, args.baseline_runs)
     if args.out:
         source = f" (from `{args.baseline_runs}`)" if args.baseline_runs else ""
         Path(f"{args.out}.md").write_text(f"Runs under `{args.results}`, paired by seed against `{args.baseline}`"
                                           f"{source} (`benchmarks/quality_check.py`).\n\n" + text)
+        # the report's findings cite this line ({{file:<out>_macro_f1.txt}})
+        Path(f"{args.out}_macro_f1.txt").write_text("; ".join(statements) + "\n")
     print(text)
 
 

@@ -58,6 +58,11 @@ def test_expand_merges_and_names_runs(tmp_path):
     grid["models"]["tiny"]["methods"] = ["full"]
     grid["models"]["tiny"]["datasets"] = ["acl_sup"]
     assert [(r.dataset, r.method) for r in expand(grid)] == [("acl_sup", "full")] * 2
+    # a match value may list several: the override fits any of them
+    grid = load_grid(grid_file(tmp_path, "m", "d", overrides=[
+        {"match": {"method": ["lora-r8", "adapter"], "seed": 2}, "set": {"modules_to_save": "pooler"}}]))
+    assert [(r.dataset, r.method, r.seed) for r in expand(grid) if "modules_to_save" in r.args] == [
+        ("restaurant_sup", "lora-r8", 2), ("acl_sup", "lora-r8", 2)]
 
 
 def test_a_grid_extends_another(tmp_path, tiny_models, fixture_data_dir):

@@ -233,7 +233,8 @@ def test_quality_check_pairs_a_changed_default_with_its_baseline(tmp_path):
     for seed, old, new in ((1, 0.70, 0.71), (2, 0.75, 0.75), (3, 0.80, 0.80)):
         fixture_run(results, "lora-r8-old", seed, old)
         fixture_run(results, "lora-r8-new", seed, new)
-    text = quality_check.report(results, "lora-r8-old")
+    text, statements = quality_check.report(results, "lora-r8-old")
+    assert statements == ["no difference detected at 3 seeds (+0.3, 95% CI -1.1 to +1.8)"]  # the finding's line
     # same seed, same logged losses in the fixture: the curves match exactly
     assert "| m | acl_sup | lora-r8-new | 1 | 71.0 | 61.0 | max 0.000, mean 0.000 |" in text
     assert "| m | acl_sup | lora-r8-old | 1 | 70.0 | 60.0 | – |" in text
@@ -244,7 +245,7 @@ def test_quality_check_pairs_a_changed_default_with_its_baseline(tmp_path):
         fixture_run(elsewhere, "lora-r8-old", seed, old)
         fixture_run(elsewhere, "lora-r8-other", seed, old)
     shutil.rmtree(results / "m" / "acl_sup" / "lora-r8-old")
-    text = quality_check.report(results, "lora-r8-old", baseline_runs=elsewhere)
+    text, _ = quality_check.report(results, "lora-r8-old", baseline_runs=elsewhere)
     assert "| m | acl_sup | lora-r8-old | 1 | 70.0 | 60.0 | – |" in text and "lora-r8-other" not in text
     assert "no difference detected at 3 seeds (+0.3" in text
 

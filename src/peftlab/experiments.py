@@ -17,6 +17,8 @@ A grid file looks like::
     overrides:                      # cuts for single cells, stated in the report
       - match: {model: minilm, dataset: agnews_sup}
         set: {max_train_samples: 2000}
+      - match: {model: minilm, method: [lora-r8, adapter]}   # a list: any of its values
+        set: {modules_to_save: pooler}
     selection: configs/selected.yaml  # settings chosen by sweeps (peftlab.sweep), per model/dataset/method
     require_selection: true           # run only cells with selected settings (the others wait for their sweep)
     transfers:                        # cells that were not swept take a swept cell's settings
@@ -140,10 +142,16 @@ def load_grid(path: str | Path) -> dict:
     return grid
 
 
+def matches(coords: dict, match: dict) -> bool:
+    """Whether a run's coordinates fit a transfer's or override's ``match``: each key equal to its value, or
+    to one of them where the value is a list."""
+    return all(coords.get(key) in (value if isinstance(value, list) else [value]) for key, value in match.items())
+
+
 def selected_settings(grid: dict, selection: dict, coords: dict) -> tuple[dict, dict | None]:
     """(search-space parameters, their provenance) for a cell: its own sweep's, else a transfer's."""
     sources = [coords] + [{**coords, **transfer["from"]} for transfer in grid.get("transfers", [])
-                          if all(coords.get(key) == value for key, value in transfer["match"].items())]
+                          if matches(coords, transfer["match"])]
     for source in sources:
         entry = selection.get(cell_key(source))
         if entry is not None:
@@ -168,7 +176,7 @@ def expand(grid: dict) -> list[GridRun]:
                     args = apply_params({**RESUMABLE, **grid.get("defaults", {}), **model_args, **method_args},
                                         params)
                     for override in grid.get("overrides", []):
-                        if all(coords.get(key) == value for key, value in override["match"].items()):
+                        if matches(coords, override["match"]):
                             args.update(override["set"])
                     args.update(dataset_name=dataset, seed=seed,
                                 output_dir=str(Path(grid["output_root"]) / model / dataset / method / f"seed{seed}"))
