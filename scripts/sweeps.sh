@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # The validation protocol's evidence (issue 23) and the assignment grid (issue 24), test evaluated once per
-# run (configs/grids/assignment.yaml, results/assignment), in two phases:
-# 1. model by model, cheapest first: its sweeps (configs/sweeps/<model>-*.yaml), then the swept cells' seeds;
-#    this gives every selection the grid's other cells transfer from.
-# 2. the rest of the grid seed by seed (seed 1 of every cell of every model, then seed 2, ...), so that the
-#    CPU hours go first to the cells' first seeds: every cell has results before any has its last seed.
-# 3. the bridge between the decoders (configs/grids/bridge.yaml: the 0.5B decoder's PEFT cells), last.
+# run (configs/grids/assignment.yaml, results/assignment), model by model, cheapest first, so that each model's
+# row of the grid is complete before the next, costlier model starts (on a 2-core CPU MiniLM's row takes a few
+# hours, MPNet's tens, a decoder's more; every later model needs its own sweeps first anyway):
+# 1. its sweeps (configs/sweeps/<model>-*.yaml), then the swept cells' seeds: every selection the model's other
+#    cells transfer from;
+# 2. the rest of its cells seed by seed (seed 1 of each, then seed 2, ...): every cell has results before any
+#    has its last seed.
+# Then the bridge between the decoders (configs/grids/bridge.yaml: the 0.5B decoder's PEFT cells), last.
 # Resumable: studies continue, finished runs are skipped. Long: start it detached,
 #   WORKERS=2 setsid nohup scripts/sweeps.sh > results/sweeps.log 2>&1 &
 # Up to WORKERS processes share each study and each grid (each takes the next free trial or run), the CPU's
@@ -46,10 +48,7 @@ for model in minilm mpnet qwen-0.5b qwen-1.5b; do
   use_workers "$model"
   in_parallel sweeps_of "$model" "{i}"
   in_parallel swept_cells_of "$model"
-done
-for seed in 1 2 3 4 5; do  # seeds 4 and 5: ACL-ARC's (configs/grids/assignment.yaml, seeds_by_dataset)
-  for model in minilm mpnet qwen-0.5b qwen-1.5b; do
-    use_workers "$model"
+  for seed in 1 2 3 4 5; do  # seeds 4 and 5: ACL-ARC's (configs/grids/assignment.yaml, seeds_by_dataset)
     in_parallel .venv/bin/python -m peftlab.experiments configs/grids/assignment.yaml \
       --only model="$model" --only seed="$seed"
   done
