@@ -91,11 +91,9 @@ def test_adapter_count_by_hand(tiny_models):
     assert parameter_counts(model)["trainable_params"] == 648 + 99 + 1056
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("method", ["full", "lora", "ia3", "adapter"])
-def test_save_and_reload_same_logits(arch, method, tiny_models, tmp_path):
-    tokenizer, model = wrapped(tiny_models, arch, method, **arch_kwargs(arch, method))
-    # train the head and the method's weights a little, so a random head on reload would show
+def train_save_reload(model, tokenizer, method, base_path, tmp_path):
+    """Train the trainable weights a little (so a random head on reload would show), save them, load them back
+    onto ``base_path`` and check the logits match: (the reloaded model, its inputs, the expected logits)."""
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-2)
     for _ in range(3):
@@ -107,9 +105,17 @@ def test_save_and_reload_same_logits(arch, method, tiny_models, tmp_path):
     with torch.no_grad():
         expected = model(**inputs).logits
     METHODS[method].save(model, tmp_path / "model")
-    reloaded = METHODS[method].load(tiny_models[arch], tmp_path / "model").eval()
+    reloaded = METHODS[method].load(base_path, tmp_path / "model").eval()
     with torch.no_grad():
         torch.testing.assert_close(reloaded(**inputs).logits, expected, atol=1e-5, rtol=1e-5)
+    return reloaded, inputs, expected
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("method", ["full", "lora", "ia3", "adapter"])
+def test_save_and_reload_same_logits(arch, method, tiny_models, tmp_path):
+    tokenizer, model = wrapped(tiny_models, arch, method, **arch_kwargs(arch, method))
+    reloaded, inputs, expected = train_save_reload(model, tokenizer, method, tiny_models[arch], tmp_path)
     served = METHODS[method].for_inference(reloaded)
     with torch.no_grad():
         torch.testing.assert_close(served(**inputs).logits, expected, atol=1e-4, rtol=1e-4)
@@ -234,20 +240,8 @@ def test_modules_to_save_train_beside_the_method_and_reload(method, tiny_models,
     model = get_method(method).wrap(base, MethodArguments(tuning_method=method, modules_to_save="pooler"))
     assert {n for n in trainable_names(model) if "pooler" in n}  # the pooler (peft: its saved copy) trains
     original = base.bert.pooler.dense.weight.detach().clone() if method == "adapter" else None
-    model.train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-2)
-    for _ in range(3):
-        optimizer.zero_grad()
-        model(**batch(tokenizer)).loss.backward()
-        optimizer.step()
-    model.eval()
-    inputs = {k: v for k, v in batch(tokenizer).items() if k != "labels"}
-    with torch.no_grad():
-        expected = model(**inputs).logits
-    METHODS[method].save(model, tmp_path / "model")
-    reloaded = METHODS[method].load(str(tmp_path / "base"), tmp_path / "model").eval()
-    with torch.no_grad():  # the trained pooler came back with the method's weights
-        torch.testing.assert_close(reloaded(**inputs).logits, expected, atol=1e-5, rtol=1e-5)
+    # the same logits after the reload: the trained pooler came back with the method's weights
+    reloaded, _, _ = train_save_reload(model, tokenizer, method, str(tmp_path / "base"), tmp_path)
     if original is not None:
         assert not torch.equal(reloaded.bert.pooler.dense.weight, original)
     with pytest.raises(ValueError, match="--modules_to_save names modules BertForSequenceClassification lacks: nope"):
