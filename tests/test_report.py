@@ -9,14 +9,14 @@ from peftlab.runrecord import GRID_COORDINATES_FILE, STATE_FILE, RunDirectory, w
 
 
 def fixture_run(root, method, seed, accuracy, hardware=None, validation_rows=None, max_train_samples=None,
-                validation_macro_f1=None):
+                validation_macro_f1=None, modules_to_save=None):
     run = RunDirectory(root / "m" / "acl_sup" / method / f"seed{seed}")
     write_json(run.file(GRID_COORDINATES_FILE), {"model": "m", "dataset": "acl_sup", "method": method, "seed": seed})
     run_id = run.start({
         "resolved_model": {"checkpoint": "org/m", "source": "package"},
         "training_args": {"learning_rate": 1e-4, "num_train_epochs": 2, "bf16": True},
         "data_args": {"max_seq_length": 256, "max_train_samples": max_train_samples}, "label_names": ["Uses", "Future"],
-        "method_args": {"tuning_method": method.split("-")[0], "lora_r": 8},
+        "method_args": {"tuning_method": method.split("-")[0], "lora_r": 8, "modules_to_save": modules_to_save},
         "hardware": hardware or {"cpu_count": 2}, "versions": {"torch": "2.13.0"},
         **({"validation_split": {"ratio": 0.1, "validation_rows": validation_rows}} if validation_rows else {})})
     run.finish(run_id, {
@@ -60,7 +60,7 @@ def test_report_content_and_byte_identical_regeneration(report_inputs):
     # the configuration table shows only what varies between cells; the rest is one line
     assert "| protocol | model | dataset | method | lora_r | lora_alpha |" in text
     assert "| fixed | m | acl_sup | full | – | – |" in text
-    assert "Shared by every cell: learning_rate 0.0001; num_train_epochs 2;" in text
+    assert "Shared by every cell: learning_rate 0.0001; num_train_epochs 2;" in text and "modules_to_save –" in text
     assert "(`LORA_DEFAULT_TARGETS`): bert: query, value;" in text
     assert "| protocol | model | method | n | Uses | Future |" in text
     assert "| fixed | m | full | 2 | 75.0 ± 7.1 | 0.0 ± 0.0 |" in text
@@ -297,3 +297,16 @@ def test_the_sweep_table_sets_the_selected_trial_beside_the_cells_seeds(tmp_path
     # the winner's own score (60.0, seed 1) beside its seeds' mean and 95% t interval (sd 7.2, t 4.30)
     assert row == ("| m-acl_sup-full | m/acl_sup/full | 2 complete | 60.0 (trial 1: learning_rate 0.0003) "
                    "| trial 1 | 52.0 [34.1, 69.9] (n=3) |")
+
+
+def test_the_configuration_table_shows_modules_trained_beside_a_method(tmp_path):
+    from peftlab.report import configuration_section
+
+    results = tmp_path / "results"
+    fixture_run(results, "full", 1, 0.7)
+    fixture_run(results, "lora-r8", 1, 0.7, modules_to_save="pooler")
+    text = configuration_section(collect(results))
+    assert text.startswith("| protocol | model | dataset | method | lora_r | lora_alpha | lora_dropout | "
+                           "lora_target_modules | modules_to_save |")
+    assert "| fixed | m | acl_sup | full | – | – | – | – | – |" in text
+    assert "| fixed | m | acl_sup | lora-r8 | 8 | default | default | default | pooler |" in text

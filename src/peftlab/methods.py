@@ -2,8 +2,8 @@
 
 ``full`` trains every weight; ``lora`` adds peft low-rank updates; ``ia3`` peft's learned rescaling
 vectors; ``adapter`` AdapterHub bottleneck adapters. In every method the modules the checkpoint lacked
-(the classification head, ``classifier`` or ``score``, and e.g. a missing pooler) train and are saved
-with the method's weights.
+(the classification head, ``classifier`` or ``score``, and e.g. a missing pooler), and those named by
+``--modules_to_save``, train and are saved with the method's weights.
 
 A method owns everything the rest of the package knows about it: its name, its arguments (the
 ``MethodArguments`` fields prefixed ``<name>_``), its label in run names and tables, whether serving

@@ -315,7 +315,7 @@ def configuration_section(runs: list[RunResult]) -> str:
     # each method's own arguments, for the methods these runs used
     used = {run.record["method_args"]["tuning_method"] for run in runs}
     keys += [("method_args", name) for name in method_argument_fields() if any(
-        name in get_method(method).argument_fields for method in used)]
+        name in get_method(method).argument_fields for method in used)] + [("method_args", "modules_to_save")]
     cells = {}
     for run in runs:
         if (run.protocol, *run.cell) in cells:
@@ -323,11 +323,11 @@ def configuration_section(runs: list[RunResult]) -> str:
         values = []
         for group, key in keys:
             value = run.record.get(group, {}).get(key)
-            is_method_key = group == "method_args"
+            is_method_key = group == "method_args" and key in method_argument_fields()
             if is_method_key and key not in get_method(run.record["method_args"]["tuning_method"]).argument_fields:
                 value = "–"
             elif value is None:  # the fields whose None means something
-                value = "default" if is_method_key else {"max_train_samples": "all",
+                value = "default" if is_method_key else {"max_train_samples": "all", "modules_to_save": "–",
                                                          "group_by_length": False,
                                                          **ADDED_ARGUMENTS}.get(key, value)
             values.append(value)
