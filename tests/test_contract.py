@@ -90,6 +90,8 @@ def assert_one_line_error(code: int, stderr: str, pattern: str) -> None:
     (["--tuning_method", "ia4"], "invalid choice: .ia4."),
     (["--dataset", "restaurant_sup,restaurant"], "names restaurant more than once"),
     (["--dataset", "imdb_sup"], "unknown dataset 'imdb_sup'"),
+    (["--tuning_method", "lora", "--modules_to_save", "pooler,poolr"],
+     "--modules_to_save names modules BertForSequenceClassification lacks: poolr"),
 ])
 def test_bad_arguments_fail_at_once_in_one_line(flags, pattern, tmp_path, capsys):
     with pytest.raises(SystemExit) as stop:

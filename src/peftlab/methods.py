@@ -56,7 +56,7 @@ def new_modules(model: torch.nn.Module, also: str | None = None) -> list[str]:
         requested[name] = [q for q, _ in inner.named_modules() if q == name or q.endswith(f".{name}")]
     absent = [name for name, found in requested.items() if not found]
     if absent:
-        raise ValueError(f"--modules_to_save names modules {inner.__class__.__name__} lacks: {', '.join(absent)}")
+        raise InvalidArgument(f"--modules_to_save names modules {inner.__class__.__name__} lacks: {', '.join(absent)}")
     names = (set(getattr(inner, "newly_initialized_modules", ())) | {n for n in HEAD_MODULES if hasattr(inner, n)}
              | {q for found in requested.values() for q in found})
     return sorted(n for n in names if not any(n.startswith(f"{other}.") for other in names))
@@ -155,7 +155,7 @@ def lora_targets(model_type: str, requested: str | None):
     try:
         return LORA_DEFAULT_TARGETS[model_type]
     except KeyError:
-        raise ValueError(f"no default LoRA target modules for model_type {model_type!r}; pass "
+        raise InvalidArgument(f"no default LoRA target modules for model_type {model_type!r}; pass "
                          f"--lora_target_modules (defaults exist for {sorted(LORA_DEFAULT_TARGETS)})") from None
 
 
@@ -230,7 +230,7 @@ class IA3(PeftMethod):
         try:
             return get_peft_model(model, config)
         except ValueError as err:
-            raise ValueError(f"IA3 on model_type {model.config.model_type!r}: {err}; pass --ia3_target_modules "
+            raise InvalidArgument(f"IA3 on model_type {model.config.model_type!r}: {err}; pass --ia3_target_modules "
                              "and --ia3_feedforward_modules") from None
 
 
@@ -270,7 +270,7 @@ class BottleneckAdapter(TuningMethod):
 
         layouts = {"houlsby": DoubleSeqBnConfig, "pfeiffer": SeqBnConfig}
         if args.adapter_config not in layouts:
-            raise ValueError(f"unknown adapter_config {args.adapter_config!r}; choose one of {sorted(layouts)}")
+            raise InvalidArgument(f"unknown adapter_config {args.adapter_config!r}; choose one of {sorted(layouts)}")
         return layouts[args.adapter_config](reduction_factor=args.adapter_reduction_factor)
 
     def _init(self, model):
@@ -280,7 +280,7 @@ class BottleneckAdapter(TuningMethod):
         try:
             adapters.init(model, interface=_adapter_interfaces().get(model_type))
         except ValueError as err:
-            raise ValueError(f"bottleneck adapters do not support model_type {model_type!r}; supported: "
+            raise InvalidArgument(f"bottleneck adapters do not support model_type {model_type!r}; supported: "
                              f"{', '.join(_adapter_supported_types())}") from err
 
     def wrap(self, model, args):
