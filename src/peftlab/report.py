@@ -312,10 +312,11 @@ def configuration_section(runs: list[RunResult]) -> str:
             ("training_args", "optim"), ("training_args", "group_by_length"),
             ("training_args", "shuffle_length_groups"),
             ("data_args", "max_seq_length"), ("data_args", "max_train_samples")]
-    # each method's own arguments, for the methods these runs used
+    # each method's own arguments, for the methods these runs used, then the one every PEFT method takes
     used = {run.record["method_args"]["tuning_method"] for run in runs}
-    keys += [("method_args", name) for name in method_argument_fields() if any(
-        name in get_method(method).argument_fields for method in used)] + [("method_args", "modules_to_save")]
+    own_keys = [("method_args", name) for name in method_argument_fields() if any(
+        name in get_method(method).argument_fields for method in used)]
+    keys += own_keys + [("method_args", "modules_to_save")]
     cells = {}
     for run in runs:
         if (run.protocol, *run.cell) in cells:
@@ -323,7 +324,7 @@ def configuration_section(runs: list[RunResult]) -> str:
         values = []
         for group, key in keys:
             value = run.record.get(group, {}).get(key)
-            is_method_key = group == "method_args" and key in method_argument_fields()
+            is_method_key = (group, key) in own_keys
             if is_method_key and key not in get_method(run.record["method_args"]["tuning_method"]).argument_fields:
                 value = "–"
             elif value is None:  # the fields whose None means something
