@@ -5,19 +5,12 @@
 #     parameters, gradients and AdamW state, and without, against the estimator (cuda_fsdp_offload.py);
 #  2. issue 22: PEFT with its frozen weights stored in fp32 or bf16 (--frozen_weights_dtype), LoRA r=8 and
 #     the adapter on Qwen2.5-0.5B and 3B: memory and step times (peftlab.memory --check_device).
-# Where a folder .whl holds this project's pinned wheels they are installed into /tmp/site first, as in
-# cuda_memory.sh. Usage: benchmarks/cuda_checks.sh OUT_DIR   (default reports/cuda)
+# Set up by cuda_env.sh. Usage: benchmarks/cuda_checks.sh OUT_DIR   (default reports/cuda)
 set -uo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python3}
 OUT=${1:-reports/cuda}
 mkdir -p "$OUT"
-if [ -d .whl ]; then
-    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-    export PYTHONPATH=/tmp/site
-fi
-export PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH}
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+source benchmarks/cuda_env.sh
 timeout 210 $PY benchmarks/cuda_fsdp_offload.py --offload --out "$OUT/fsdp_offload_qwen2.5-3b" 2>&1 | grep -v Warning
 timeout 120 $PY benchmarks/cuda_fsdp_offload.py --out "$OUT/fsdp_qwen2.5-3b" 2>&1 | grep -v Warning
 # batch 1: what offloaded FSDP keeps on the GPU besides activations

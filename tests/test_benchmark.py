@@ -82,3 +82,59 @@ def test_measure_defaults_to_the_models_own_attention(tiny_models, real_data_dir
     result = measure(tiny_models["mpnet"], "full", "fp32", "dynamic", batch_size=4, steps=1, warmup=1, threads=1,
                      data_dir=str(real_data_dir), max_length=32)
     assert result["attn_implementation"] == "eager" and result["train_step_s"]["median"] > 0
+
+
+def _load_script(name: str):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_cuda_defaults_batches_keep_real_lengths_and_pad_as_each_variant_does():
+    """benchmarks/cuda_defaults.py: the rows' real token counts, padded per batch, to 128, or in length groups."""
+    from types import SimpleNamespace
+
+    cuda_defaults = _load_script("cuda_defaults")
+    config = SimpleNamespace(pad_token_id=1, vocab_size=64)
+    lengths = list(range(5, 45)) * 20
+    random = cuda_defaults.batches(lengths, "random", 4, 4, config, "cpu", seed=0)
+    grouped = cuda_defaults.batches(lengths, "grouped", 4, 4, config, "cpu", seed=0)
+    padded = cuda_defaults.batches(lengths, "max_length", 4, 4, config, "cpu", seed=0)
+    for made in (random, grouped, padded):
+        for batch in made:
+            mask = batch["attention_mask"].bool()
+            assert set(batch["attention_mask"].sum(1).tolist()) <= set(lengths)
+            assert (batch["input_ids"][~mask] == 1).all() and (batch["input_ids"][mask] != 1).all()
+    assert all(b["input_ids"].shape[1] == 128 for b in padded)
+    # grouped batches hold rows of similar length: short rows with short, long with long
+    assert all(b["attention_mask"].sum(1).max() - b["attention_mask"].sum(1).min() <= 3 for b in grouped)
+    assert sum(b["input_ids"].numel() for b in grouped) < sum(b["input_ids"].numel() for b in random)
+
+
+def test_cuda_defaults_runs_every_variant_on_cpu(tiny_models, tmp_path, monkeypatch):
+    """The device script's code path, on a tiny config on CPU: every variant measured, the summary's ratios."""
+    import json
+    import sys
+
+    cuda_defaults = _load_script("cuda_defaults")
+    lengths = tmp_path / "lengths.json"
+    lengths.write_text(json.dumps({"lengths": {"bert-base-uncased": [5, 9, 12, 30, 7, 8, 20, 11] * 8}}))
+    out = tmp_path / "defaults"
+    monkeypatch.setattr(sys, "argv", ["cuda_defaults.py", "--device", "cpu", "--models", tiny_models["bert"],
+                                      "--methods", "lora-r16", "--steps", "2", "--warmup", "1",
+                                      "--repeats", "2", "--lengths", str(lengths), "--out", str(out)])
+    cuda_defaults.main()
+    results = json.loads(out.with_suffix(".json").read_text())["results"]
+    assert len(results) == 2 * len(cuda_defaults.VARIANTS) and all(r["tokens_per_s"] > 0 for r in results)
+    stock = next(r for r in results if r["variant"] == "stock recipe")
+    assert (stock["bf16"], stock["fused_adamw"], stock["frozen_weights_dtype"]) == (False, False, "float32")
+    table = out.with_suffix(".md").read_text().splitlines()
+    assert table[2].startswith("| model | method | defaults tokens/s | defaults' padding | vs fp32 |")
+    assert len(table) == 5 and table[4].split(" | ")[1] == "lora-r16"
+    # the repeats' range beside each ratio
+    assert all(cell.endswith(")") for cell in table[4].strip("| ").split(" | ")[4:])

@@ -21,6 +21,7 @@ import platform
 import resource
 import statistics
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -267,6 +268,36 @@ def measurement_table(results: list[dict]) -> str:
     return table(header, rows)
 
 
+@dataclass(frozen=True)
+class RandomSetup:
+    """A built-in config (3 labels) and a method, resolved as train.py resolves them for a checkpoint: what
+    :meth:`build` makes a randomly initialised model of. Memory and speed do not depend on the weights' values,
+    so the accelerator checks need no checkpoint."""
+    config: object
+    args: object  # MethodArguments
+    tuning: object  # the registered method
+    frozen_dtype: torch.dtype
+
+    @classmethod
+    def of(cls, config_name: str, method: str, frozen_weights_dtype: str, bf16: bool) -> RandomSetup:
+        from .methods import frozen_weights_dtype as resolve_frozen_dtype
+        from .methods import get_method, method_from_label
+
+        config = load_config(config_name, num_labels=3)
+        if config.pad_token_id is None:  # decoders classify the last non-pad token
+            config.pad_token_id = 0
+        args = method_from_label(method)
+        tuning = get_method(args.tuning_method)
+        return cls(config, args, tuning, resolve_frozen_dtype(tuning, frozen_weights_dtype, bf16=bf16))
+
+    def build(self, device: str):
+        from .methods import upcast_trainable
+
+        with torch.device(device):
+            model = AutoModelForSequenceClassification.from_config(self.config, dtype=self.frozen_dtype)
+            return upcast_trainable(self.tuning.wrap(model, self.args)).to(device)
+
+
 def measure_device_step(config_name: str, method: str, batch_size: int = 16, seq_len: int = 256, steps: int = 10,
                         warmup: int = 2, device: str = "cuda", frozen_weights_dtype: str = "float32") -> dict:
     """Peak memory and speed of training and inference for a randomly initialised model of ``config_name``.
@@ -279,8 +310,7 @@ def measure_device_step(config_name: str, method: str, batch_size: int = 16, seq
     ``bf16-pure`` when bfloat16)."""
     import gc
 
-    from .methods import frozen_weights_dtype as resolve_frozen_dtype
-    from .methods import get_method, method_from_label, parameter_counts, upcast_trainable
+    from .methods import parameter_counts
     from .models import dtype_name
 
     cuda = device == "cuda"
@@ -290,12 +320,8 @@ def measure_device_step(config_name: str, method: str, batch_size: int = 16, seq
         torch.cuda.reset_peak_memory_stats()
     baseline = torch.cuda.memory_allocated() if cuda else 0
     torch.manual_seed(0)
-    config = load_config(config_name, num_labels=3)
-    if config.pad_token_id is None:  # decoders classify the last non-pad token; the batches have no padding
-        config.pad_token_id = 0
-    args = method_from_label(method)
-    tuning = get_method(args.tuning_method)
-    frozen_dtype = resolve_frozen_dtype(tuning, frozen_weights_dtype, bf16=True)
+    setup = RandomSetup.of(config_name, method, frozen_weights_dtype, bf16=True)
+    config, args, frozen_dtype = setup.config, setup.args, setup.frozen_dtype
     result = {"model": config_name, "method": method, "batch_size": batch_size, "seq_len": seq_len,
               "frozen_weights_dtype": dtype_name(frozen_dtype),
               "device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__}
@@ -303,9 +329,7 @@ def measure_device_step(config_name: str, method: str, batch_size: int = 16, seq
     result.update({f"estimated_{k}": v for k, v in estimate(config, args.tuning_method, precision, batch_size,
                                                              seq_len, lora_r=args.lora_r).as_dict().items()})
     try:
-        with torch.device(device):
-            model = AutoModelForSequenceClassification.from_config(config, dtype=frozen_dtype)
-            model = upcast_trainable(tuning.wrap(model, args)).to(device)
+        model = setup.build(device)
         result.update(parameter_counts(model))
         result["weights_bytes"] = torch.cuda.memory_allocated() - baseline if cuda else None
         batches = [_random_batch(config, batch_size, seq_len, device)] * (warmup + steps)
@@ -313,7 +337,8 @@ def measure_device_step(config_name: str, method: str, batch_size: int = 16, seq
         def training_peak():
             result["peak_bytes"] = torch.cuda.max_memory_allocated() - baseline if cuda else None
 
-        times = measuring_loop(model, tuning, batches, warmup, device, fused_adamw=True, after_training=training_peak)
+        times = measuring_loop(model, setup.tuning, batches, warmup, device, fused_adamw=True,
+                               after_training=training_peak)
         result["train_step_s"] = quartiles(times["train"])
         result["train_tokens_per_s"] = batch_size * seq_len / result["train_step_s"]["median"]
         for phase in ("infer", "merged_infer"):

@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Issue 22 on a bare CUDA machine: train.py's speed defaults (bf16 autocast, fused AdamW, length-grouped
+# batches padded per batch, frozen PEFT weights in bf16) each against the same training without it, and all
+# against the stock recipe, on randomly initialised bert-base-uncased, roberta-large and Qwen2.5-0.5B x full /
+# LoRA r=16 / adapter (benchmarks/cuda_defaults.py). Set up by cuda_env.sh.
+# Usage: benchmarks/cuda_defaults.sh [OUTPUT_STEM]   (default reports/cuda/defaults -> .md and .json)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source benchmarks/cuda_env.sh
+$PY -c "from peftlab.hardware import bf16_helps; print('bf16_helps:', bf16_helps())"
+$PY benchmarks/cuda_defaults.py --out "${1:-reports/cuda/defaults}" --steps 30 --warmup 3 --repeats 2
