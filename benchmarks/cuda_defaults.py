@@ -10,10 +10,10 @@ machine has no checkpoint, and speed does not depend on the weights' values).
 The batches have restaurant_sup's training rows' real token counts under the model family's tokenizer
 (``benchmarks/results/restaurant_token_lengths.json``, written by ``--write_lengths`` on a machine with the
 checkpoints; roberta-large, whose tokenizer is not offline, takes BERT's WordPiece counts) and random token
-ids. Each variant trains ``--steps`` batches of 16 after ``--warmup``: random batches of the shuffled rows, or
-for grouped batching a random sample of ``LengthGroupedSampler``'s batches, as ``--shuffle_length_groups``
-trains them. Rows differ between orders, so speed is real (unpadded) tokens per second; variants alternate
-in direction over ``--repeats``.
+ids. Each variant trains ``--steps`` batches of 16, timed after an untimed pass over them: random batches of
+the shuffled rows, or for grouped batching a random sample of ``LengthGroupedSampler``'s batches, as
+``--shuffle_length_groups`` trains them. Rows differ between orders, so speed is real (unpadded) tokens per
+second; variants alternate in direction over ``--repeats``.
 
     python benchmarks/cuda_defaults.py --out reports/cuda/defaults            # on a CUDA machine
     python benchmarks/cuda_defaults.py --write_lengths benchmarks/results/restaurant_token_lengths.json
@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import statistics
 import sys
 from pathlib import Path
 
@@ -36,6 +35,7 @@ LENGTHS = Path(__file__).resolve().parent / "results" / "restaurant_token_length
 # tokenizer family -> the offline checkpoint whose tokenizer counts its tokens
 TOKENIZERS = {"bert-base-uncased": "all-MiniLM-L6-v2", "Qwen2.5": "Qwen2.5-Coder-0.5B-Instruct"}
 STOCK_MAX_LENGTH = 128
+WARM_UP = "an untimed pass over the timed batches"
 VARIANTS = {  # name -> (bf16 autocast, fused AdamW, batching); frozen weights follow bf16 as train.py's `auto`
     "defaults": (True, True, "grouped"),
     "fp32": (False, True, "grouped"),
@@ -93,8 +93,8 @@ def batches(lengths: list[int], batching: str, count: int, batch_size: int, conf
     return made
 
 
-def measure(config_name: str, method: str, variant: str, lengths: list[int], steps: int, warmup: int,
-            batch_size: int, device: str) -> dict:
+def measure(config_name: str, method: str, variant: str, lengths: list[int], steps: int, batch_size: int,
+            device: str) -> dict:
     from peftlab.benchmark import RandomSetup, measuring_loop
     from peftlab.models import dtype_name
 
@@ -102,45 +102,46 @@ def measure(config_name: str, method: str, variant: str, lengths: list[int], ste
     torch.manual_seed(0)
     setup = RandomSetup.of(config_name, method, "auto", bf16=bf16)
     model = setup.build(device)
-    train = batches(lengths, batching, warmup + steps, batch_size, setup.config, device, seed=0)
-    times = measuring_loop(model, setup.tuning, train, warmup, device, bf16=bf16, fused_adamw=fused, serve=False)
-    timed = train[warmup:]
+    timed = batches(lengths, batching, steps, batch_size, setup.config, device, seed=0)
+    # warm-up: one untimed pass over the very batches timed, so every sequence length has met its kernels
+    # (cuBLAS picks them per shape on first use) before timing
+    times = measuring_loop(model, setup.tuning, timed + timed, steps, device, bf16=bf16, fused_adamw=fused,
+                           serve=False)
     seconds = sum(times["train"])
     result = {"model": config_name, "method": method, "variant": variant, "bf16": bf16, "fused_adamw": fused,
               "batching": batching, "frozen_weights_dtype": dtype_name(setup.frozen_dtype), "steps": steps,
               "seconds": seconds, "tokens_per_s": sum(int(b["attention_mask"].sum()) for b in timed) / seconds,
               "padded_fraction": 1 - sum(int(b["attention_mask"].sum()) for b in timed)
               / sum(b["input_ids"].numel() for b in timed)}
-    del model, train
+    del model, timed
     gc.collect()
     if device == "cuda":
         torch.cuda.empty_cache()
     return result
 
 
-def summary(results: list[dict], device: str) -> str:
-    """Per model and method: the defaults' tokens/s, and their speed-up over each variant (median over repeats,
-    with the repeats' range)."""
+def summary(measured: dict) -> str:
+    """Per model and method, repeat by repeat: the defaults' tokens/s, and their speed-up over each variant."""
     from peftlab.markdown import table
 
+    results = measured["results"]
     others = [name for name in VARIANTS if name != "defaults"]
     rows = []
     for model, method in dict.fromkeys((r["model"], r["method"]) for r in results):
         by_variant = {name: [r for r in results if (r["model"], r["method"], r["variant"]) == (model, method, name)]
                       for name in VARIANTS}
         defaults = by_variant["defaults"]
-        cells = []
-        for name in others:
-            ratios = [d["tokens_per_s"] / v["tokens_per_s"] for d, v in zip(defaults, by_variant[name], strict=True)]
-            spread = f" ({min(ratios):.2f}-{max(ratios):.2f})" if len(ratios) > 1 else ""
-            cells.append(f"{statistics.median(ratios):.2f}x{spread}")
-        rows.append([model, method, f"{statistics.median(r['tokens_per_s'] for r in defaults):,.0f}",
+        cells = [" / ".join(f"{d['tokens_per_s'] / v['tokens_per_s']:.2f}x"
+                            for d, v in zip(defaults, by_variant[name], strict=True)) for name in others]
+        rows.append([model, method, " / ".join(f"{r['tokens_per_s']:,.0f}" for r in defaults),
                      f"{100 * defaults[0]['padded_fraction']:.0f}%", *cells])
     head = results[0]
-    return (f"Device: {device}, torch {torch.__version__}; randomly initialised models, batch 16, "
-            f"{head['steps']} timed steps per variant, {len({r['repeat'] for r in results})} alternated repeats "
-            "(`benchmarks/cuda_defaults.py`). Speed is real tokens per second; each variant column is the "
-            "defaults' speed over that variant's (above 1: the default helps), median (range over repeats).\n\n"
+    torch_version = f", torch {measured['torch']}" if "torch" in measured else ""
+    return (f"Device: {measured['device']}{torch_version}; randomly initialised models, batch 16, {head['steps']} "
+            f"timed steps per variant after {measured['warm_up']} (`benchmarks/cuda_defaults.py`). Speed is real "
+            "tokens per second. Each variant column is the defaults' speed over that variant's (above 1: the "
+            "default helps), one figure per repeat: the first repeat runs the variants in the columns' order, the "
+            "defaults first; the next in reverse.\n\n"
             + table(["model", "method", "defaults tokens/s", "defaults' padding", *[f"vs {n}" for n in others]],
                     rows))
 
@@ -148,11 +149,11 @@ def summary(results: list[dict], device: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--write_lengths", metavar="PATH", help="write the token counts file and stop")
+    parser.add_argument("--summarize", metavar="STEM", help="rewrite STEM.md from STEM.json and stop")
     parser.add_argument("--models", nargs="+", default=["Qwen2.5-0.5B", "bert-base-uncased", "roberta-large"],
                         help="built-in configs (or config folders); the decoder first, where the grid's hours go")
     parser.add_argument("--methods", nargs="+", default=["full", "lora-r16", "adapter"])
     parser.add_argument("--steps", type=int, default=40, help="timed batches per variant")
-    parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--lengths", default=str(LENGTHS))
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
@@ -160,6 +161,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.write_lengths:
         return write_lengths(args.write_lengths)
+    if args.summarize:
+        Path(f"{args.summarize}.md").write_text(summary(json.loads(Path(f"{args.summarize}.json").read_text())))
+        return
     from peftlab.memory import load_config
 
     lengths = json.loads(Path(args.lengths).read_text())["lengths"]
@@ -170,14 +174,15 @@ def main() -> None:
         for method in args.methods:
             for repeat in range(args.repeats):
                 for variant in list(VARIANTS)[::1 if repeat % 2 == 0 else -1]:
-                    result = measure(model, method, variant, model_lengths, args.steps, args.warmup, 16, args.device)
+                    result = measure(model, method, variant, model_lengths, args.steps, 16, args.device)
                     results.append({**result, "repeat": repeat})
                     print(f"{model} {method} {variant} repeat {repeat}: {result['tokens_per_s']:,.0f} tokens/s",
                           flush=True)
             # written after every cell: a run stopped by its time limit keeps what it measured
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(f"{args.out}.json").write_text(json.dumps({"device": device_name, "results": results}, indent=1))
-            Path(f"{args.out}.md").write_text(summary(results, device_name))
+            measured = {"device": device_name, "torch": torch.__version__, "warm_up": WARM_UP, "results": results}
+            Path(f"{args.out}.json").write_text(json.dumps(measured, indent=1))
+            Path(f"{args.out}.md").write_text(summary(measured))
 
 
 if __name__ == "__main__":

@@ -8,4 +8,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source benchmarks/cuda_env.sh
 $PY -c "from peftlab.hardware import bf16_helps; print('bf16_helps:', bf16_helps())"
-$PY benchmarks/cuda_defaults.py --out "${1:-reports/cuda/defaults}" --steps 30 --warmup 3 --repeats 2
+$PY benchmarks/cuda_defaults.py --out "${1:-reports/cuda/defaults}" --steps 20 --repeats 2
