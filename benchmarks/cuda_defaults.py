@@ -108,11 +108,11 @@ def measure(config_name: str, method: str, variant: str, lengths: list[int], ste
     times = measuring_loop(model, setup.tuning, timed + timed, steps, device, bf16=bf16, fused_adamw=fused,
                            serve=False)
     seconds = sum(times["train"])
+    real_tokens = sum(int(b["attention_mask"].sum()) for b in timed)
     result = {"model": config_name, "method": method, "variant": variant, "bf16": bf16, "fused_adamw": fused,
               "batching": batching, "frozen_weights_dtype": dtype_name(setup.frozen_dtype), "steps": steps,
-              "seconds": seconds, "tokens_per_s": sum(int(b["attention_mask"].sum()) for b in timed) / seconds,
-              "padded_fraction": 1 - sum(int(b["attention_mask"].sum()) for b in timed)
-              / sum(b["input_ids"].numel() for b in timed)}
+              "seconds": seconds, "tokens_per_s": real_tokens / seconds,
+              "padded_fraction": 1 - real_tokens / sum(b["input_ids"].numel() for b in timed)}
     del model, timed
     gc.collect()
     if device == "cuda":
