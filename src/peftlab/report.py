@@ -480,7 +480,9 @@ def sweep_section(studies: list, selection: dict, figure: Path | None, runs: lis
             seeds_validation["/".join(run.cell)].append(run.metrics["validation_macro_f1"])
     rows = []
     for study in studies:
-        states = Counter(trial.state.name.lower() for trial in study.trials)
+        # a RUNNING trial may be one a stopped worker left: the next sweep fails it and retries it (heartbeat)
+        states = Counter("unfinished" if trial.state.name == "RUNNING" else trial.state.name.lower()
+                         for trial in study.trials)
         complete = [trial for trial in study.trials if trial.state.name == "COMPLETE"]
         best = max(complete, key=lambda trial: trial.value) if complete else None
         cell, entry = chosen.get(study.study_name, (study.user_attrs.get("cell", "–"), None))
