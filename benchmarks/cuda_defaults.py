@@ -110,7 +110,8 @@ def measure(config_name: str, method: str, variant: str, lengths: list[int], ste
     seconds = sum(times["train"])
     real_tokens = sum(int(b["attention_mask"].sum()) for b in timed)
     result = {"model": config_name, "method": method, "variant": variant, "bf16": bf16, "fused_adamw": fused,
-              "batching": batching, "frozen_weights_dtype": dtype_name(setup.frozen_dtype), "steps": steps,
+              "batching": batching, "frozen_weights_dtype": dtype_name(setup.frozen_dtype),
+              "batch_size": batch_size, "steps": steps,
               "seconds": seconds, "tokens_per_s": real_tokens / seconds,
               "padded_fraction": 1 - real_tokens / sum(b["input_ids"].numel() for b in timed)}
     del model, timed
@@ -125,11 +126,11 @@ def summary(measured: dict) -> str:
     from peftlab.markdown import table
 
     results = measured["results"]
-    others = [name for name in VARIANTS if name != "defaults"]
+    others = [name for name in VARIANTS if name != "defaults" and any(r["variant"] == name for r in results)]
     rows = []
     for model, method in dict.fromkeys((r["model"], r["method"]) for r in results):
         by_variant = {name: [r for r in results if (r["model"], r["method"], r["variant"]) == (model, method, name)]
-                      for name in VARIANTS}
+                      for name in ["defaults", *others]}
         defaults = by_variant["defaults"]
         cells = [" / ".join(f"{d['tokens_per_s'] / v['tokens_per_s']:.2f}x"
                             for d, v in zip(defaults, by_variant[name], strict=True)) for name in others]
@@ -137,8 +138,9 @@ def summary(measured: dict) -> str:
                      f"{100 * defaults[0]['padded_fraction']:.0f}%", *cells])
     head = results[0]
     torch_version = f", torch {measured['torch']}" if "torch" in measured else ""
-    return (f"Device: {measured['device']}{torch_version}; randomly initialised models, batch 16, {head['steps']} "
-            f"timed steps per variant after {measured['warm_up']} (`benchmarks/cuda_defaults.py`). Speed is real "
+    return (f"Device: {measured['device']}{torch_version}; randomly initialised models, batch {head['batch_size']}, "
+            f"{head['steps']} timed steps per variant after {measured['warm_up']} (`benchmarks/cuda_defaults.py`). "
+            "Speed is real "
             "tokens per second. Each variant column is the defaults' speed over that variant's (above 1: the "
             "default helps), one figure per repeat: the first repeat runs the variants in the columns' order, the "
             "defaults first; the next in reverse.\n\n"
@@ -153,6 +155,9 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["Qwen2.5-0.5B", "bert-base-uncased", "roberta-large"],
                         help="built-in configs (or config folders); the decoder first, where the grid's hours go")
     parser.add_argument("--methods", nargs="+", default=["full", "lora-r16", "adapter"])
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
+                        help="the defaults and what to set them against (the defaults always run)")
+    parser.add_argument("--batch_size", type=int, default=16, help="rows per batch (train.py's default: 16)")
     parser.add_argument("--steps", type=int, default=40, help="timed batches per variant")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--lengths", default=str(LENGTHS))
@@ -168,13 +173,14 @@ def main() -> None:
 
     lengths = json.loads(Path(args.lengths).read_text())["lengths"]
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    variants = ["defaults", *(name for name in args.variants if name != "defaults")]
     results = []
     for model in args.models:
         model_lengths = lengths[family(load_config(model))]
         for method in args.methods:
             for repeat in range(args.repeats):
-                for variant in list(VARIANTS)[::1 if repeat % 2 == 0 else -1]:
-                    result = measure(model, method, variant, model_lengths, args.steps, 16, args.device)
+                for variant in variants[::1 if repeat % 2 == 0 else -1]:
+                    result = measure(model, method, variant, model_lengths, args.steps, args.batch_size, args.device)
                     results.append({**result, "repeat": repeat})
                     print(f"{model} {method} {variant} repeat {repeat}: {result['tokens_per_s']:,.0f} tokens/s",
                           flush=True)
