@@ -9,9 +9,9 @@ from peftlab.runrecord import GRID_COORDINATES_FILE, STATE_FILE, RunDirectory, w
 
 
 def fixture_run(root, method, seed, accuracy, hardware=None, validation_rows=None, max_train_samples=None,
-                validation_macro_f1=None, modules_to_save=None):
-    run = RunDirectory(root / "m" / "acl_sup" / method / f"seed{seed}")
-    write_json(run.file(GRID_COORDINATES_FILE), {"model": "m", "dataset": "acl_sup", "method": method, "seed": seed})
+                validation_macro_f1=None, modules_to_save=None, dataset="acl_sup"):
+    run = RunDirectory(root / "m" / dataset / method / f"seed{seed}")
+    write_json(run.file(GRID_COORDINATES_FILE), {"model": "m", "dataset": dataset, "method": method, "seed": seed})
     run_id = run.start({
         "resolved_model": {"checkpoint": "org/m", "source": "package"},
         "training_args": {"learning_rate": 1e-4, "num_train_epochs": 2, "bf16": True},
@@ -238,7 +238,7 @@ def test_quality_check_pairs_a_changed_default_with_its_baseline(tmp_path):
     # same seed, same logged losses in the fixture: the curves match exactly
     assert "| m | acl_sup | lora-r8-new | 1 | 71.0 | 61.0 | max 0.000, mean 0.000 |" in text
     assert "| m | acl_sup | lora-r8-old | 1 | 70.0 | 60.0 | – |" in text
-    assert "| lora-r8-new | 3 |" in text and "no difference detected at 3 seeds (+0.3" in text
+    assert "| m | acl_sup | lora-r8-new | 3 |" in text and "no difference detected at 3 seeds (+0.3" in text
     # the baseline may live in another grid's folder: only its runs of the checked models and datasets count
     elsewhere = tmp_path / "grid"
     for seed, old in ((1, 0.70), (2, 0.75), (3, 0.80)):
@@ -248,6 +248,20 @@ def test_quality_check_pairs_a_changed_default_with_its_baseline(tmp_path):
     text, _ = quality_check.report(results, "lora-r8-old", baseline_runs=elsewhere)
     assert "| m | acl_sup | lora-r8-old | 1 | 70.0 | 60.0 | – |" in text and "lora-r8-other" not in text
     assert "no difference detected at 3 seeds (+0.3" in text
+    # a grid that changed a setting under the same label: its runs of that label, named, against the old runs;
+    # a check over two datasets names each statement's dataset
+    changed = tmp_path / "changed"
+    for seed, new in ((1, 0.80), (2, 0.86), (3, 0.89)):
+        fixture_run(changed, "lora-r8-old", seed, new)
+        fixture_run(changed, "full", seed, new)  # another label of that grid: not part of the check
+        fixture_run(changed, "lora-r8-old", seed, new, dataset="agnews_sup")  # no old runs there: left out
+        fixture_run(changed, "lora-r8-old", seed, new, dataset="restaurant_sup")
+        fixture_run(elsewhere, "lora-r8-old", seed, 0.70, dataset="restaurant_sup")
+    text, statements = quality_check.report(changed, "lora-r8-old", baseline_runs=elsewhere, setting="lora-r8-new")
+    assert "| m | acl_sup | lora-r8-new | 1 | 80.0 | 70.0 | max 0.000, mean 0.000 |" in text and "| full |" not in text
+    assert "agnews_sup" not in text
+    assert statements == ["acl_sup: +10.0 points (95% CI +7.5 to +12.5)",
+                          "restaurant_sup: +15.0 points (95% CI +3.6 to +26.4)"]
 
 
 def test_the_validation_finding_pairs_each_method_with_full_fine_tuning_once_seeds_exist(tmp_path):
