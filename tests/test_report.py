@@ -280,15 +280,22 @@ def test_the_validation_finding_pairs_each_method_with_full_fine_tuning_once_see
         "m acl_sup lora-r16 no difference detected at 3 seeds (+0.3, 95% CI -2.5 to +3.2).")
     fixture_run(results / "protocol", "adapter", 1, 0.70, validation_rows=169)
     fixture_run(results / "protocol", "lora-r8", 4, 0.70, validation_rows=169)  # no full run of seed 4: unpaired
-    for method in ("ia3", "lora-r32"):
-        fixture_run(results / "protocol", method, 1, 0.70, validation_rows=169)
+    # one seed gives no interval: counted apart, not as "no difference detected"
+    assert validation_differences_sentence(collect(results)).endswith(
+        "lora-r16 no difference detected at 3 seeds (+0.3, 95% CI -2.5 to +3.2); 1 more with one seed so far.")
+    for method in ("adapter", "ia3", "lora-r32"):
+        for seed, full in ((1, 0.70), (2, 0.75)):
+            fixture_run(results / "protocol", method, seed, full + seed / 100, validation_rows=169)
+    fixture_run(results / "protocol", "lora-r64", 1, 0.70, validation_rows=169)
     # more pairs than a sentence holds: the differing ones named, the rest counted
     assert validation_differences_sentence(collect(results)) == (
-        "1 of 5 method-cell pairs (1-3 seeds each) differs: m acl_sup lora-r8 +10.0 points (95% CI +7.5 to +12.5).")
+        "1 of 5 method-cell pairs (2-3 seeds each) differs: m acl_sup lora-r8 +10.0 points (95% CI +7.5 to +12.5); "
+        "1 more with one seed so far.")
     for seed, full in ((1, 0.70), (2, 0.75), (3, 0.80)):
         fixture_run(results / "protocol", "lora-r8", seed, full, validation_rows=169)  # now scoring as full does
+    fixture_run(results / "protocol", "lora-r64", 2, 0.75, validation_rows=169)
     assert validation_differences_sentence(collect(results)) == (
-        "no difference detected in the 5 method-cell pairs (1-3 seeds each).")
+        "no difference detected in the 6 method-cell pairs (2-3 seeds each).")
 
 
 def test_the_sweep_table_sets_the_selected_trial_beside_the_cells_seeds(tmp_path):

@@ -516,14 +516,20 @@ def validation_differences_sentence(runs: list[RunResult]) -> str:
     def statements(named: list[dict]) -> str:
         return "; ".join(f"{row['model']} {row['dataset']} {row['method']} {difference_statement(row)}"
                          for row in named)
-    if len(rows) <= FEW_PAIRS:
-        return statements(rows) + "."
-    detected = [row for row in rows if interval_excludes_zero(row)]
-    fewest, most = min(row["n"] for row in rows), max(row["n"] for row in rows)
-    pairs = f"{len(rows)} method-cell pairs ({fewest if fewest == most else f'{fewest}-{most}'} seeds each)"
+    # one seed gives no interval: such pairs are counted apart, not as "no difference detected"
+    tested = [row for row in rows if row["n"] > 1]
+    waiting = len(rows) - len(tested)
+    if not tested:
+        return f"{waiting} method-cell pair{'s' if waiting > 1 else ''} with one seed so far, no interval yet."
+    pending = f"; {waiting} more with one seed so far" if waiting else ""
+    if len(tested) <= FEW_PAIRS:
+        return statements(tested) + pending + "."
+    detected = [row for row in tested if interval_excludes_zero(row)]
+    fewest, most = min(row["n"] for row in tested), max(row["n"] for row in tested)
+    pairs = f"{len(tested)} method-cell pairs ({fewest if fewest == most else f'{fewest}-{most}'} seeds each)"
     if not detected:
-        return f"no difference detected in the {pairs}."
-    return f"{len(detected)} of {pairs} differ{'s' if len(detected) == 1 else ''}: {statements(detected)}."
+        return f"no difference detected in the {pairs}{pending}."
+    return f"{len(detected)} of {pairs} differ{'s' if len(detected) == 1 else ''}: {statements(detected)}{pending}."
 
 
 def protocol_section(runs: list[RunResult], selection: dict) -> str:
