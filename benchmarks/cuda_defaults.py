@@ -65,8 +65,10 @@ def family(config) -> str:
 
 def batches(lengths: list[int], batching: str, count: int, batch_size: int, config, device: str,
             seed: int) -> list[dict]:
-    """``count`` batches of random tokens with the rows' real lengths, right-padded with the pad token."""
+    """``count`` batches of random tokens with the rows' real lengths (:func:`peftlab.benchmark.random_batch`)."""
     from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    from peftlab.benchmark import random_batch
 
     if count * batch_size > len(lengths):
         raise ValueError(f"{count} batches of {batch_size} need {count * batch_size} rows, the lengths have "
@@ -79,17 +81,12 @@ def batches(lengths: list[int], batching: str, count: int, batch_size: int, conf
     else:
         rows = torch.randperm(len(lengths), generator=generator).tolist()
         chosen = [rows[i * batch_size:(i + 1) * batch_size] for i in range(count)]
-    pad = config.pad_token_id
+    padded = batching == "max_length"
     made = []
     for rows in chosen:
-        row_lengths = torch.tensor([min(lengths[i], STOCK_MAX_LENGTH) if batching == "max_length" else lengths[i]
-                                    for i in rows])
-        width = STOCK_MAX_LENGTH if batching == "max_length" else int(row_lengths.max())
-        mask = (torch.arange(width) < row_lengths[:, None]).long()
-        ids = torch.randint(2, min(config.vocab_size, 1000), (len(rows), width), generator=generator)
-        ids = torch.where(mask.bool(), ids, torch.full_like(ids, pad))
-        made.append({"input_ids": ids.to(device), "attention_mask": mask.to(device),
-                     "labels": torch.zeros(len(rows), dtype=torch.long, device=device)})
+        row_lengths = [min(lengths[i], STOCK_MAX_LENGTH) if padded else lengths[i] for i in rows]
+        made.append(random_batch(config, row_lengths, STOCK_MAX_LENGTH if padded else max(row_lengths), device,
+                                 generator))
     return made
 
 

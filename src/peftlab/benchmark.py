@@ -207,11 +207,16 @@ def _rss() -> int:
     return psutil.Process().memory_info().rss
 
 
-def _random_batch(config, batch_size: int, seq_len: int, device: str) -> dict:
-    """Fixed-length random tokens: memory and speed do not depend on what the tokens are."""
-    ids = torch.randint(0, min(config.vocab_size, 1000), (batch_size, seq_len), device=device)
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids),
-            "labels": torch.zeros(batch_size, dtype=torch.long, device=device)}
+def random_batch(config, lengths: list[int], width: int, device: str, generator=None) -> dict:
+    """Random tokens for rows of ``lengths`` tokens, right-padded with the pad token to ``width``: memory and
+    speed do not depend on what the tokens are. Ids start at 2, clear of the pad and special ids a model reads
+    (RoBERTa's positions skip its pad id, a decoder classifies its last non-pad token)."""
+    mask = (torch.arange(width) < torch.tensor(lengths)[:, None]).long()
+    ids = torch.randint(2, min(config.vocab_size, 1000), (len(lengths), width), generator=generator)
+    if width > min(lengths):
+        ids = ids.masked_fill(mask == 0, config.pad_token_id)
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device),
+            "labels": torch.zeros(len(lengths), dtype=torch.long, device=device)}
 
 
 def measure_step_memory(model_name: str, method: str, batch_size: int = 16, seq_len: int = 128,
@@ -245,7 +250,7 @@ def measure_step_memory(model_name: str, method: str, batch_size: int = 16, seq_
     args = method_from_label(method)
     tuning = get_method(args.tuning_method)
     model = tuning.wrap(model, args)
-    batch = _random_batch(model.config, batch_size, seq_len, "cpu")
+    batch = random_batch(model.config, [seq_len] * batch_size, seq_len, "cpu")
     measuring_loop(model, tuning, [batch] * steps, warmup=0, serve=False)
     running.clear()
     sampler.join()
@@ -332,7 +337,7 @@ def measure_device_step(config_name: str, method: str, batch_size: int = 16, seq
         model = setup.build(device)
         result.update(parameter_counts(model))
         result["weights_bytes"] = torch.cuda.memory_allocated() - baseline if cuda else None
-        batches = [_random_batch(config, batch_size, seq_len, device)] * (warmup + steps)
+        batches = [random_batch(config, [seq_len] * batch_size, seq_len, device)] * (warmup + steps)
 
         def training_peak():
             result["peak_bytes"] = torch.cuda.max_memory_allocated() - baseline if cuda else None
