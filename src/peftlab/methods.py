@@ -156,7 +156,7 @@ def lora_targets(model_type: str, requested: str | None):
         return LORA_DEFAULT_TARGETS[model_type]
     except KeyError:
         raise InvalidArgument(f"no default LoRA target modules for model_type {model_type!r}; pass "
-                         f"--lora_target_modules (defaults exist for {sorted(LORA_DEFAULT_TARGETS)})") from None
+                              f"--lora_target_modules (defaults exist for {sorted(LORA_DEFAULT_TARGETS)})") from None
 
 
 class PeftMethod(TuningMethod):
@@ -231,7 +231,7 @@ class IA3(PeftMethod):
             return get_peft_model(model, config)
         except ValueError as err:
             raise InvalidArgument(f"IA3 on model_type {model.config.model_type!r}: {err}; pass --ia3_target_modules "
-                             "and --ia3_feedforward_modules") from None
+                                  "and --ia3_feedforward_modules") from None
 
 
 # --------------------------------------------------------------------------------------- adapter
@@ -281,7 +281,7 @@ class BottleneckAdapter(TuningMethod):
             adapters.init(model, interface=_adapter_interfaces().get(model_type))
         except ValueError as err:
             raise InvalidArgument(f"bottleneck adapters do not support model_type {model_type!r}; supported: "
-                             f"{', '.join(_adapter_supported_types())}") from err
+                                  f"{', '.join(_adapter_supported_types())}") from err
 
     def wrap(self, model, args):
         self._init(model)
