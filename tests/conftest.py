@@ -54,6 +54,17 @@ def fixture_data_dir(tmp_path: Path) -> Path:
     return tmp_path
 
 
+def load_benchmark_script(name: str):
+    """A script of benchmarks/ (not a package), imported as a module so its functions can be tested."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 # ---------------------------------------------------------------- tiny random models
 
 WORDS = ("the food was great but service slow laptop battery screen fine bad good citation uses "

@@ -1,5 +1,6 @@
 import pytest
 import torch
+from conftest import load_benchmark_script
 
 from peftlab.benchmark import _batches, markdown, matmul_peak, measure
 
@@ -56,13 +57,7 @@ def test_measure_compares_attention_kernels(tiny_models, real_data_dir):
 
 def test_stock_recipe_summary_states_speed_up_and_paired_quality():
     """benchmarks/stock_recipe.py's table: medians, the speed-up over the stock arm, differences paired by seed."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "stock_recipe.py"
-    spec = importlib.util.spec_from_file_location("stock_recipe", path)
-    stock_recipe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(stock_recipe)
+    stock_recipe = load_benchmark_script("stock_recipe")
     results = []
     for seed in (1, 2, 3):
         for arm, seconds, accuracy in zip(stock_recipe.ARMS, (300, 60, 100, 60), (0.75, 0.74, 0.74, 0.70),
@@ -84,22 +79,11 @@ def test_measure_defaults_to_the_models_own_attention(tiny_models, real_data_dir
     assert result["attn_implementation"] == "eager" and result["train_step_s"]["median"] > 0
 
 
-def _load_script(name: str):
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_cuda_defaults_batches_keep_real_lengths_and_pad_as_each_variant_does():
     """benchmarks/cuda_defaults.py: the rows' real token counts, padded per batch, to 128, or in length groups."""
     from types import SimpleNamespace
 
-    cuda_defaults = _load_script("cuda_defaults")
+    cuda_defaults = load_benchmark_script("cuda_defaults")
     config = SimpleNamespace(pad_token_id=1, vocab_size=64)
     lengths = list(range(5, 45)) * 20
     random = cuda_defaults.batches(lengths, "random", 4, 4, config, "cpu", seed=0)
@@ -121,7 +105,7 @@ def test_cuda_defaults_runs_every_variant_on_cpu(tiny_models, tmp_path, monkeypa
     import json
     import sys
 
-    cuda_defaults = _load_script("cuda_defaults")
+    cuda_defaults = load_benchmark_script("cuda_defaults")
     lengths = tmp_path / "lengths.json"
     lengths.write_text(json.dumps({"lengths": {"bert-base-uncased": [5, 9, 12, 30, 7, 8, 20, 11] * 8}}))
     out = tmp_path / "defaults"

@@ -2,6 +2,7 @@
 
 
 import pytest
+from conftest import load_benchmark_script
 
 from peftlab.report import build_report, fill_placeholders
 from peftlab.results import aggregate, collect
@@ -221,14 +222,9 @@ def test_quality_checks_and_stale_figures_stay_out_of_the_report(report_inputs):
 
 def test_quality_check_pairs_a_changed_default_with_its_baseline(tmp_path):
     """benchmarks/quality_check.py: per-seed scores, the loss-curve gap at shared steps, paired differences."""
-    import importlib.util
     import shutil
-    from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "quality_check.py"
-    spec = importlib.util.spec_from_file_location("quality_check", path)
-    quality_check = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(quality_check)
+    quality_check = load_benchmark_script("quality_check")
     results = tmp_path / "results"
     for seed, old, new in ((1, 0.70, 0.71), (2, 0.75, 0.75), (3, 0.80, 0.80)):
         fixture_run(results, "lora-r8-old", seed, old)
