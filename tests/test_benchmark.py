@@ -122,3 +122,16 @@ def test_cuda_defaults_runs_every_variant_on_cpu(tiny_models, tmp_path, monkeypa
     assert len(table) == 5 and table[4].split(" | ")[1] == "lora-r16"
     # one ratio per repeat
     assert all(len(cell.split(" / ")) == 2 for cell in table[4].strip("| ").split(" | ")[4:])
+
+
+def test_packed_linear_gives_the_same_numbers_and_a_row_per_layer(tmp_path):
+    """benchmarks/packed_linear.py: prepacked weights compute what plain ones do, forward and input gradient."""
+    packed_linear = load_benchmark_script("packed_linear")
+    result = packed_linear.measure_layer(128, 96, tokens=8, repeats=1, calls=1)
+    assert result["max_diff"] == 0 and set(result["seconds"]) == {
+        "forward", "forward packed", "input grad", "input grad packed"}
+    out = tmp_path / "packed"
+    packed_linear.main(["--tokens", "8", "--threads", "1", "--repeats", "1", "--calls", "1", "--out", str(out)])
+    lines = out.with_suffix(".md").read_text().splitlines()
+    assert sum(line.startswith("| 8 |") for line in lines) == len(packed_linear.DECODER_LAYER)
+    assert lines[-1].startswith("- 8 rows per call:")
