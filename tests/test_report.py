@@ -286,7 +286,7 @@ def test_the_validation_finding_pairs_each_method_with_full_fine_tuning_once_see
     # more pairs than a sentence holds: the differing ones named, the rest counted
     assert validation_differences_sentence(collect(results)) == (
         "1 of 5 method-cell pairs (2-3 seeds each) differs: m acl_sup lora-r8 +10.0 points (95% CI +7.5 to +12.5); "
-        "1 more with one seed so far.")
+        "no difference detected in the other 4; 1 more with one seed so far.")
     for seed, full in ((1, 0.70), (2, 0.75), (3, 0.80)):
         fixture_run(results / "protocol", "lora-r8", seed, full, validation_rows=169)  # now scoring as full does
     fixture_run(results / "protocol", "lora-r64", 2, 0.75, validation_rows=169)

@@ -529,7 +529,9 @@ def validation_differences_sentence(runs: list[RunResult]) -> str:
     pairs = f"{len(tested)} method-cell pairs ({fewest if fewest == most else f'{fewest}-{most}'} seeds each)"
     if not detected:
         return f"no difference detected in the {pairs}{pending}."
-    return f"{len(detected)} of {pairs} differ{'s' if len(detected) == 1 else ''}: {statements(detected)}{pending}."
+    others = len(tested) - len(detected)
+    return (f"{len(detected)} of {pairs} differ{'s' if len(detected) == 1 else ''}: {statements(detected)}; "
+            f"no difference detected in the other {others}{pending}.")
 
 
 def protocol_section(runs: list[RunResult], selection: dict) -> str:
