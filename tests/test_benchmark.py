@@ -135,3 +135,15 @@ def test_packed_linear_gives_the_same_numbers_and_a_row_per_layer(tmp_path):
     lines = out.with_suffix(".md").read_text().splitlines()
     assert sum(line.startswith("| 8 |") for line in lines) == len(packed_linear.DECODER_LAYER)
     assert lines[-1].startswith("- 8 rows per call:")
+
+
+def test_attention_kernels_compares_flash_and_math_on_the_same_attention(tmp_path):
+    """benchmarks/attention_kernels.py: both kernels time the same inputs, and compute the same attention."""
+    attention_kernels = load_benchmark_script("attention_kernels")
+    out = tmp_path / "kernels"
+    attention_kernels.main(["--tokens", "8", "200", "--rows", "2", "--heads", "2", "--head_dim", "8",
+                            "--repeats", "1", "--threads", "1", "--out", str(out)])
+    lines = out.with_suffix(".md").read_text().splitlines()
+    short, long = (line.split(" | ") for line in lines[-2:])
+    assert short[0] == "| 8" and short[-1] == "math |" and long[-1] == "flash |"
+    assert all(float(row[4]) < 0.05 for row in (short, long))  # bf16 rounding, not a different attention

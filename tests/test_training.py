@@ -155,6 +155,7 @@ def test_predict_returns_rows_in_dataset_order_under_group_by_length(tmp_path, t
     from transformers import DataCollatorWithPadding, TrainingArguments
 
     from peftlab.data import tokenize
+    from peftlab.hardware import attention_kernels
     from peftlab.models import get_model
     from peftlab.training import PeftlabTrainer, eval_order
 
@@ -171,26 +172,72 @@ def test_predict_returns_rows_in_dataset_order_under_group_by_length(tmp_path, t
     assert [len(encoded[i]["input_ids"]) for i in eval_order(encoded)][::8] == padded
     output = trainer.predict(encoded)
     assert output.label_ids.tolist() == rows["label"]
-    with torch.no_grad():
+    # the same attention kernel as predict()'s batches (all under 128 tokens); an earlier test's bf16 Trainer can
+    # leave accelerate's shared state in bf16, and bf16 logits of two kernels differ in the last bits
+    with torch.no_grad(), attention_kernels(32, "cpu"):
         one_by_one = [model(**tokenizer(text, return_tensors="pt")).logits[0] for text in rows["text"]]
     assert torch.allclose(torch.tensor(output.predictions), torch.stack(one_by_one), atol=1e-5)
+
+
+def tiny_decoder_run(out: Path, tiny_models, fixture_data_dir, method: str, *extra: str):
+    """A 2-epoch bf16 run of the tiny Qwen2 on the fixture restaurants: its metrics and its logged losses."""
+    metrics = main(["--model_name_or_path", tiny_models["qwen2"], "--dataset_name", "restaurant_sup",
+                    "--data_dir", str(fixture_data_dir), "--output_dir", str(out), "--tuning_method", method,
+                    "--num_train_epochs", "2", "--learning_rate", "1e-3", "--logging_steps", "1", "--bf16", "True",
+                    "--report_to", "none", "--seed", "5", *extra])
+    losses = [e["loss"] for e in json.loads((out / "trainer_state.json").read_text())["log_history"] if "loss" in e]
+    return metrics, losses
 
 
 @pytest.mark.parametrize("method", ["lora", "adapter"])
 def test_gradient_checkpointing_changes_memory_not_results(method, tmp_path, tiny_models, fixture_data_dir):
     """The assignment grid recomputes the 1.5B decoder's activations in the backward pass (its ACL-ARC batches
     of 16 x 256 tokens would hold ~15 GB): the same run with and without it ends with the same losses and scores."""
-    def run_with(*extra):
-        out = tmp_path / f"run{len(extra)}"
-        metrics = main(["--model_name_or_path", tiny_models["qwen2"], "--dataset_name", "restaurant_sup",
-                        "--data_dir", str(fixture_data_dir), "--output_dir", str(out), "--tuning_method", method,
-                        "--num_train_epochs", "2", "--learning_rate", "1e-3", "--logging_steps", "1", "--bf16", "True",
-                        "--report_to", "none", "--seed", "5", *extra])
-        losses = [e["loss"] for e in json.loads((out / "trainer_state.json").read_text())["log_history"] if "loss" in e]
-        return metrics, losses
-
-    plain, plain_losses = run_with()
-    recomputed, recomputed_losses = run_with("--gradient_checkpointing", "True",
-                                             "--gradient_checkpointing_kwargs", '{"use_reentrant": false}')
+    plain, plain_losses = tiny_decoder_run(tmp_path / "plain", tiny_models, fixture_data_dir, method)
+    recomputed, recomputed_losses = tiny_decoder_run(
+        tmp_path / "recomputed", tiny_models, fixture_data_dir, method,
+        "--gradient_checkpointing", "True", "--gradient_checkpointing_kwargs", '{"use_reentrant": false}')
     assert recomputed_losses == pytest.approx(plain_losses, abs=2e-3)
     assert recomputed["macro_f1"] == pytest.approx(plain["macro_f1"], abs=1e-6)
+
+
+def test_short_cpu_batches_run_sdpa_on_its_math_kernel(tmp_path, tiny_models, fixture_data_dir):
+    """On CPU, training and evaluation steps of rows up to --cpu_math_attention_max_length tokens run SDPA's math
+    kernel (PyTorch would pick its flash kernel, slower at short rows), longer ones PyTorch's choice; both kernels
+    compute the same attention, so a run's losses and scores match with the switch off."""
+    from datasets import Dataset
+    from transformers import DataCollatorWithPadding
+
+    from peftlab.data import tokenize
+    from peftlab.hardware import attention_kernels
+    from peftlab.models import get_model
+    from peftlab.training import PeftlabTrainer
+
+    def flash_allowed(width, device, limit):
+        with attention_kernels(width, device, limit):
+            return torch.backends.cuda.flash_sdp_enabled(), torch.backends.cuda.math_sdp_enabled()
+    assert flash_allowed(27, "cpu", 128) == (False, True)
+    assert flash_allowed(129, "cpu", 128)[0] and flash_allowed(27, "cuda", 128)[0] and flash_allowed(27, "cpu", 0)[0]
+
+    tokenizer, model = get_model(tiny_models["qwen2"], 3)
+    seen = []  # whether flash was allowed, per forward call: training and prediction steps alike
+    model.register_forward_pre_hook(lambda module, args: seen.append(torch.backends.cuda.flash_sdp_enabled()))
+    words = "the food was good but service slow".split()
+    rows = tokenize(Dataset.from_dict({"text": [" ".join(words[: 1 + i % 7]) for i in range(16)],
+                                       "label": [i % 3 for i in range(16)]}), tokenizer, 32)
+    for limit, flash in ((128, False), (4, None)):  # at 4 tokens per row, only the shortest batches run math
+        seen.clear()
+        trainer = PeftlabTrainer(model=model, train_dataset=rows, data_collator=DataCollatorWithPadding(tokenizer),
+                                 args=PeftlabTrainingArguments(output_dir=str(tmp_path), report_to="none",
+                                                               per_device_train_batch_size=4, num_train_epochs=1,
+                                                               eval_strategy="no", save_strategy="no"),
+                                 math_attention_max_length=limit)
+        trainer.train()
+        trainer.predict(rows)
+        assert len(seen) == 4 + 1 and (set(seen) == {flash} if flash is not None else set(seen) == {True, False})
+
+    math, math_losses = tiny_decoder_run(tmp_path / "math", tiny_models, fixture_data_dir, "lora")
+    flash, flash_losses = tiny_decoder_run(tmp_path / "flash", tiny_models, fixture_data_dir, "lora",
+                                           "--cpu_math_attention_max_length", "0")
+    assert math_losses == pytest.approx(flash_losses, abs=2e-3)
+    assert math["macro_f1"] == pytest.approx(flash["macro_f1"], abs=1e-6)

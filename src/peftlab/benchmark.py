@@ -28,7 +28,7 @@ import torch
 from transformers import AutoModelForSequenceClassification
 
 from .cli import non_negative_int, positive_int
-from .hardware import cpu_model
+from .hardware import attention_kernels, cpu_model
 from .isolated import call_in_fresh_process
 from .markdown import table
 from .memory import GIB, estimate, load_config
@@ -85,10 +85,13 @@ def measuring_loop(model, tuning, batches: list[dict], warmup: int, device: str 
 
     def train(batch):
         start = time.perf_counter()
-        with autocast():
-            loss = model(**batch).loss
-        forward_end = time.perf_counter()
-        loss.backward()
+        # the attention kernels of train.py's Trainer, over the backward too: gradient checkpointing recomputes
+        # the forward there, and must pick the same kernel
+        with attention_kernels(batch["input_ids"].shape[-1], device):
+            with autocast():
+                loss = model(**batch).loss
+            forward_end = time.perf_counter()
+            loss.backward()
         parts["forward"].append(forward_end - start)
         parts["backward"].append(time.perf_counter() - forward_end)
         optimizer.step()
@@ -98,7 +101,7 @@ def measuring_loop(model, tuning, batches: list[dict], warmup: int, device: str 
         def call(batch):
             # autocast per batch, as serving does: one context around all batches would keep the bf16
             # casts of trainable weights cached between batches and flatter full fine-tuning
-            with torch.no_grad(), autocast():
+            with torch.no_grad(), autocast(), attention_kernels(batch["input_ids"].shape[-1], device):
                 served(**{key: value for key, value in batch.items() if key != "labels"})
         return call
 

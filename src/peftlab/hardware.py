@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 from functools import cache
 from pathlib import Path
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 # CPU flags whose instructions compute bf16 dot products natively: AMX tiles (Intel Sapphire Rapids and
 # later), AVX512-BF16 (AMD Zen 4 and later, Intel Cooper Lake). Measured with torch 2.13 on 2 threads:
@@ -45,3 +47,20 @@ def native_bf16() -> str | None:
 def bf16_helps() -> bool:
     """True where bf16 matmuls are native (about 3-4x fp32's speed); elsewhere bf16 is emulated and slower."""
     return native_bf16() is not None
+
+
+# On CPU, PyTorch runs SDPA on its flash kernel whenever the call allows it (no attention dropout: the decoders, and
+# every model in evaluation), and at short rows that kernel's fixed costs dominate. One AMD EPYC thread, 16 rows x
+# 14 heads x 64 dims, bf16, forward + backward: the math kernel was 2.2x faster at 27 and 48 tokens per row, 1.18x
+# at 128, 1.15x at 160, and slower from 192 (0.83x; 0.73x at 256) (benchmarks/results/attention_kernels.md).
+# Batches up to this many tokens per row use the math kernel; the margin below the crossover is for other hosts.
+MATH_ATTENTION_MAX_LENGTH = 128
+
+
+def attention_kernels(tokens_per_row: int, device_type: str,
+                      math_max_length: int = MATH_ATTENTION_MAX_LENGTH) -> contextlib.AbstractContextManager:
+    """The SDPA kernels a batch of this width runs: the math kernel on CPU up to ``math_max_length`` tokens per
+    row, PyTorch's own choice otherwise (and on CUDA). Models with their own attention (eager) are unaffected."""
+    if device_type == "cpu" and tokens_per_row <= math_max_length:
+        return sdpa_kernel([SDPBackend.MATH])
+    return contextlib.nullcontext()
