@@ -318,8 +318,9 @@ class WholeRunTotals(TrainerCallback, ExportableState):
 class PeftlabTrainer(Trainer):
     """``Trainer`` that trains on its length groups in a random order (:class:`ShuffledLengthGroupedSampler`,
     under ``--shuffle_length_groups``), evaluates in length order, stops at the first non-finite training loss
-    (instead of training on to NaN weights and a majority-class "result"), and reports a resumed run's training
-    time and loss over the whole run (:class:`WholeRunTotals`).
+    (instead of training on to NaN weights and a majority-class "result"), reports a resumed run's training
+    time and loss over the whole run (:class:`WholeRunTotals`), and on CPU runs short batches' attention on SDPA's
+    math kernel (:func:`peftlab.hardware.attention_kernels`).
 
     The stock ``Trainer`` evaluates rows in order, or under ``--group_by_length`` in shuffled length groups,
     which detached ``predict()``'s rows from the dataset's; here evaluation batches run longest first, and
