@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -75,18 +76,17 @@ def report(tokens_list: list[int], threads: int, repeats: int, calls: int) -> st
     peak = matmul_peak(torch.bfloat16)
     rows, summary = [], []
     for tokens in tokens_list:
-        total = {"forward": 0.0, "forward packed": 0.0, "input grad": 0.0, "input grad packed": 0.0}
+        total = Counter()  # seconds per kind of call, summed over the layer's linears
         flops = 0
         for name, (out_features, in_features) in DECODER_LAYER.items():
             result = measure_layer(out_features, in_features, tokens, repeats, calls)
             seconds = result["seconds"]
             layer_flops = 2 * tokens * out_features * in_features
             flops += layer_flops
-            for key in total:
-                total[key] += seconds[key]
+            total.update(seconds)
             rows.append([str(tokens), name, f"{in_features} -> {out_features}",
                          *(f"{1e3 * seconds[key]:.3f} ({100 * layer_flops / seconds[key] / peak:.0f}%)"
-                           for key in total),
+                           for key in seconds),
                          f"{seconds['forward'] / seconds['forward packed']:.2f}x",
                          f"{seconds['input grad'] / seconds['input grad packed']:.2f}x",
                          f"{result['max_diff']:.1e}"])

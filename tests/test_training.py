@@ -225,7 +225,7 @@ def test_short_cpu_batches_run_sdpa_on_its_math_kernel(tmp_path, tiny_models, fi
     words = "the food was good but service slow".split()
     rows = tokenize(Dataset.from_dict({"text": [" ".join(words[: 1 + i % 7]) for i in range(16)],
                                        "label": [i % 3 for i in range(16)]}), tokenizer, 32)
-    for limit, flash in ((128, False), (4, None)):  # at 4 tokens per row, only the shortest batches run math
+    for limit, flash in ((128, {False}), (4, {True, False})):  # at 4 tokens per row, only the shortest run math
         seen.clear()
         trainer = PeftlabTrainer(model=model, train_dataset=rows, data_collator=DataCollatorWithPadding(tokenizer),
                                  args=PeftlabTrainingArguments(output_dir=str(tmp_path), report_to="none",
@@ -234,7 +234,7 @@ def test_short_cpu_batches_run_sdpa_on_its_math_kernel(tmp_path, tiny_models, fi
                                  math_attention_max_length=limit)
         trainer.train()
         trainer.predict(rows)
-        assert len(seen) == 4 + 1 and (set(seen) == {flash} if flash is not None else set(seen) == {True, False})
+        assert len(seen) == 4 + 1 and set(seen) == flash
 
     math, math_losses = tiny_decoder_run(tmp_path / "math", tiny_models, fixture_data_dir, "lora")
     flash, flash_losses = tiny_decoder_run(tmp_path / "flash", tiny_models, fixture_data_dir, "lora",
