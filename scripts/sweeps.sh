@@ -3,10 +3,9 @@
 # run (configs/grids/assignment.yaml, results/assignment), model by model, cheapest first, so that each model's
 # row of the grid is complete before the next, costlier model starts (on a 2-core CPU MiniLM's row takes a few
 # hours, MPNet's tens, a decoder's more; every later model needs its own sweeps first anyway):
-# 1. its sweeps (configs/sweeps/<model>-*.yaml), then the swept cells' seeds: every selection the model's other
-#    cells transfer from;
-# 2. the rest of its cells seed by seed (seed 1 of each, then seed 2, ...): every cell has results before any
-#    has its last seed.
+# 1. its sweeps (configs/sweeps/<model>-*.yaml): every selection the model's other cells transfer from;
+# 2. its cells, in the grid command's order (peftlab.experiments.run_order): the swept cells' seeds first, then the
+#    others seed by seed (seed 1 of each, then seed 2, ...), so every cell has results before any has its last seed.
 # Then the bridge between the decoders (configs/grids/bridge.yaml: the 0.5B decoder's PEFT cells), last.
 # Resumable: studies continue, finished runs are skipped. Long: start it detached,
 #   WORKERS=2 setsid nohup scripts/sweeps.sh > results/sweeps.log 2>&1 &
@@ -35,25 +34,13 @@ in_parallel() {  # in_parallel CMD...: $workers copies of CMD, {i} replaced by t
 sweeps_of() {  # sweeps_of MODEL I: worker I's part of each of the model's sweeps, one after the other
   for sweep in configs/sweeps/"$1"-*.yaml; do scripts/sweep.sh "$sweep" --worker "$2"; done
 }
-swept_cells_of() {  # swept_cells_of MODEL: the seeds of the model's swept cells
-  for sweep in configs/sweeps/"$1"-*.yaml; do
-    cell=$(basename "$sweep" .yaml); cell=${cell#"$1"-}  # <dataset>-<method>
-    .venv/bin/python -m peftlab.experiments configs/grids/assignment.yaml \
-      --only model="$1" --only dataset="${cell%%-*}" --only method="${cell#*-}"
-  done
-}
 # A worker done with one sweep joins the next; a model's grid runs start once all its sweeps have finished
-# (their selections are final), and each worker takes the next run no other worker holds.
+# (their selections are final), and each worker takes the next run no other worker holds, without waiting for
+# the others between seeds. Workers wait for each other only there and between models (whose memory differs).
 for model in minilm mpnet qwen-0.5b qwen-1.5b; do
   use_workers "$model"
   in_parallel sweeps_of "$model" "{i}"
-  in_parallel swept_cells_of "$model"
-  for seed in 1 2 3 4 5; do  # seeds 4 and 5: ACL-ARC's (configs/grids/assignment.yaml, seeds_by_dataset)
-    in_parallel .venv/bin/python -m peftlab.experiments configs/grids/assignment.yaml \
-      --only model="$model" --only seed="$seed"
-  done
+  in_parallel .venv/bin/python -m peftlab.experiments configs/grids/assignment.yaml --only model="$model"
 done
 use_workers qwen-0.5b-peft
-for seed in 1 2 3 4 5; do
-  in_parallel .venv/bin/python -m peftlab.experiments configs/grids/bridge.yaml --only seed="$seed"
-done
+in_parallel .venv/bin/python -m peftlab.experiments configs/grids/bridge.yaml

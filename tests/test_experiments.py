@@ -12,7 +12,7 @@ import yaml
 from test_resume import KillAfterFirstCheckpoint, Killed
 
 from peftlab.cli import parse_dict
-from peftlab.experiments import claim, estimate_seconds, expand, load_grid, run_grid, select, shard
+from peftlab.experiments import claim, estimate_seconds, expand, load_grid, run_grid, run_order, select, shard
 from peftlab.results import aggregate, collect, markdown_table, write_csv
 from peftlab.runrecord import (
     ADDED_ARGUMENTS,
@@ -76,6 +76,25 @@ def test_a_grid_extends_another(tmp_path, tiny_models, fixture_data_dir):
         assert run.args["num_train_epochs"] == 2 and run.args["per_device_train_batch_size"] == 4
         assert run.output_dir.is_relative_to(tmp_path / "check")
         assert ("max_train_samples" in run.args) == (run.method == "full")
+
+
+def test_grid_commands_take_swept_cells_first_then_seed_by_seed(tmp_path, capsys):
+    """A swept cell's seeds run first (its selected settings over seeds), then every other cell's seed 1 before any
+    seed 2: workers never wait for each other between seeds, and a grid stopped early leaves every cell a result."""
+    selection = tmp_path / "selected.yaml"
+    selection.write_text(yaml.safe_dump({"tiny/acl_sup/lora-r8": {"study": "s", "trial": 3,
+                                                                  "params": {"learning_rate": 2e-3}}}))
+    path = grid_file(tmp_path, "m", "d", selection=str(selection), require_selection=True,
+                     transfers=[{"match": {}, "from": {"dataset": "acl_sup", "method": "lora-r8"}}])
+    ordered = [(run.dataset, run.method, run.seed, run.swept) for run in run_order(expand(load_grid(path)))]
+    assert ordered == [("acl_sup", "lora-r8", 1, True), ("acl_sup", "lora-r8", 2, True),
+                       ("restaurant_sup", "full", 1, False), ("restaurant_sup", "lora-r8", 1, False),
+                       ("acl_sup", "full", 1, False),
+                       ("restaurant_sup", "full", 2, False), ("restaurant_sup", "lora-r8", 2, False),
+                       ("acl_sup", "full", 2, False)]
+    assert run_grid(str(path), dry_run=True) == 0  # the command lists (and would run) them in that order
+    listed = [line.split()[1:5] for line in capsys.readouterr().out.splitlines() if line.startswith("  todo")]
+    assert [(dataset, method, int(seed[4:])) for _, dataset, method, seed in listed] == [o[:3] for o in ordered]
 
 
 def test_grids_must_pin_host_dependent_precision(tmp_path):

@@ -119,6 +119,12 @@ class GridRun:
         grid_args = self.directory.grid_args()
         return self.directory.last_checkpoint() if grid_args and self.same_arguments(grid_args) else None
 
+    @property
+    def swept(self) -> bool:
+        """Whether the run's settings come from its own cell's sweep (not transferred from another cell's)."""
+        return self.settings is not None and self.settings["from"] == cell_key(
+            {"model": self.model, "dataset": self.dataset, "method": self.method})
+
 
 def read_grid_file(path: str | Path) -> dict:
     """A grid file's keys, over those of the file it ``extends`` (defaults merged key by key)."""
@@ -259,6 +265,15 @@ def execute(run: GridRun, python: str = sys.executable, lock: int | None = None)
                               pass_fds=() if lock is None else (lock,)).returncode
 
 
+def run_order(runs: list[GridRun]) -> list[GridRun]:
+    """The order a grid command takes its runs in: first the cells that were swept themselves (the validation
+    protocol's evidence: their selected settings over seeds), then the others; each part seed by seed, seed 1 of
+    every cell before seed 2 of any, so that a grid stopped early leaves every cell with results before any has its
+    last seed; within that, the grid file's order. One command's workers share the order with no wait between
+    seeds: a worker done with the last run of seed 1 takes a run of seed 2 while another still trains."""
+    return sorted(runs, key=lambda run: (not run.swept, run.seed))
+
+
 def select(runs: list[GridRun], filters: list[str] | None) -> list[GridRun]:
     """Keep runs matching every ``coordinate=value`` filter (e.g. ``model=minilm``, ``seed=1``)."""
     for spec in filters or []:
@@ -273,7 +288,7 @@ def run_grid(path: str, shard_spec: str | None = None, dry_run: bool = False, re
              filters: list[str] | None = None) -> int:
     grid = load_grid(path)
     runs = expand(grid)
-    mine = select(shard(runs, shard_spec), filters)
+    mine = run_order(select(shard(runs, shard_spec), filters))
     if grid.get("require_selection"):
         waiting = [run for run in mine if run.settings is None]
         if waiting:
