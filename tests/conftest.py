@@ -12,6 +12,21 @@ REAL_DATA = Path(os.environ.get("PEFTLAB_DATA_DIR") or Path(__file__).resolve().
 REQUIRE_DATA = os.environ.get("PEFTLAB_REQUIRE_DATA") == "1"
 
 
+@pytest.fixture(autouse=True)
+def isolated_process_state():
+    """Each test starts from the process state the one before it found. A run leaves some behind: transformers'
+    ``TrainingArguments`` writes ``--bf16`` into ``ACCELERATE_MIXED_PRECISION`` (which a later one without
+    ``--bf16`` keeps), accelerate's state is a process-wide singleton, and a run reporting to wandb sets WANDB_*
+    to its own folder. Left alone, one bf16 test would run every later Trainer of the pytest process in bf16."""
+    from accelerate.state import AcceleratorState
+
+    environ = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(environ)
+    AcceleratorState._reset_state(reset_partial_state=True)  # as accelerate's own AccelerateTestCase does
+
+
 @pytest.fixture(scope="session")
 def real_data_dir() -> Path:
     if not (REAL_DATA / "restaurant_sup" / "train.json").is_file():

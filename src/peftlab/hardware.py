@@ -57,10 +57,11 @@ def bf16_helps() -> bool:
 MATH_ATTENTION_MAX_LENGTH = 128
 
 
-def attention_kernels(tokens_per_row: int, device_type: str,
+def attention_kernels(tokens_per_row: int | None, device_type: str,
                       math_max_length: int = MATH_ATTENTION_MAX_LENGTH) -> contextlib.AbstractContextManager:
     """The SDPA kernels a batch of this width runs: the math kernel on CPU up to ``math_max_length`` tokens per
-    row, PyTorch's own choice otherwise (and on CUDA). Models with their own attention (eager) are unaffected."""
-    if device_type == "cpu" and tokens_per_row <= math_max_length:
+    row, PyTorch's own choice otherwise (and on CUDA, or for a batch of unknown width: ``None``). Models with
+    their own attention (eager) are unaffected."""
+    if device_type == "cpu" and tokens_per_row is not None and tokens_per_row <= math_max_length:
         return sdpa_kernel([SDPBackend.MATH])
     return contextlib.nullcontext()

@@ -370,8 +370,8 @@ class PeftlabTrainer(Trainer):
 
     def _attention_kernels(self, inputs):
         """The SDPA kernels for this batch (:func:`peftlab.hardware.attention_kernels`); the backward pass runs
-        the kernel its forward chose."""
-        width = inputs["input_ids"].shape[-1] if "input_ids" in inputs else 0
+        the kernel its forward chose. A batch without token ids (embeddings given) has no width to go by."""
+        width = inputs["input_ids"].shape[-1] if "input_ids" in inputs else None
         return attention_kernels(width, self.args.device.type, self.math_attention_max_length)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
