@@ -17,9 +17,9 @@ from optuna.trial import TrialState
 
 from peftlab.experiments import expand, load_grid, run_grid
 from peftlab.report import load_studies, plot_sweeps, sweep_section
-from peftlab.runrecord import FINISHED, RunDirectory
+from peftlab.runrecord import FINISHED, RunDirectory, write_json
 from peftlab.selection import read_selection
-from peftlab.sweep import load_sweep, open_study, run_sweep
+from peftlab.sweep import RetryKilledTrial, load_sweep, open_study, run_sweep
 
 
 def sweep_file(tmp_path, model: str, data_dir, **changes) -> str:
@@ -166,6 +166,43 @@ def test_a_killed_sweep_resumes_its_study(tmp_path, tiny_models, fixture_data_di
     for number, stamp in stamps.items():  # finished trials are not run again
         assert os.stat(before[number].user_attrs["output_dir"] + "/metrics.json").st_mtime_ns == stamp
     assert entry is not None and read_selection(tmp_path / "selected.yaml")
+
+
+def test_a_killed_trial_is_retried_while_its_checkpoints_advance(tmp_path):
+    """Every session's end kills a long trial mid-epoch: it is retried as often as its tries save a newer
+    checkpoint than they started from, and gives up after two tries in a row that saved none."""
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path}/studies.db")
+    folder = tmp_path / "trial"
+    RunDirectory(folder).start({})  # a started run: its checkpoints are there to resume from
+    retry = RetryKilledTrial(max_retry=2)
+    distribution = optuna.distributions.FloatDistribution(1e-5, 1e-3, log=True)
+
+    def kill(resumed_from: int, saved: int | None, system_attrs: dict) -> dict | None:
+        """A try of the trial, resumed from ``resumed_from``, killed after saving ``saved`` (None: nothing):
+        the system attributes of the retry the callback queued, or None."""
+        if saved is not None:
+            write_json(folder / f"checkpoint-{saved}" / "trainer_state.json", {"global_step": saved})
+        killed = optuna.create_trial(state=TrialState.FAIL, params={"learning_rate": 1e-4},
+                                     distributions={"learning_rate": distribution}, system_attrs=system_attrs,
+                                     user_attrs={"output_dir": str(folder), "resumed_from_step": resumed_from})
+        before = len(study.get_trials(states=(TrialState.WAITING,)))
+        retry(study, killed)
+        waiting = study.get_trials(states=(TrialState.WAITING,))
+        assert len(waiting) in (before, before + 1)
+        return waiting[-1].system_attrs if len(waiting) > before else None
+
+    tries = kill(0, 10, {})  # the first try saved a checkpoint: retried
+    for saved in (20, 30, 40):  # each session's end, after another epoch: always retried
+        tries = kill(saved - 10, saved, tries)
+        assert tries["tries_without_progress"] == 0
+    assert len(tries["retry_history"]) == 4  # four retries of one trial (Optuna's max_retry=2 stopped at two)
+    tries = kill(40, None, tries)  # killed before its next checkpoint: retried, counted
+    assert tries["tries_without_progress"] == 1
+    tries = kill(40, 50, tries)  # progress again: the count starts over
+    assert tries["tries_without_progress"] == 0
+    tries = kill(50, None, kill(50, None, tries))  # two tries in a row without a checkpoint: still retried
+    assert tries["tries_without_progress"] == 2
+    assert kill(50, None, tries) is None  # the third: the trial stays failed
 
 
 def test_two_processes_share_one_sqlite_study(tmp_path, tiny_models, fixture_data_dir):

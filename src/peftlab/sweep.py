@@ -32,13 +32,15 @@ Optuna's ``study.optimize``, with the pruning report that Trainer would make (:c
 
 The study lives in the storage, so a killed sweep resumes where it stopped: a trial killed midway
 is retried with the same settings, from the last epoch it finished (its folder becomes the retry's,
-checkpoint included). Several processes or machines pointed at one database URL share the work.
+checkpoint included), as often as it is killed while its checkpoints advance (:class:`RetryKilledTrial`).
+Several processes or machines pointed at one database URL share the work.
 When the study has its trials, the best one's settings go to the selection file.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import fcntl
 import math
 import os
@@ -65,6 +67,8 @@ from .training import PARSED_TYPES, run
 
 OBJECTIVE = "validation_macro_f1"
 EVAL_OBJECTIVE = "eval_macro_f1"  # the same score in the Trainer's per-epoch evaluation log
+RESUMED_FROM_STEP = "resumed_from_step"  # trial user attribute: the checkpoint step its run resumed from (0: none)
+TRIES_WITHOUT_PROGRESS = "tries_without_progress"  # system attribute of a retry: killed tries in a row, no checkpoint
 DEFAULT_STORAGE = "sqlite:///results/sweeps/studies.db"
 # Heartbeats and failed-trial retries are marked experimental in Optuna; they are what makes resuming work.
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
@@ -154,6 +158,35 @@ class PruningCallback(TrainerCallback):
                 raise optuna.TrialPruned(f"pruned at epoch {epoch}")
 
 
+def checkpoint_step(run_dir: str | Path | None) -> int:
+    """The step of a run folder's newest checkpoint to resume from; 0 for none."""
+    checkpoint = RunDirectory(Path(run_dir)).last_checkpoint() if run_dir else None
+    return int(checkpoint.name.rsplit("-", 1)[1]) if checkpoint else 0
+
+
+class RetryKilledTrial(RetryHeartbeatStaleTrialCallback):
+    """Optuna's retry of a killed (heartbeat-stale) trial with the same settings, for as long as its tries make
+    progress. A try that saved a newer checkpoint than it started from is always retried: a 10-epoch MPNet trial
+    outlives a 3-hour session, and each session's end kills it mid-epoch (Optuna's ``max_retry`` counts every try,
+    and dropped such a trial, checkpoints and all, at its third kill). At most ``max_retry`` tries in a row that
+    saved none are retried: a trial that dies before its next checkpoint every time (a crash, the kernel's OOM
+    killer) stops there. A worker that cannot see the trial's folder (another machine's disk) counts no progress."""
+
+    def __init__(self, max_retry: int = 2):
+        super().__init__(max_retry=None)
+        self.max_tries_without_progress = max_retry
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        progressed = checkpoint_step(trial.user_attrs.get("output_dir")) > trial.user_attrs.get(RESUMED_FROM_STEP, 0)
+        stalled = 0 if progressed else trial.system_attrs.get(TRIES_WITHOUT_PROGRESS, 0) + 1
+        if stalled > self.max_tries_without_progress:
+            return
+        retried = copy.copy(trial)  # the retry inherits the stale trial's system attributes, this count included
+        # a copy: Optuna appends to the retry history in place, which would change the caller's trial
+        retried.system_attrs = {**copy.deepcopy(trial.system_attrs), TRIES_WITHOUT_PROGRESS: stalled}
+        super().__call__(study, retried)
+
+
 def resume_from_retried(sweep: Sweep, trial: optuna.Trial, args: dict) -> bool:
     """For a retry of a killed trial whose folder holds a checkpoint of these same arguments: move that folder to
     this trial's, so its run resumes there; whether it did."""
@@ -180,6 +213,7 @@ def objective(sweep: Sweep, trial: optuna.Trial) -> float:
     resumed = resume_from_retried(sweep, trial, args)
     output_dir = sweep.trial_dir(trial.number)
     trial.set_user_attr("output_dir", str(output_dir))
+    trial.set_user_attr(RESUMED_FROM_STEP, checkpoint_step(output_dir) if resumed else 0)
     trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
     trial.set_user_attr("args", args)
     args |= {"output_dir": str(output_dir), "overwrite_output_dir": not resumed}
@@ -213,7 +247,7 @@ def open_study(sweep: Sweep, worker: int = 0):
         try:
             storage = RDBStorage(sweep.storage, heartbeat_interval=sweep.heartbeat_seconds,
                                  grace_period=2 * sweep.heartbeat_seconds,
-                                 heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=2),
+                                 heartbeat_stale_trial_callback=RetryKilledTrial(max_retry=2),
                                  engine_kwargs={"connect_args": {"timeout": 60}}
                                  if sweep.storage.startswith("sqlite") else {})
             break
