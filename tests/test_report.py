@@ -307,6 +307,12 @@ def test_the_sweep_table_sets_the_selected_trial_beside_the_cells_seeds(tmp_path
     # a trial a stopped worker left RUNNING: counted as unfinished, since nothing may be running it
     study.add_trial(optuna.trial.create_trial(params={"learning_rate": 1e-3}, distributions=distributions,
                                               state=optuna.trial.TrialState.RUNNING))
+    # a killed trial, retried by a later one (killed and retried), and one that failed for good
+    for state, system_attrs in ((optuna.trial.TrialState.FAIL, {}), (optuna.trial.TrialState.RUNNING,
+                                                                     {"failed_trial": 3, "retry_history": [3]}),
+                                (optuna.trial.TrialState.FAIL, {})):
+        study.add_trial(optuna.trial.create_trial(params={"learning_rate": 2e-4}, distributions=distributions,
+                                                  state=state, system_attrs=system_attrs))
     selection = {"m/acl_sup/full": {"study": "m-acl_sup-full", "trial": 1, "params": {"learning_rate": 3e-4},
                                     "validation_macro_f1": 0.60}}
     results = tmp_path / "results"
@@ -315,8 +321,8 @@ def test_the_sweep_table_sets_the_selected_trial_beside_the_cells_seeds(tmp_path
         fixture_run(results / "protocol", "full", seed, 0.7, validation_rows=169, validation_macro_f1=validation)
     row = sweep_section([study], selection, None, collect(results)).splitlines()[2]
     # the winner's own score (60.0, seed 1) beside its seeds' mean and 95% t interval (sd 7.2, t 4.30)
-    assert row == ("| m-acl_sup-full | m/acl_sup/full | 2 complete, 1 unfinished "
-                   "| 60.0 (trial 1: learning_rate 0.0003) | trial 1 | 52.0 [34.1, 69.9] (n=3) |")
+    assert row == ("| m-acl_sup-full | m/acl_sup/full | 2 complete, 1 fail, 1 killed and retried, "
+                   "2 unfinished | 60.0 (trial 1: learning_rate 0.0003) | trial 1 | 52.0 [34.1, 69.9] (n=3) |")
 
 
 def test_the_configuration_table_shows_modules_trained_beside_a_method(tmp_path):

@@ -480,9 +480,7 @@ def sweep_section(studies: list, selection: dict, figure: Path | None, runs: lis
             seeds_validation["/".join(run.cell)].append(run.metrics["validation_macro_f1"])
     rows = []
     for study in studies:
-        # a RUNNING trial may be one a stopped worker left: the next sweep fails it and retries it (heartbeat)
-        states = Counter("unfinished" if trial.state.name == "RUNNING" else trial.state.name.lower()
-                         for trial in study.trials)
+        states = Counter(_trial_state(trial, study) for trial in study.trials)
         complete = [trial for trial in study.trials if trial.state.name == "COMPLETE"]
         best = max(complete, key=lambda trial: trial.value) if complete else None
         cell, entry = chosen.get(study.study_name, (study.user_attrs.get("cell", "–"), None))
@@ -495,6 +493,18 @@ def sweep_section(studies: list, selection: dict, figure: Path | None, runs: lis
     text = table(["study", "cell it selects for", "trials", "best validation macro-F1 so far", "selected",
                   "the cell's seeds at the selected settings: validation macro-F1"], rows)
     return text + (f"\n![sweeps](figures/{figure.name})\n" if figure else "")
+
+
+def _trial_state(trial, study) -> str:
+    """A trial's state for the sweep table. A RUNNING trial may be one a stopped worker left (the next sweep fails
+    and retries it), so "unfinished"; a failed trial that a later trial retries (from its last checkpoint, if it
+    saved one) was killed, by a session's end say, not failed by its settings: "killed and retried"."""
+    if trial.state.name == "RUNNING":
+        return "unfinished"
+    if trial.state.name == "FAIL" and any(trial.number in other.system_attrs.get("retry_history", ())
+                                          for other in study.trials):
+        return "killed and retried"
+    return trial.state.name.lower()
 
 
 def _setting(value) -> str:
