@@ -187,36 +187,37 @@ class RetryKilledTrial(RetryHeartbeatStaleTrialCallback):
         super().__call__(study, retried)
 
 
-def resume_from_retried(sweep: Sweep, trial: optuna.Trial, args: dict) -> bool:
+def resume_from_retried(sweep: Sweep, trial: optuna.Trial, args: dict) -> int:
     """For a retry of a killed trial whose folder holds a checkpoint of these same arguments: move that folder to
-    this trial's, so its run resumes there; whether it did."""
+    this trial's, so its run resumes there; the step it resumes from (0: it starts afresh)."""
     frozen = next(t for t in trial.study.get_trials(deepcopy=False) if t.number == trial.number)
     earlier = RetryHeartbeatStaleTrialCallback.retry_history(frozen)  # the tries before this one, oldest first
     # user attributes carry over to a retry
     if not earlier or not same_computation(trial.user_attrs.get("args", {}), args):
-        return False
-    killed = RunDirectory(sweep.trial_dir(earlier[-1]))
-    if killed.last_checkpoint() is None:
-        return False
+        return 0
+    killed = sweep.trial_dir(earlier[-1])
+    step = checkpoint_step(killed)
+    if not step:
+        return 0
     target = sweep.trial_dir(trial.number)
     if target.exists():
         shutil.rmtree(target)
-    killed.path.rename(target)
+    killed.rename(target)
     print(f"  trial {trial.number} resumes trial {earlier[-1]}'s run from its last checkpoint", flush=True)
-    return True
+    return step
 
 
 def objective(sweep: Sweep, trial: optuna.Trial) -> float:
     params = suggest(trial, sweep.space)
     args = apply_params({"report_to": "none", **RESUMABLE, **sweep.base}, params) | {
         "do_test": False, "do_predict": False, "save_model": False}
-    resumed = resume_from_retried(sweep, trial, args)
+    resumed_from = resume_from_retried(sweep, trial, args)
     output_dir = sweep.trial_dir(trial.number)
     trial.set_user_attr("output_dir", str(output_dir))
-    trial.set_user_attr(RESUMED_FROM_STEP, checkpoint_step(output_dir) if resumed else 0)
+    trial.set_user_attr(RESUMED_FROM_STEP, resumed_from)
     trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
     trial.set_user_attr("args", args)
-    args |= {"output_dir": str(output_dir), "overwrite_output_dir": not resumed}
+    args |= {"output_dir": str(output_dir), "overwrite_output_dir": not resumed_from}
     try:
         value = run(*parse_dict(PARSED_TYPES, args), callbacks=[PruningCallback(trial)])[OBJECTIVE]
     except TrainingDiverged as err:
