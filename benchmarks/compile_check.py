@@ -25,21 +25,11 @@ WARMUP, TIMED, BATCH = 5, 25, 16
 
 
 def measure(model_name: str, method: str, compiled: bool, threads: int) -> dict:
-    from peftlab.benchmark import _batches
-    from peftlab.data import get_dataset
-    from peftlab.methods import frozen_weights_dtype, get_method, method_from_label, upcast_trainable
-    from peftlab.models import default_sep_token, get_model
+    from peftlab.benchmark import real_setup
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    args = method_from_label(method)
-    tuning = get_method(args.tuning_method)
-    tokenizer, model = get_model(model_name, 3, dtype=frozen_weights_dtype(tuning, "auto", True))
-    model = upcast_trainable(tuning.wrap(model, args))
-    rows = get_dataset("restaurant_sup", default_sep_token(tokenizer))["train"].shuffle(seed=0)
-    batches = _batches(tokenizer, list(rows["text"]), BATCH, "dynamic", 256, WARMUP + TIMED)
-    for i, batch in enumerate(batches):
-        batch["labels"] = torch.tensor(rows["label"][i * BATCH:(i + 1) * BATCH])
+    model, _, batches, _ = real_setup(model_name, method, True, "auto", "dynamic", BATCH, 256, WARMUP + TIMED)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     forward = torch.compile(model, dynamic=True) if compiled else model
     model.train()

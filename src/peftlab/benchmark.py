@@ -138,35 +138,48 @@ def _train_flops_per_token(model, trainable: int, seq_len: float) -> float:
     return 2 * weights + 2 * weights + 2 * min(trainable, weights) + 3 * attention
 
 
+def real_setup(model_name: str, method: str, bf16: bool, frozen_weights_dtype: str, padding: str, batch_size: int,
+               max_length: int, count: int, data_dir: str | None = None, attn_implementation: str | None = None,
+               gradient_checkpointing: bool = False):
+    """A model built as train.py builds it (frozen weights in ``frozen_weights_dtype``, resolved as
+    ``--frozen_weights_dtype`` is; with ``gradient_checkpointing`` as ``--gradient_checkpointing True
+    --gradient_checkpointing_kwargs '{"use_reentrant": false}'`` sets it) and ``count`` batches of real
+    restaurant rows with their labels. Returns the model, its method, the batches and the frozen dtype."""
+    from .data import get_dataset
+    from .methods import frozen_weights_dtype as resolve_frozen_dtype
+    from .methods import get_method, method_from_label, upcast_trainable
+    from .models import default_sep_token, get_model
+
+    args = method_from_label(method)
+    tuning = get_method(args.tuning_method)
+    frozen_dtype = resolve_frozen_dtype(tuning, frozen_weights_dtype, bf16)
+    tokenizer, model = get_model(model_name, 3, attn_implementation=attn_implementation, dtype=frozen_dtype)
+    rows = get_dataset("restaurant_sup", default_sep_token(tokenizer), data_dir=data_dir)["train"].shuffle(seed=0)
+    model = upcast_trainable(tuning.wrap(model, args))
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    batches = _batches(tokenizer, list(rows["text"]), batch_size, padding, max_length, count)
+    labels = torch.tensor(rows["label"])
+    for i, batch in enumerate(batches):
+        batch["labels"] = labels[i * batch_size:(i + 1) * batch_size]
+    return model, tuning, batches, frozen_dtype
+
+
 def measure(model_name: str, method: str, precision: str, padding: str, batch_size: int, steps: int,
             warmup: int, threads: int, data_dir: str | None, max_length: int, fused_adamw: bool = False,
             attn_implementation: str | None = None, frozen_weights_dtype: str = "auto",
             gradient_checkpointing: bool = False) -> dict:
-    """One configuration, in this process; the model is built as train.py builds it (frozen weights in
-    ``frozen_weights_dtype``, resolved as ``--frozen_weights_dtype`` is; with ``gradient_checkpointing`` as
-    ``--gradient_checkpointing True --gradient_checkpointing_kwargs '{"use_reentrant": false}'`` sets it)."""
-    from .data import get_dataset
-    from .methods import frozen_weights_dtype as resolve_frozen_dtype
-    from .methods import get_method, method_from_label, parameter_counts, upcast_trainable
-    from .models import default_sep_token, dtype_name, get_model
+    """One configuration, in this process, on :func:`real_setup`'s model and batches."""
+    from .methods import parameter_counts
+    from .models import dtype_name
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    args = method_from_label(method)
-    tuning = get_method(args.tuning_method)
-    frozen_dtype = resolve_frozen_dtype(tuning, frozen_weights_dtype, precision == "bf16")
-    tokenizer, model = get_model(model_name, 3, attn_implementation=attn_implementation, dtype=frozen_dtype)
-    dataset = get_dataset("restaurant_sup", default_sep_token(tokenizer), data_dir=data_dir)
-    texts = list(dataset["train"].shuffle(seed=0)["text"])
-    labels = torch.tensor(dataset["train"].shuffle(seed=0)["label"])
-    model = upcast_trainable(tuning.wrap(model, args))
-    if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model, tuning, batches, frozen_dtype = real_setup(model_name, method, precision == "bf16", frozen_weights_dtype,
+                                                      padding, batch_size, max_length, warmup + steps, data_dir,
+                                                      attn_implementation, gradient_checkpointing)
     counts = parameter_counts(model)
-    batches = _batches(tokenizer, texts, batch_size, padding, max_length, warmup + steps)
-    for i, batch in enumerate(batches):
-        batch["labels"] = labels[i * batch_size:(i + 1) * batch_size]
     times = measuring_loop(model, tuning, batches, warmup, bf16=precision == "bf16", fused_adamw=fused_adamw)
     step_times = times["train"]
     real_tokens = [int(batch["attention_mask"].sum()) for batch in batches[warmup:]]

@@ -1,0 +1,58 @@
+"""Where does a CPU train step spend its time? (issue 22) A ``torch.profiler`` table of the benchmark's step.
+
+The model, method and real restaurant batches of ``peftlab.benchmark`` (batch 16, bf16 autocast, frozen
+weights as train.py stores them, fused AdamW, train.py's attention kernels): ``--warmup`` steps unprofiled,
+then ``--steps`` profiled; the operators sorted by their own CPU time.
+
+    python benchmarks/profile_step.py --model Qwen2.5-Coder-0.5B-Instruct --method lora-r16 \\
+        --out benchmarks/results/profile_qwen-0.5b_lora-r16
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from peftlab.benchmark import matmul_peak, measuring_loop, real_setup
+from peftlab.cli import positive_int
+from peftlab.hardware import cpu_model, native_bf16
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="Qwen2.5-Coder-0.5B-Instruct")
+    parser.add_argument("--method", default="lora-r16", help="a benchmark method label: full, lora-r16, adapter, ...")
+    parser.add_argument("--threads", type=positive_int, default=torch.get_num_threads())
+    parser.add_argument("--warmup", type=positive_int, default=3)
+    parser.add_argument("--steps", type=positive_int, default=5)
+    parser.add_argument("--rows", type=positive_int, default=30, help="operators listed")
+    parser.add_argument("--out", type=Path, help="path stem: writes <out>.md")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    peak = matmul_peak(torch.bfloat16)
+    model, tuning, batches, _ = real_setup(args.model, args.method, True, "auto", "dynamic", 16, 256,
+                                           args.warmup + args.steps)
+    measuring_loop(model, tuning, batches[:args.warmup], 0, fused_adamw=True, serve=False)
+    start = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU]) as profiler:
+        measuring_loop(model, tuning, batches[args.warmup:], 0, fused_adamw=True, serve=False)
+    seconds = time.perf_counter() - start
+    shapes = ", ".join("x".join(map(str, batch["input_ids"].shape)) for batch in batches[args.warmup:])
+    text = (f"Host: {cpu_model()} (native bf16: {native_bf16() or 'none'}), torch {torch.__version__}, "
+            f"{args.threads} thread(s), measured bf16 matmul peak {peak / 1e12:.2f} TFLOP/s (2048^3). "
+            f"{args.model}, {args.method}, bf16 autocast, {args.steps} profiled steps on restaurant batches "
+            f"({shapes}) after {args.warmup} unprofiled: {seconds:.2f} s under the profiler. Command: "
+            f"`python benchmarks/profile_step.py --model {args.model} --method {args.method}`.\n\n```\n"
+            + profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows) + "```\n")
+    if args.out:
+        Path(f"{args.out}.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
