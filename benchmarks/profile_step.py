@@ -29,6 +29,8 @@ def main() -> None:
     parser.add_argument("--threads", type=positive_int, default=torch.get_num_threads())
     parser.add_argument("--warmup", type=positive_int, default=3)
     parser.add_argument("--steps", type=positive_int, default=5)
+    parser.add_argument("--fast_dropout", type=int, default=1, choices=[0, 1],
+                        help="1: dropout masks as train.py's --cpu_fast_dropout draws them, 0: torch.nn.Dropout")
     parser.add_argument("--rows", type=positive_int, default=30, help="operators listed")
     parser.add_argument("--out", type=Path, help="path stem: writes <out>.md")
     args = parser.parse_args()
@@ -36,7 +38,7 @@ def main() -> None:
     torch.manual_seed(0)
     peak = matmul_peak(torch.bfloat16)
     model, tuning, batches, _ = real_setup(args.model, args.method, True, "auto", "dynamic", 16, 256,
-                                           args.warmup + args.steps)
+                                           args.warmup + args.steps, fast_dropout=bool(args.fast_dropout))
     measuring_loop(model, tuning, batches[:args.warmup], 0, fused_adamw=True, serve=False)
     start = time.perf_counter()
     with profile(activities=[ProfilerActivity.CPU]) as profiler:
@@ -45,9 +47,11 @@ def main() -> None:
     shapes = ", ".join("x".join(map(str, batch["input_ids"].shape)) for batch in batches[args.warmup:])
     text = (f"Host: {cpu_model()} (native bf16: {native_bf16() or 'none'}), torch {torch.__version__}, "
             f"{args.threads} thread(s), measured bf16 matmul peak {peak / 1e12:.2f} TFLOP/s (2048^3). "
-            f"{args.model}, {args.method}, bf16 autocast, {args.steps} profiled steps on restaurant batches "
+            f"{args.model}, {args.method}, bf16 autocast, {'fast' if args.fast_dropout else 'torch'} dropout, "
+            f"{args.steps} profiled steps on restaurant batches "
             f"({shapes}) after {args.warmup} unprofiled: {seconds:.2f} s under the profiler. Command: "
-            f"`python benchmarks/profile_step.py --model {args.model} --method {args.method}`.\n\n```\n"
+            f"`python benchmarks/profile_step.py --model {args.model} --method {args.method} "
+            f"--fast_dropout {args.fast_dropout}`.\n\n```\n"
             + profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows) + "```\n")
     if args.out:
         Path(f"{args.out}.md").write_text(text)

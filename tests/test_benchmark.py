@@ -42,17 +42,19 @@ def test_fresh_process_call_and_its_errors():
         call_in_fresh_process("peftlab.memory:no_such_function")
 
 
-def test_measure_compares_attention_kernels(tiny_models, real_data_dir):
+def test_measure_compares_attention_kernels_and_dropout(tiny_models, real_data_dir):
     results = [measure(tiny_models["bert"], "lora-r8", "bf16", "dynamic", batch_size=4, steps=1, warmup=1, threads=1,
-                       data_dir=str(real_data_dir), max_length=32, attn_implementation=kernel)
-               for kernel in ("sdpa", "eager")]
-    assert [r["attn_implementation"] for r in results] == ["sdpa", "eager"]
+                       data_dir=str(real_data_dir), max_length=32, attn_implementation=kernel, fast_dropout=fast)
+               for kernel, fast in (("sdpa", True), ("eager", True), ("eager", False))]
+    assert [r["attn_implementation"] for r in results] == ["sdpa", "eager", "eager"]
     from peftlab.benchmark import markdown
 
     table = markdown(results, {"fp32": 1e11, "bf16": 4e11, "threads": 1}).splitlines()
-    assert table[0].startswith("| model | method | precision | frozen weights | checkpointing | padding | attention |")
+    assert table[0].startswith("| model | method | precision | frozen weights | checkpointing | padding | attention | "
+                               "dropout |")
     # LoRA under bf16 loads its frozen weights in bf16, as train.py's --frozen_weights_dtype auto does
-    assert "| lora-r8 | bf16 | bfloat16 | no | dynamic | eager | 1 |" in table[3]
+    assert "| lora-r8 | bf16 | bfloat16 | no | dynamic | eager | fast | 1 |" in table[3]
+    assert "| lora-r8 | bf16 | bfloat16 | no | dynamic | eager | torch | 1 |" in table[4]
 
 
 def test_stock_recipe_summary_states_speed_up_and_paired_quality():

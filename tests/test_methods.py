@@ -247,3 +247,44 @@ def test_modules_to_save_train_beside_the_method_and_reload(method, tiny_models,
     with pytest.raises(ValueError, match="--modules_to_save names modules BertForSequenceClassification lacks: nope"):
         get_method(method).wrap(get_model(str(tmp_path / "base"), 3, LABELS)[1],
                                 MethodArguments(tuning_method=method, modules_to_save="pooler,nope"))
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_cpu_fast_dropout_masks_have_torch_dropouts_distribution(p):
+    """Four mask elements per 64-bit random word: each lane keeps 1 - p of its elements (the word's top bit, always 0,
+    must not bias the lane that holds it), kept values are scaled by 1 / (1 - p) as torch.nn.Dropout scales them, the
+    gradient is the same mask, a seed repeats the mask, and evaluation passes the input through."""
+    from peftlab.hardware import CpuFastDropout
+
+    dropout = CpuFastDropout(p)
+    hidden = torch.ones(1000, 1024, requires_grad=True)
+    torch.manual_seed(0)
+    out = dropout(hidden)
+    kept = out != 0
+    for lane in range(4):  # elements 4k + lane come from the same 16 bits of each word
+        assert kept.flatten()[lane::4].float().mean().item() == pytest.approx(1 - p, abs=0.003)
+    assert torch.equal(out[kept], torch.full_like(out[kept], 1 / (1 - p)))
+    out.sum().backward()
+    assert torch.equal(hidden.grad, out.detach())
+    torch.manual_seed(0)
+    assert torch.equal(dropout(hidden), out)
+    assert not torch.equal(dropout(hidden), out)  # the generator moved on
+    assert dropout.eval()(hidden) is hidden
+    bf16 = CpuFastDropout(p).train()(torch.ones(7, 5, 3, dtype=torch.bfloat16))  # any shape, a count not divisible by 4
+    assert bf16.dtype == torch.bfloat16 and bf16.shape == (7, 5, 3)
+
+
+@pytest.mark.parametrize("method", ["lora", "adapter"])
+def test_cpu_fast_dropout_replaces_every_dropout_module_and_changes_no_evaluation(method, tiny_models):
+    from peftlab.hardware import CpuFastDropout, use_cpu_fast_dropout
+
+    tokenizer, model = wrapped(tiny_models, "mpnet", method)
+    model.eval()
+    inputs = {key: value for key, value in batch(tokenizer).items() if key != "labels"}
+    before = model(**inputs).logits
+    rates = [module.p for module in model.modules() if type(module) is torch.nn.Dropout]
+    assert len(rates) > 10 and max(rates) > 0  # MPNet's own (hidden, attention) and the method's
+    fast = use_cpu_fast_dropout(model)
+    assert not [module for module in fast.modules() if type(module) is torch.nn.Dropout]
+    assert [module.p for module in fast.modules() if isinstance(module, CpuFastDropout)] == rates
+    assert torch.equal(fast(**inputs).logits, before)

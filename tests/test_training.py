@@ -241,3 +241,15 @@ def test_short_cpu_batches_run_sdpa_on_its_math_kernel(tmp_path, tiny_models, fi
                                            "--cpu_math_attention_max_length", "0")
     assert math_losses == pytest.approx(flash_losses, abs=2e-3)
     assert math["macro_f1"] == pytest.approx(flash["macro_f1"], abs=1e-6)
+
+
+def test_cpu_fast_dropout_is_on_by_default_recorded_and_switchable(tmp_path, tiny_models, fixture_data_dir):
+    """train.py draws LoRA's dropout masks the fast way by default (other random numbers, so other losses at the
+    same seed) and records it; --cpu_fast_dropout False trains with torch.nn.Dropout, repeatably."""
+    runs = {name: tiny_decoder_run(tmp_path / name, tiny_models, fixture_data_dir, "lora", *extra)[1]
+            for name, extra in (("fast", ()), ("torch", ("--cpu_fast_dropout", "False")),
+                                ("torch_again", ("--cpu_fast_dropout", "False")))}
+    assert runs["torch"] == runs["torch_again"] and runs["fast"] != runs["torch"]
+    assert runs["fast"] == pytest.approx(runs["torch"], abs=0.2)  # the same training, other masks
+    for name, flag in (("fast", True), ("torch", False)):
+        assert json.loads((tmp_path / name / "run.json").read_text())["model_args"]["cpu_fast_dropout"] is flag

@@ -65,3 +65,36 @@ def attention_kernels(tokens_per_row: int | None, device_type: str,
     if device_type == "cpu" and tokens_per_row is not None and tokens_per_row <= math_max_length:
         return sdpa_kernel([SDPBackend.MATH])
     return contextlib.nullcontext()
+
+
+# PyTorch draws a CPU dropout mask one random number per element (bernoulli_: 5-7 ns per element on one thread of
+# the AMX Xeon and the AMD EPYC), which made dropout 22% of an MPNet LoRA r=16 step on the AMX host
+# (benchmarks/results/profile_amx_mpnet_lora-r16.md). Four 15-bit draws from each 64-bit random word cost about a
+# fifth of that; the keep probability is rounded to a multiple of 2^-15.
+DROPOUT_MASK_BITS = 15
+
+
+class CpuFastDropout(torch.nn.Dropout):
+    """:class:`torch.nn.Dropout` with the same masks' distribution (p rounded to a multiple of 2^-15), drawn from
+    the default generator (``set_seed`` makes it repeat) four elements per 64-bit random word. On another device
+    it is ``torch.nn.Dropout``."""
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        if hidden.device.type != "cpu" or not self.training or self.p == 0 or self.p == 1 or self.inplace:
+            return super().forward(hidden)
+        count = hidden.numel()
+        # random_() on int64 draws from [0, 2^63): every 16-bit lane has 15 uniform low bits
+        words = torch.empty((count + 3) // 4, dtype=torch.int64).random_()
+        lanes = words.view(torch.int16)[:count].view(hidden.shape) & (2**DROPOUT_MASK_BITS - 1)
+        keep = lanes >= round(self.p * 2**DROPOUT_MASK_BITS)
+        return hidden * keep.to(hidden.dtype).mul_(1 / (1 - self.p))
+
+
+def use_cpu_fast_dropout(model: torch.nn.Module) -> torch.nn.Module:
+    """Every ``torch.nn.Dropout`` module of ``model`` (the model's own, LoRA's, an adapter's) replaced by a
+    :class:`CpuFastDropout` of the same probability. Functional dropout (inside SDPA, say) is left alone."""
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if type(child) is torch.nn.Dropout:
+                setattr(module, name, CpuFastDropout(child.p, child.inplace).train(child.training))
+    return model

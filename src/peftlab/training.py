@@ -36,7 +36,7 @@ from transformers.trainer_utils import IntervalStrategy
 from .cli import parse_dataclasses
 from .data import VALIDATION_SEED, check_validation_ratio, hold_out_validation, load_data, take_slice, tokenize
 from .errors import InvalidArgument, TrainingDiverged, exit_on_user_error
-from .hardware import MATH_ATTENTION_MAX_LENGTH, attention_kernels, bf16_helps
+from .hardware import MATH_ATTENTION_MAX_LENGTH, attention_kernels, bf16_helps, use_cpu_fast_dropout
 from .methods import (
     MethodArguments,
     frozen_weights_dtype,
@@ -119,6 +119,12 @@ class ModelArguments:
                           "trainable parameters, the head and AdamW states are float32 whatever it is. auto: "
                           "bfloat16 with --bf16 (autocast computes the frozen matmuls in bf16 anyway), else "
                           "float32. Full fine-tuning always loads float32."})
+    cpu_fast_dropout: bool = field(
+        default=True,
+        metadata={"help": "On CPU, dropout modules (the model's, LoRA's, an adapter's) draw their masks four elements "
+                          "per 64-bit random word instead of one random number per element (PyTorch's bernoulli_): "
+                          "same distribution (p rounded to a multiple of 2^-15), other random numbers. An MPNet "
+                          "LoRA r=16 step 1.13x faster on the AMX Xeon. False: torch.nn.Dropout."})
 
     def __post_init__(self):
         if self.cpu_math_attention_max_length < 0:
@@ -467,6 +473,8 @@ def run(data_args: DataArguments, model_args: ModelArguments, method_args: Metho
                             **({"attn_implementation": model_args.attn_implementation}
                                if model_args.attn_implementation else {}))
     model = upcast_trainable(method.wrap(model, method_args))
+    if model_args.cpu_fast_dropout:
+        model = use_cpu_fast_dropout(model)
     counts = parameter_counts(model)
     logger.info("Method %s: %d of %d parameters train (%.4f%%)", method.name, counts["trainable_params"],
                 counts["total_params"], counts["trainable_percent"])
