@@ -68,9 +68,9 @@ def attention_kernels(tokens_per_row: int | None, device_type: str,
 
 
 # PyTorch draws a CPU dropout mask one random number per element (bernoulli_: 5-7 ns per element on one thread of
-# the AMX Xeon and the AMD EPYC), which made dropout 22% of an MPNet LoRA r=16 step on the AMX host
-# (benchmarks/results/profile_amx_mpnet_lora-r16.md). Four 15-bit draws from each 64-bit random word cost about a
-# fifth of that; the keep probability is rounded to a multiple of 2^-15.
+# the AMX Xeon), which made dropout 19% of an MPNet LoRA r=16 step there (benchmarks/results/
+# profile_amx_mpnet_lora-r16_fast_dropout0.md). Four 15-bit draws from each 64-bit random word take a fifth of
+# that time (..._fast_dropout1.md); the keep probability is rounded to a multiple of 2^-15.
 DROPOUT_MASK_BITS = 15
 
 

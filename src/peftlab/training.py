@@ -124,7 +124,7 @@ class ModelArguments:
         metadata={"help": "On CPU, dropout modules (the model's, LoRA's, an adapter's) draw their masks four elements "
                           "per 64-bit random word instead of one random number per element (PyTorch's bernoulli_): "
                           "same distribution (p rounded to a multiple of 2^-15), other random numbers. An MPNet "
-                          "LoRA r=16 step 1.13x faster on the AMX Xeon. False: torch.nn.Dropout."})
+                          "LoRA r=16 step 1.12x faster on the AMX Xeon. False: torch.nn.Dropout."})
 
     def __post_init__(self):
         if self.cpu_math_attention_max_length < 0:
