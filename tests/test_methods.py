@@ -288,3 +288,37 @@ def test_cpu_fast_dropout_replaces_every_dropout_module_and_changes_no_evaluatio
     assert not [module for module in fast.modules() if type(module) is torch.nn.Dropout]
     assert [module.p for module in fast.modules() if isinstance(module, CpuFastDropout)] == rates
     assert torch.equal(fast(**inputs).logits, before)
+
+
+@pytest.mark.parametrize("arch", ["mpnet", "qwen2"])
+def test_lora_on_bf16_frozen_weights_skips_the_input_upcast_with_the_same_numbers(arch, tiny_models):
+    """With frozen weights in bf16, LoRA layers keep their bf16 inputs (peft would cast them to fp32, and autocast
+    back to bf16 for the matmul): with CpuFastDropout on the LoRA input, the same loss and gradients bit for bit."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from peftlab.hardware import use_cpu_fast_dropout
+    from peftlab.methods import upcast_trainable
+
+    torch.manual_seed(0)
+    tokenizer, model = get_model(tiny_models[arch], 3, LABELS, dtype=torch.bfloat16)
+    model = upcast_trainable(get_method("lora").wrap(model, MethodArguments(tuning_method="lora")))
+    model = use_cpu_fast_dropout(model)
+    layers = [module for module in model.modules() if isinstance(module, BaseTunerLayer)]
+    assert layers and not any(layer.cast_input_dtype_enabled for layer in layers)
+    model.train()
+    results = {}
+    for cast in (False, True):
+        for layer in layers:
+            layer.cast_input_dtype_enabled = cast
+        model.zero_grad()
+        torch.manual_seed(1)  # the same dropout masks
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(**batch(tokenizer)).loss
+        loss.backward()
+        results[cast] = (loss.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad])
+    assert torch.equal(results[False][0], results[True][0])
+    assert all(torch.equal(a, b) for a, b in zip(results[False][1], results[True][1], strict=True))
+
+    _, fp32_model = get_model(tiny_models[arch], 3, LABELS)  # frozen fp32 weights: peft's casting stays
+    fp32_model = upcast_trainable(get_method("lora").wrap(fp32_model, MethodArguments(tuning_method="lora")))
+    assert all(module.cast_input_dtype_enabled for module in fp32_model.modules() if isinstance(module, BaseTunerLayer))

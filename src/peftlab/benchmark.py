@@ -140,11 +140,12 @@ def _train_flops_per_token(model, trainable: int, seq_len: float) -> float:
 
 def real_setup(model_name: str, method: str, bf16: bool, frozen_weights_dtype: str, padding: str, batch_size: int,
                max_length: int, count: int, data_dir: str | None = None, attn_implementation: str | None = None,
-               gradient_checkpointing: bool = False, fast_dropout: bool = True):
+               gradient_checkpointing: bool = False, fast_dropout: bool = True, lora_input_upcast: bool = False):
     """A model built as train.py builds it (frozen weights in ``frozen_weights_dtype``, resolved as
     ``--frozen_weights_dtype`` is; with ``gradient_checkpointing`` as ``--gradient_checkpointing True
-    --gradient_checkpointing_kwargs '{"use_reentrant": false}'`` sets it; ``fast_dropout`` as ``--cpu_fast_dropout``)
-    and ``count`` batches of real
+    --gradient_checkpointing_kwargs '{"use_reentrant": false}'`` sets it; ``fast_dropout`` as ``--cpu_fast_dropout``;
+    ``lora_input_upcast``: peft's cast of LoRA inputs to fp32 kept, as before train.py skipped it on bf16 frozen
+    weights) and ``count`` batches of real
     restaurant rows with their labels. Returns the model, its method, the batches and the frozen dtype."""
     from .data import get_dataset
     from .methods import frozen_weights_dtype as resolve_frozen_dtype
@@ -157,6 +158,12 @@ def real_setup(model_name: str, method: str, bf16: bool, frozen_weights_dtype: s
     tokenizer, model = get_model(model_name, 3, attn_implementation=attn_implementation, dtype=frozen_dtype)
     rows = get_dataset("restaurant_sup", default_sep_token(tokenizer), data_dir=data_dir)["train"].shuffle(seed=0)
     model = upcast_trainable(tuning.wrap(model, args))
+    if lora_input_upcast:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        for module in model.modules():
+            if isinstance(module, BaseTunerLayer):
+                module.cast_input_dtype_enabled = True
     if fast_dropout:
         model = use_cpu_fast_dropout(model)
     if gradient_checkpointing:
@@ -171,7 +178,7 @@ def real_setup(model_name: str, method: str, bf16: bool, frozen_weights_dtype: s
 def measure(model_name: str, method: str, precision: str, padding: str, batch_size: int, steps: int,
             warmup: int, threads: int, data_dir: str | None, max_length: int, fused_adamw: bool = False,
             attn_implementation: str | None = None, frozen_weights_dtype: str = "auto",
-            gradient_checkpointing: bool = False, fast_dropout: bool = True) -> dict:
+            gradient_checkpointing: bool = False, fast_dropout: bool = True, lora_input_upcast: bool = False) -> dict:
     """One configuration, in this process, on :func:`real_setup`'s model and batches."""
     from .methods import parameter_counts
     from .models import dtype_name
@@ -181,7 +188,8 @@ def measure(model_name: str, method: str, precision: str, padding: str, batch_si
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     model, tuning, batches, frozen_dtype = real_setup(model_name, method, precision == "bf16", frozen_weights_dtype,
                                                       padding, batch_size, max_length, warmup + steps, data_dir,
-                                                      attn_implementation, gradient_checkpointing, fast_dropout)
+                                                      attn_implementation, gradient_checkpointing, fast_dropout,
+                                                      lora_input_upcast)
     counts = parameter_counts(model)
     times = measuring_loop(model, tuning, batches, warmup, bf16=precision == "bf16", fused_adamw=fused_adamw)
     step_times = times["train"]
@@ -194,7 +202,8 @@ def measure(model_name: str, method: str, precision: str, padding: str, batch_si
         "model": model_name, "method": method, "precision": precision, "padding": padding,
         "batch_size": batch_size, "threads": threads, "fused_adamw": fused_adamw,
         "attn_implementation": model.config._attn_implementation, "frozen_weights_dtype": dtype_name(frozen_dtype),
-        "gradient_checkpointing": gradient_checkpointing, "fast_dropout": fast_dropout, **counts,
+        "gradient_checkpointing": gradient_checkpointing, "fast_dropout": fast_dropout,
+        "lora_input_upcast": lora_input_upcast, **counts,
         "train_step_s": quartiles(step_times),
         # the issue's bound on the frozen layers' backward pass: at most 1.3x the forward
         "backward_over_forward": statistics.median(
@@ -403,7 +412,7 @@ def device_table(results: list[dict]) -> str:
 
 def markdown(results: list[dict], peaks: dict) -> str:
     header = ["model", "method", "precision", "frozen weights", "checkpointing", "padding", "attention", "dropout",
-              "threads", "AdamW",
+              "LoRA input", "threads", "AdamW",
               "train ex/s", "train tokens/s", "step s (median [q1, q3])", "backward / forward", "% of matmul peak",
               "infer ex/s", "merged infer ex/s", "trainable %", "peak RSS MB"]
     rows = []
@@ -413,7 +422,9 @@ def markdown(results: list[dict], peaks: dict) -> str:
         merged = f"{r['merged_infer_examples_per_s']:.1f}" if "merged_infer_examples_per_s" in r else "–"
         rows.append([r["model"], r["method"], r["precision"], r.get("frozen_weights_dtype", "float32"),
                      "yes" if r.get("gradient_checkpointing") else "no", r["padding"],
-                     r.get("attn_implementation", "sdpa"), "fast" if r.get("fast_dropout") else "torch", r["threads"],
+                     r.get("attn_implementation", "sdpa"), "fast" if r.get("fast_dropout") else "torch",
+                     ("fp32 cast" if r.get("lora_input_upcast", True) else "as is")
+                     if r.get("frozen_weights_dtype") == "bfloat16" else "–", r["threads"],
                      "fused" if r.get("fused_adamw") else "foreach", f"{r['train_examples_per_s']:.1f}",
                      f"{r['train_tokens_per_s']:.0f}", f"{step['median']:.3f} [{step['q1']:.3f}, {step['q3']:.3f}]",
                      f"{r['backward_over_forward']:.2f}" if "backward_over_forward" in r else "–",
@@ -440,6 +451,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="1: recompute activations in the backward pass (train.py's --gradient_checkpointing)")
     parser.add_argument("--fast_dropout", nargs="+", type=int, default=[1], choices=[0, 1],
                         help="1: dropout masks as train.py's --cpu_fast_dropout draws them, 0: torch.nn.Dropout")
+    parser.add_argument("--lora_input_upcast", nargs="+", type=int, default=[0], choices=[0, 1],
+                        help="1: peft casts LoRA inputs to fp32 (autocast casts them back), as before train.py "
+                             "skipped that on bf16 frozen weights; 0: train.py's way")
     parser.add_argument("--batch_size", type=positive_int, default=16)
     parser.add_argument("--steps", type=positive_int, default=8, help="timed steps per configuration")
     parser.add_argument("--warmup", type=non_negative_int, default=2)
@@ -456,16 +470,16 @@ def main(argv: list[str] | None = None) -> None:
         for method in args.methods:
             for precision in args.precisions:
                 for padding in args.paddings:
-                    for threads, fused, attention, frozen, checkpointing, fast_dropout in itertools.product(
+                    for threads, fused, attention, frozen, checkpointing, fast_dropout, upcast in itertools.product(
                             args.threads, args.fused_adamw, args.attn_implementations, args.frozen_weights_dtypes,
-                            args.gradient_checkpointing, args.fast_dropout):
+                            args.gradient_checkpointing, args.fast_dropout, args.lora_input_upcast):
                         config = dict(model_name=model, method=method, precision=precision, padding=padding,
                                       batch_size=args.batch_size, steps=args.steps, warmup=args.warmup,
                                       threads=threads, data_dir=args.data_dir, max_length=args.max_length,
                                       fused_adamw=bool(fused),
                                       attn_implementation=None if attention == "default" else attention,
                                       frozen_weights_dtype=frozen, gradient_checkpointing=bool(checkpointing),
-                                      fast_dropout=bool(fast_dropout))
+                                      fast_dropout=bool(fast_dropout), lora_input_upcast=bool(upcast))
                         result = call_in_fresh_process("peftlab.benchmark:measure", **config)
                         results.append(result)
                         print(markdown([result], peaks).splitlines()[-1], flush=True)

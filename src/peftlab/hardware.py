@@ -87,7 +87,9 @@ class CpuFastDropout(torch.nn.Dropout):
         words = torch.empty((count + 3) // 4, dtype=torch.int64).random_()
         lanes = words.view(torch.int16)[:count].view(hidden.shape) & (2**DROPOUT_MASK_BITS - 1)
         keep = lanes >= round(self.p * 2**DROPOUT_MASK_BITS)
-        return hidden * keep.to(hidden.dtype).mul_(1 / (1 - self.p))
+        # the scale applied to the masked values, not folded into a bf16 mask (1/0.9 rounds to 1.109 in bf16, as
+        # torch.nn.Dropout's mask does): one rounding, the numbers an fp32 dropout cast to bf16 gives
+        return (hidden * keep.to(hidden.dtype)).mul_(1 / (1 - self.p))
 
 
 def use_cpu_fast_dropout(model: torch.nn.Module) -> torch.nn.Module:
