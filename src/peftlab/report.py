@@ -36,6 +36,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
+from matplotlib.ticker import LogLocator, NullFormatter  # noqa: E402
 
 from .markdown import table  # noqa: E402
 from .methods import LORA_DEFAULT_TARGETS, baseline_label, get_method, method_argument_fields, method_sort_key  # noqa: E402
@@ -450,6 +451,13 @@ def plot_sweeps(studies: list, path: Path) -> Path | None:
                 lr, score, epochs = zip(*points, strict=True)
                 axis.scatter(lr, score, c=epochs, cmap="viridis", vmin=2, vmax=20, s=36, marker=marker)
         axis.set_xscale("log")
+        # labelled ticks at 1 and 3 per decade: matplotlib labels every minor tick of a range under a decade wide,
+        # and at this width those labels (2x10^-5, 3x10^-5, ...) overlap
+        axis.xaxis.set_major_locator(LogLocator(subs=(1.0, 3.0)))
+        axis.xaxis.set_minor_formatter(NullFormatter())
+        if not scored:
+            axis.text(0.5, 0.5, "no finished trial yet", transform=axis.transAxes, ha="center", color="grey")
+            axis.set_xticks([])
         axis.set_title(study.study_name, fontsize=9)
         axis.set_xlabel("learning rate")
         axis.grid(alpha=0.3)
