@@ -324,6 +324,15 @@ def test_the_sweep_table_sets_the_selected_trial_beside_the_cells_seeds(tmp_path
     assert row == ("| m-acl_sup-full | m/acl_sup/full | 2 complete, 1 fail, 1 killed and retried, "
                    "2 unfinished | 60.0 (trial 1: learning_rate 0.0003) | trial 1 | 52.0 [34.1, 69.9] (n=3) |")
 
+    # a best setting in the outer tenth of its range (log scale for the learning rate) is flagged, and explained
+    epochs = {"num_train_epochs": optuna.distributions.IntDistribution(2, 20)}
+    study.add_trial(optuna.trial.create_trial(params={"learning_rate": 8e-4, "num_train_epochs": 3},
+                                              distributions={**distributions, **epochs}, value=0.7))
+    text = sweep_section([study], selection, None, collect(results))
+    assert ("70.0 (trial 6: learning_rate 0.0008 [top of 1e-05..0.001], num_train_epochs 3 [bottom of 2..20])"
+            in text.splitlines()[2])
+    assert "outer tenth of the searched range" in text
+
 
 def test_the_configuration_table_shows_modules_trained_beside_a_method(tmp_path):
     from peftlab.report import configuration_section

@@ -494,13 +494,38 @@ def sweep_section(studies: list, selection: dict, figure: Path | None, runs: lis
         cell, entry = chosen.get(study.study_name, (study.user_attrs.get("cell", "–"), None))
         rows.append([study.study_name, cell, ", ".join(f"{n} {state}" for state, n in sorted(states.items())),
                      f"{100 * best.value:.1f} (trial {best.number}: "
-                     + ", ".join(f"{key} {_setting(value)}" for key, value in best.params.items()) + ")"
-                     if best else "–",
+                     + ", ".join(f"{key} {_setting(value)}{_range_edge(best, key)}"
+                                 for key, value in best.params.items()) + ")" if best else "–",
                      f"trial {entry['trial']}" if entry else "–",
                      interval_text(seeds_validation[cell]) if entry and seeds_validation[cell] else "–"])
     text = table(["study", "cell it selects for", "trials", "best validation macro-F1 so far", "selected",
                   "the cell's seeds at the selected settings: validation macro-F1"], rows)
+    if "[top of" in text or "[bottom of" in text:
+        text += "\n[top of ...], [bottom of ...]: in the outer tenth of the searched range; the best may lie beyond.\n"
     return text + (f"\n![sweeps](figures/{figure.name})\n" if figure else "")
+
+
+EDGE_FRACTION = 0.1  # a setting this close to a bound of its searched range, as a fraction of the range, is flagged
+
+
+def _range_edge(trial, key: str) -> str:
+    """`` [top of LOW..HIGH]`` or `` [bottom of ...]`` where ``trial``'s numeric setting ``key`` lies within
+    EDGE_FRACTION of a bound of its distribution (log-scaled for a log-uniform one), else nothing."""
+    import optuna
+
+    distribution = trial.distributions.get(key)
+    if not isinstance(distribution, optuna.distributions.FloatDistribution | optuna.distributions.IntDistribution):
+        return ""
+    low, high, value = distribution.low, distribution.high, trial.params[key]
+    if distribution.log:
+        low, high, value = math.log(low), math.log(high), math.log(value)
+    if high == low:
+        return ""
+    position = (value - low) / (high - low)
+    bounds = f"{_setting(distribution.low)}..{_setting(distribution.high)}"
+    if position >= 1 - EDGE_FRACTION:
+        return f" [top of {bounds}]"
+    return f" [bottom of {bounds}]" if position <= EDGE_FRACTION else ""
 
 
 def _trial_state(trial, study) -> str:
