@@ -68,7 +68,8 @@ def quartiles(values: list[float]) -> dict:
 
 
 def measuring_loop(model, tuning, batches: list[dict], warmup: int, device: str = "cpu", bf16: bool = True,
-                   fused_adamw: bool = False, serve: bool = True, after_training=None) -> dict[str, list[float]]:
+                   fused_adamw: bool = False, serve: bool = True, after_training=None,
+                   optimizer: torch.optim.Optimizer | None = None) -> dict[str, list[float]]:
     """The one measuring loop of the benchmark and the memory checks.
 
     AdamW steps over ``batches`` (each holding its labels), with bf16 autocast if asked; then, with
@@ -76,8 +77,10 @@ def measuring_loop(model, tuning, batches: list[dict], warmup: int, device: str 
     Returns seconds per batch under ``train``, ``infer`` and ``merged_infer``, the first ``warmup`` left
     out, and the train step's ``forward`` and ``backward`` parts (on CPU only: timing them apart on CUDA
     would add a synchronisation); on CUDA each call waits for the device. ``after_training()`` runs between
-    the two phases (the device check reads its training peak there)."""
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=fused_adamw)
+    the two phases (the device check reads its training peak there). ``optimizer``: one that earlier calls
+    stepped (its state already allocated), instead of a new AdamW."""
+    if optimizer is None:
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=fused_adamw)
     parts = {"forward": [], "backward": []}
 
     def autocast():
