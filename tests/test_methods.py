@@ -189,6 +189,7 @@ def test_head_trains_even_when_the_checkpoint_has_one(method, tiny_models, tmp_p
 def test_frozen_weights_in_bf16_train_in_fp32(arch, method, tiny_models):
     """Loaded in bfloat16 (--frozen_weights_dtype): the frozen weights stay bf16 and unchanged, every trainable
     parameter (method and head) is fp32 and moves, and the bf16-autocast step matches fp32-frozen weights'."""
+    from peftlab.errors import InvalidArgument
     from peftlab.methods import frozen_weights_dtype, upcast_trainable
 
     args = MethodArguments(tuning_method=method)
@@ -196,6 +197,8 @@ def test_frozen_weights_in_bf16_train_in_fp32(arch, method, tiny_models):
     assert frozen_weights_dtype(tuning, "auto", bf16=True) == torch.bfloat16
     assert frozen_weights_dtype(tuning, "auto", bf16=False) == torch.float32
     assert frozen_weights_dtype(tuning, "float32", bf16=True) == torch.float32
+    with pytest.raises(InvalidArgument, match="needs --bf16 True"):
+        frozen_weights_dtype(tuning, "bfloat16", bf16=False)
     losses = {}
     for dtype in (torch.float32, torch.bfloat16):
         torch.manual_seed(0)

@@ -352,6 +352,9 @@ def frozen_weights_dtype(method: TuningMethod, requested: str, bf16: bool) -> to
         return torch.float32
     if requested == "auto":
         return torch.bfloat16 if bf16 else torch.float32
+    if requested == "bfloat16" and not bf16:
+        # without autocast the bf16 frozen layers would meet the fp32 trainable ones in one matmul
+        raise InvalidArgument("--frozen_weights_dtype bfloat16 needs --bf16 True (bf16 autocast)")
     return FROZEN_DTYPES[requested]
 
 

@@ -118,7 +118,7 @@ class ModelArguments:
                   "help": "dtype the checkpoint loads in for a method that freezes weights (LoRA, IA3, adapters); "
                           "trainable parameters, the head and AdamW states are float32 whatever it is. auto: "
                           "bfloat16 with --bf16 (autocast computes the frozen matmuls in bf16 anyway), else "
-                          "float32. Full fine-tuning always loads float32."})
+                          "float32; bfloat16 needs --bf16. Full fine-tuning always loads float32."})
     cpu_fast_dropout: bool = field(
         default=True,
         metadata={"help": "On CPU, dropout modules (the model's, LoRA's, an adapter's) draw their masks four elements "
