@@ -144,12 +144,12 @@ def _train_flops_per_token(model, trainable: int, seq_len: float) -> float:
 def real_setup(model_name: str, method: str, bf16: bool, frozen_weights_dtype: str, padding: str, batch_size: int,
                max_length: int, count: int, data_dir: str | None = None, attn_implementation: str | None = None,
                gradient_checkpointing: bool = False, fast_dropout: bool = True, lora_input_upcast: bool = False):
-    """A model built as train.py builds it (frozen weights in ``frozen_weights_dtype``, resolved as
-    ``--frozen_weights_dtype`` is; with ``gradient_checkpointing`` as ``--gradient_checkpointing True
-    --gradient_checkpointing_kwargs '{"use_reentrant": false}'`` sets it; ``fast_dropout`` as ``--cpu_fast_dropout``;
-    ``lora_input_upcast``: peft's cast of LoRA inputs to fp32 kept, as before train.py skipped it on bf16 frozen
-    weights) and ``count`` batches of real
-    restaurant rows with their labels. Returns the model, its method, the batches and the frozen dtype."""
+    """A model built as train.py builds it and ``count`` batches of real restaurant rows with their labels:
+    (model, its method, batches, frozen weights' dtype). Frozen weights in ``frozen_weights_dtype``, resolved as
+    ``--frozen_weights_dtype`` is; ``gradient_checkpointing`` as ``--gradient_checkpointing True
+    --gradient_checkpointing_kwargs '{"use_reentrant": false}'`` sets it; ``fast_dropout`` as
+    ``--cpu_fast_dropout``; ``lora_input_upcast`` keeps peft's cast of LoRA inputs to fp32, which train.py skips
+    on bf16 frozen weights (the before of that change)."""
     from .data import get_dataset
     from .methods import frozen_weights_dtype as resolve_frozen_dtype
     from .methods import get_method, method_from_label, upcast_trainable
