@@ -51,10 +51,10 @@ def test_measure_compares_attention_kernels_and_dropout(tiny_models, real_data_d
 
     table = markdown(results, {"fp32": 1e11, "bf16": 4e11, "threads": 1}).splitlines()
     assert table[0].startswith("| model | method | precision | frozen weights | checkpointing | padding | attention | "
-                               "dropout | LoRA input |")
+                               "dropout | LoRA input | RMSNorm |")
     # LoRA under bf16 loads its frozen weights in bf16, as train.py's --frozen_weights_dtype auto does
-    assert "| lora-r8 | bf16 | bfloat16 | no | dynamic | eager | fast | as is | 1 |" in table[3]
-    assert "| lora-r8 | bf16 | bfloat16 | no | dynamic | eager | torch | as is | 1 |" in table[4]
+    assert "| lora-r8 | bf16 | bfloat16 | no | dynamic | eager | fast | as is | eager | 1 |" in table[3]
+    assert "| lora-r8 | bf16 | bfloat16 | no | dynamic | eager | torch | as is | eager | 1 |" in table[4]
 
 
 def test_stock_recipe_summary_states_speed_up_and_paired_quality():

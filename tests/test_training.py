@@ -253,3 +253,20 @@ def test_cpu_fast_dropout_is_on_by_default_recorded_and_switchable(tmp_path, tin
     assert runs["fast"] == pytest.approx(runs["torch"], abs=0.2)  # the same training, other masks
     for name, flag in (("fast", True), ("torch", False)):
         assert json.loads((tmp_path / name / "run.json").read_text())["model_args"]["cpu_fast_dropout"] is flag
+
+
+def test_compiled_rms_norms_train_as_the_eager_ones(tmp_path, tiny_models, fixture_data_dir):
+    """--cpu_compile_rms_norm fuses each RMSNorm of a decoder (Llama, Qwen2) into one compiled kernel: the same
+    losses up to float rounding, the same scores; encoders have none to compile."""
+    from peftlab.hardware import compile_rms_norms
+    from peftlab.models import get_model
+
+    for arch, expected in (("qwen2", 5), ("llama", 5), ("bert", 0)):  # 2 layers x 2 norms + the final one
+        _, model = get_model(tiny_models[arch], 3)
+        assert compile_rms_norms(model) == expected
+    eager, eager_losses = tiny_decoder_run(tmp_path / "eager", tiny_models, fixture_data_dir, "lora")
+    compiled, compiled_losses = tiny_decoder_run(tmp_path / "compiled", tiny_models, fixture_data_dir, "lora",
+                                                 "--cpu_compile_rms_norm", "True")
+    assert compiled_losses == pytest.approx(eager_losses, abs=2e-3)
+    assert compiled["macro_f1"] == pytest.approx(eager["macro_f1"], abs=1e-6)
+    assert json.loads((tmp_path / "compiled" / "run.json").read_text())["model_args"]["cpu_compile_rms_norm"] is True

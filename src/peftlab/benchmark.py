@@ -28,7 +28,7 @@ import torch
 from transformers import AutoModelForSequenceClassification
 
 from .cli import non_negative_int, positive_int
-from .hardware import attention_kernels, cpu_model, use_cpu_fast_dropout
+from .hardware import attention_kernels, compile_rms_norms, cpu_model, use_cpu_fast_dropout
 from .isolated import call_in_fresh_process
 from .markdown import table
 from .memory import GIB, estimate, load_config
@@ -143,13 +143,14 @@ def _train_flops_per_token(model, trainable: int, seq_len: float) -> float:
 
 def real_setup(model_name: str, method: str, bf16: bool, frozen_weights_dtype: str, padding: str, batch_size: int,
                max_length: int, count: int, data_dir: str | None = None, attn_implementation: str | None = None,
-               gradient_checkpointing: bool = False, fast_dropout: bool = True, lora_input_upcast: bool = False):
+               gradient_checkpointing: bool = False, fast_dropout: bool = True, lora_input_upcast: bool = False,
+               compile_rms_norm: bool = False):
     """A model built as train.py builds it and ``count`` batches of real restaurant rows with their labels:
     (model, its method, batches, frozen weights' dtype). Frozen weights in ``frozen_weights_dtype``, resolved as
     ``--frozen_weights_dtype`` is; ``gradient_checkpointing`` as ``--gradient_checkpointing True
     --gradient_checkpointing_kwargs '{"use_reentrant": false}'`` sets it; ``fast_dropout`` as
     ``--cpu_fast_dropout``; ``lora_input_upcast`` keeps peft's cast of LoRA inputs to fp32, which train.py skips
-    on bf16 frozen weights (the before of that change)."""
+    on bf16 frozen weights (the before of that change); ``compile_rms_norm`` as ``--cpu_compile_rms_norm``."""
     from .data import get_dataset
     from .methods import frozen_weights_dtype as resolve_frozen_dtype
     from .methods import get_method, method_from_label, upcast_trainable
@@ -169,6 +170,8 @@ def real_setup(model_name: str, method: str, bf16: bool, frozen_weights_dtype: s
                 module.cast_input_dtype_enabled = True
     if fast_dropout:
         model = use_cpu_fast_dropout(model)
+    if compile_rms_norm:
+        compile_rms_norms(model)
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     batches = _batches(tokenizer, list(rows["text"]), batch_size, padding, max_length, count)
@@ -181,7 +184,8 @@ def real_setup(model_name: str, method: str, bf16: bool, frozen_weights_dtype: s
 def measure(model_name: str, method: str, precision: str, padding: str, batch_size: int, steps: int,
             warmup: int, threads: int, data_dir: str | None, max_length: int, fused_adamw: bool = False,
             attn_implementation: str | None = None, frozen_weights_dtype: str = "auto",
-            gradient_checkpointing: bool = False, fast_dropout: bool = True, lora_input_upcast: bool = False) -> dict:
+            gradient_checkpointing: bool = False, fast_dropout: bool = True, lora_input_upcast: bool = False,
+            compile_rms_norm: bool = False) -> dict:
     """One configuration, in this process, on :func:`real_setup`'s model and batches."""
     from .methods import parameter_counts
     from .models import dtype_name
@@ -192,7 +196,7 @@ def measure(model_name: str, method: str, precision: str, padding: str, batch_si
     model, tuning, batches, frozen_dtype = real_setup(model_name, method, precision == "bf16", frozen_weights_dtype,
                                                       padding, batch_size, max_length, warmup + steps, data_dir,
                                                       attn_implementation, gradient_checkpointing, fast_dropout,
-                                                      lora_input_upcast)
+                                                      lora_input_upcast, compile_rms_norm)
     counts = parameter_counts(model)
     times = measuring_loop(model, tuning, batches, warmup, bf16=precision == "bf16", fused_adamw=fused_adamw)
     step_times = times["train"]
@@ -206,7 +210,7 @@ def measure(model_name: str, method: str, precision: str, padding: str, batch_si
         "batch_size": batch_size, "threads": threads, "fused_adamw": fused_adamw,
         "attn_implementation": model.config._attn_implementation, "frozen_weights_dtype": dtype_name(frozen_dtype),
         "gradient_checkpointing": gradient_checkpointing, "fast_dropout": fast_dropout,
-        "lora_input_upcast": lora_input_upcast, **counts,
+        "lora_input_upcast": lora_input_upcast, "compile_rms_norm": compile_rms_norm, **counts,
         "train_step_s": quartiles(step_times),
         # the issue's bound on the frozen layers' backward pass: at most 1.3x the forward
         "backward_over_forward": statistics.median(
@@ -415,7 +419,7 @@ def device_table(results: list[dict]) -> str:
 
 def markdown(results: list[dict], peaks: dict) -> str:
     header = ["model", "method", "precision", "frozen weights", "checkpointing", "padding", "attention", "dropout",
-              "LoRA input", "threads", "AdamW",
+              "LoRA input", "RMSNorm", "threads", "AdamW",
               "train ex/s", "train tokens/s", "step s (median [q1, q3])", "backward / forward", "% of matmul peak",
               "infer ex/s", "merged infer ex/s", "trainable %", "peak RSS MB"]
     rows = []
@@ -427,7 +431,8 @@ def markdown(results: list[dict], peaks: dict) -> str:
                      "yes" if r.get("gradient_checkpointing") else "no", r["padding"],
                      r.get("attn_implementation", "sdpa"), "fast" if r.get("fast_dropout") else "torch",
                      ("fp32 cast" if r.get("lora_input_upcast", True) else "as is")
-                     if r.get("frozen_weights_dtype") == "bfloat16" else "–", r["threads"],
+                     if r.get("frozen_weights_dtype") == "bfloat16" else "–",
+                     "compiled" if r.get("compile_rms_norm") else "eager", r["threads"],
                      "fused" if r.get("fused_adamw") else "foreach", f"{r['train_examples_per_s']:.1f}",
                      f"{r['train_tokens_per_s']:.0f}", f"{step['median']:.3f} [{step['q1']:.3f}, {step['q3']:.3f}]",
                      f"{r['backward_over_forward']:.2f}" if "backward_over_forward" in r else "–",
@@ -457,6 +462,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lora_input_upcast", nargs="+", type=int, default=[0], choices=[0, 1],
                         help="1: peft casts LoRA inputs to fp32 (autocast casts them back), as before train.py "
                              "skipped that on bf16 frozen weights; 0: train.py's way")
+    parser.add_argument("--compile_rms_norm", nargs="+", type=int, default=[0], choices=[0, 1],
+                        help="1: RMSNorm modules compiled, as train.py's --cpu_compile_rms_norm; 0: eager")
     parser.add_argument("--batch_size", type=positive_int, default=16)
     parser.add_argument("--steps", type=positive_int, default=8, help="timed steps per configuration")
     parser.add_argument("--warmup", type=non_negative_int, default=2)
@@ -473,16 +480,18 @@ def main(argv: list[str] | None = None) -> None:
         for method in args.methods:
             for precision in args.precisions:
                 for padding in args.paddings:
-                    for threads, fused, attention, frozen, checkpointing, fast_dropout, upcast in itertools.product(
-                            args.threads, args.fused_adamw, args.attn_implementations, args.frozen_weights_dtypes,
-                            args.gradient_checkpointing, args.fast_dropout, args.lora_input_upcast):
+                    for threads, fused, attention, frozen, checkpointing, fast_dropout, upcast, norms in \
+                            itertools.product(args.threads, args.fused_adamw, args.attn_implementations,
+                                              args.frozen_weights_dtypes, args.gradient_checkpointing,
+                                              args.fast_dropout, args.lora_input_upcast, args.compile_rms_norm):
                         config = dict(model_name=model, method=method, precision=precision, padding=padding,
                                       batch_size=args.batch_size, steps=args.steps, warmup=args.warmup,
                                       threads=threads, data_dir=args.data_dir, max_length=args.max_length,
                                       fused_adamw=bool(fused),
                                       attn_implementation=None if attention == "default" else attention,
                                       frozen_weights_dtype=frozen, gradient_checkpointing=bool(checkpointing),
-                                      fast_dropout=bool(fast_dropout), lora_input_upcast=bool(upcast))
+                                      fast_dropout=bool(fast_dropout), lora_input_upcast=bool(upcast),
+                                      compile_rms_norm=bool(norms))
                         result = call_in_fresh_process("peftlab.benchmark:measure", **config)
                         results.append(result)
                         print(markdown([result], peaks).splitlines()[-1], flush=True)

