@@ -267,6 +267,11 @@ def test_compiled_rms_norms_train_as_the_eager_ones(tmp_path, tiny_models, fixtu
     eager, eager_losses = tiny_decoder_run(tmp_path / "eager", tiny_models, fixture_data_dir, "lora")
     compiled, compiled_losses = tiny_decoder_run(tmp_path / "compiled", tiny_models, fixture_data_dir, "lora",
                                                  "--cpu_compile_rms_norm", "True")
+    # and where the 1.5B decoder's runs recompute activations in the backward pass, through the compiled norms
+    _, recomputed_losses = tiny_decoder_run(
+        tmp_path / "recomputed", tiny_models, fixture_data_dir, "lora", "--cpu_compile_rms_norm", "True",
+        "--gradient_checkpointing", "True", "--gradient_checkpointing_kwargs", '{"use_reentrant": false}')
     assert compiled_losses == pytest.approx(eager_losses, abs=2e-3)
+    assert recomputed_losses == pytest.approx(eager_losses, abs=2e-3)
     assert compiled["macro_f1"] == pytest.approx(eager["macro_f1"], abs=1e-6)
     assert json.loads((tmp_path / "compiled" / "run.json").read_text())["model_args"]["cpu_compile_rms_norm"] is True
