@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from peftlab.benchmark import matmul_peak, measuring_loop, real_setup
+from peftlab.benchmark import adamw, matmul_peak, measuring_loop, real_setup
 from peftlab.cli import positive_int
 from peftlab.hardware import cpu_model, native_bf16
 
@@ -40,7 +40,7 @@ def main() -> None:
     model, tuning, batches, _ = real_setup(args.model, args.method, True, "auto", "dynamic", 16, 256,
                                            args.warmup + args.steps, fast_dropout=bool(args.fast_dropout))
     # one optimizer for both calls: its state is allocated in the warm-up, not in the first profiled step
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=True)
+    optimizer = adamw(model, fused=True)
     measuring_loop(model, tuning, batches[:args.warmup], 0, serve=False, optimizer=optimizer)
     start = time.perf_counter()
     with profile(activities=[ProfilerActivity.CPU]) as profiler:

@@ -67,6 +67,11 @@ def quartiles(values: list[float]) -> dict:
     return {"median": q[1], "q1": q[0], "q3": q[2], "n": len(values)}
 
 
+def adamw(model, fused: bool) -> torch.optim.AdamW:
+    """The benchmark's optimizer: AdamW over the trainable parameters."""
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=fused)
+
+
 def measuring_loop(model, tuning, batches: list[dict], warmup: int, device: str = "cpu", bf16: bool = True,
                    fused_adamw: bool = False, serve: bool = True, after_training=None,
                    optimizer: torch.optim.Optimizer | None = None) -> dict[str, list[float]]:
@@ -80,7 +85,7 @@ def measuring_loop(model, tuning, batches: list[dict], warmup: int, device: str 
     the two phases (the device check reads its training peak there). ``optimizer``: one that earlier calls
     stepped (its state already allocated), instead of a new AdamW."""
     if optimizer is None:
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=fused_adamw)
+        optimizer = adamw(model, fused_adamw)
     parts = {"forward": [], "backward": []}
 
     def autocast():
@@ -152,8 +157,8 @@ def real_setup(model_name: str, method: str, bf16: bool, frozen_weights_dtype: s
     ``--cpu_fast_dropout``; ``lora_input_upcast`` keeps peft's cast of LoRA inputs to fp32, which train.py skips
     on bf16 frozen weights (the before of that change); ``compile_rms_norm`` as ``--cpu_compile_rms_norm``."""
     from .data import get_dataset
+    from .methods import cast_lora_inputs, get_method, method_from_label, upcast_trainable
     from .methods import frozen_weights_dtype as resolve_frozen_dtype
-    from .methods import get_method, method_from_label, upcast_trainable
     from .models import default_sep_token, get_model
 
     args = method_from_label(method)
@@ -163,11 +168,7 @@ def real_setup(model_name: str, method: str, bf16: bool, frozen_weights_dtype: s
     rows = get_dataset("restaurant_sup", default_sep_token(tokenizer), data_dir=data_dir)["train"].shuffle(seed=0)
     model = upcast_trainable(tuning.wrap(model, args))
     if lora_input_upcast:
-        from peft.tuners.tuners_utils import BaseTunerLayer
-
-        for module in model.modules():
-            if isinstance(module, BaseTunerLayer):
-                module.cast_input_dtype_enabled = True
+        cast_lora_inputs(model, True)
     if fast_dropout:
         model = use_cpu_fast_dropout(model)
     if compile_rms_norm:

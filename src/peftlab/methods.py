@@ -366,18 +366,23 @@ def upcast_trainable(model: torch.nn.Module) -> torch.nn.Module:
     bf16 inputs to their fp32 weights' dtype: autocast casts them back to bf16 for the matmul anyway, and those
     copies with their backward took 7% of an MPNet LoRA r=16 step on the AMX host. With ``CpuFastDropout`` on
     the LoRA input the losses are the same bit for bit (tests/test_methods.py)."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
     frozen_bf16 = False
     for param in model.parameters():
         if param.requires_grad and param.dtype != torch.float32:
             param.data = param.data.float()
         frozen_bf16 |= not param.requires_grad and param.dtype == torch.bfloat16
     if frozen_bf16:
-        for module in model.modules():
-            if isinstance(module, BaseTunerLayer):
-                module.cast_input_dtype_enabled = False
+        cast_lora_inputs(model, False)
     return model
+
+
+def cast_lora_inputs(model: torch.nn.Module, enabled: bool) -> None:
+    """peft's switch, on every LoRA (tuner) layer of ``model``: cast the layer's input to its weights' dtype."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for module in model.modules():
+        if isinstance(module, BaseTunerLayer):
+            module.cast_input_dtype_enabled = enabled
 
 
 def wrap_on_meta(config, args: MethodArguments) -> torch.nn.Module:

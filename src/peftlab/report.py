@@ -486,21 +486,23 @@ def sweep_section(studies: list, selection: dict, figure: Path | None, runs: lis
     for run in runs:
         if run.protocol == VALIDATION and "validation_macro_f1" in run.metrics:
             seeds_validation["/".join(run.cell)].append(run.metrics["validation_macro_f1"])
-    rows = []
+    rows, at_an_edge = [], False
     for study in studies:
         states = Counter(_trial_state(trial, study) for trial in study.trials)
         complete = [trial for trial in study.trials if trial.state.name == "COMPLETE"]
         best = max(complete, key=lambda trial: trial.value) if complete else None
         cell, entry = chosen.get(study.study_name, (study.user_attrs.get("cell", "–"), None))
+        edges = {key: _range_edge(best, key) for key in best.params} if best else {}
+        at_an_edge |= any(edges.values())
         rows.append([study.study_name, cell, ", ".join(f"{n} {state}" for state, n in sorted(states.items())),
                      f"{100 * best.value:.1f} (trial {best.number}: "
-                     + ", ".join(f"{key} {_setting(value)}{_range_edge(best, key)}"
-                                 for key, value in best.params.items()) + ")" if best else "–",
+                     + ", ".join(f"{key} {_setting(value)}{edges[key]}" for key, value in best.params.items()) + ")"
+                     if best else "–",
                      f"trial {entry['trial']}" if entry else "–",
                      interval_text(seeds_validation[cell]) if entry and seeds_validation[cell] else "–"])
     text = table(["study", "cell it selects for", "trials", "best validation macro-F1 so far", "selected",
                   "the cell's seeds at the selected settings: validation macro-F1"], rows)
-    if "[top of" in text or "[bottom of" in text:
+    if at_an_edge:
         text += "\n[top of ...], [bottom of ...]: in the outer tenth of the searched range; the best may lie beyond.\n"
     return text + (f"\n![sweeps](figures/{figure.name})\n" if figure else "")
 
