@@ -1,17 +1,17 @@
 #!/usr/bin/env bash
 # The validation protocol's evidence (issue 23) and the assignment grid (issue 24), test evaluated once per
-# run (configs/grids/assignment.yaml, results/assignment), model by model, cheapest first, so that each model's
-# row of the grid is complete before the next, costlier model starts (on a 2-core CPU MiniLM's row takes a few
-# hours, MPNet's tens, a decoder's more; every later model needs its own sweeps first anyway):
-# 1. its sweeps (configs/sweeps/<model>-*.yaml): every selection the model's other cells transfer from;
-# 2. its cells, in the grid command's order (peftlab.experiments.run_order): the swept cells' seeds first, then the
-#    others seed by seed (seed 1 of each, then seed 2, ...), so every cell has results before any has its last seed.
-# Then the bridge between the decoders (configs/grids/bridge.yaml: the 0.5B decoder's PEFT cells), last.
+# run (configs/grids/assignment.yaml, results/assignment), ordered so that a stop at any point leaves the most
+# cells covered (the whole grid takes more CPU hours than any one stretch of sessions):
+# 1. every model's sweeps (configs/sweeps/<model>-*.yaml), cheapest model first: the selections every cell's
+#    settings come from;
+# 2. the grid in passes over seeds: seed 1 of every cell, then seeds 2-3, then ACL-ARC's seeds 4-5; within a
+#    pass the grid command's order (peftlab.experiments.run_order: the swept cells first, then seed by seed);
+# 3. the bridge between the decoders (configs/grids/bridge.yaml: the 0.5B decoder's PEFT cells), last.
 # Resumable: studies continue, finished runs are skipped. Long: start it detached,
 #   WORKERS=2 setsid nohup scripts/sweeps.sh > results/sweeps.log 2>&1 &
-# Up to WORKERS processes share each study and each grid (each takes the next free trial or run), the CPU's
-# cores split between them: on a 2-core host two 1-thread workers train MiniLM 1.22x faster in total than one
-# 2-thread process (benchmarks/results/workers.md). Runs and trials save a checkpoint at each epoch's end
+# Up to WORKERS processes share each study and each grid command (each takes the next free trial or run), the
+# CPU's cores split between them: on a 2-core host two 1-thread workers train MiniLM 1.22x faster in total than
+# one 2-thread process (benchmarks/results/workers.md). Runs and trials save a checkpoint at each epoch's end
 # and resume from it.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -21,8 +21,10 @@ cd "$(dirname "$0")/.."
 # mid-run. On a 24 GB host: two for the encoders and the 1.5B decoder, one for the 0.5B decoder.
 declare -A peak_gb=([minilm]=4 [mpnet]=10 [qwen-0.5b]=18 [qwen-1.5b]=7 [qwen-0.5b-peft]=12)
 memory_gb=$(awk '/MemTotal/ {print int($2 / 1048576)}' /proc/meminfo)
-use_workers() {  # use_workers MODEL: sets workers and each worker's share of the cores
-  workers=$(( memory_gb * 9 / 10 / ${peak_gb[$1]} ))
+use_workers() {  # use_workers MODEL...: sets workers (for the largest of the models) and each one's share of the cores
+  local peak=0 model
+  for model in "$@"; do peak=$(( ${peak_gb[$model]} > peak ? ${peak_gb[$model]} : peak )); done
+  workers=$(( memory_gb * 9 / 10 / peak ))
   workers=$(( workers < ${WORKERS:-1} ? workers : ${WORKERS:-1} ))
   workers=$(( workers > 0 ? workers : 1 ))
   export OMP_NUM_THREADS=$(( $(nproc) / workers > 0 ? $(nproc) / workers : 1 ))
@@ -34,13 +36,20 @@ in_parallel() {  # in_parallel CMD...: $workers copies of CMD, {i} replaced by t
 sweeps_of() {  # sweeps_of MODEL I: worker I's part of each of the model's sweeps, one after the other
   for sweep in configs/sweeps/"$1"-*.yaml; do scripts/sweep.sh "$sweep" --worker "$2"; done
 }
-# A worker done with one sweep joins the next; a model's grid runs start once all its sweeps have finished
-# (their selections are final), and each worker takes the next run no other worker holds, without waiting for
-# the others between seeds. Workers wait for each other only there and between models (whose memory differs).
+grid() {  # grid MODELS SEEDS: the assignment grid's runs of those models and seeds (comma-separated)
+  in_parallel .venv/bin/python -m peftlab.experiments configs/grids/assignment.yaml --only model="$1" --only seed="$2"
+}
+# A worker done with one sweep joins the next; a grid command's workers each take the next run no other worker
+# holds, without waiting for the others between seeds. Workers wait for each other only between the steps below.
 for model in minilm mpnet qwen-0.5b qwen-1.5b; do
   use_workers "$model"
   in_parallel sweeps_of "$model" "{i}"
-  in_parallel .venv/bin/python -m peftlab.experiments configs/grids/assignment.yaml --only model="$model"
+done
+for seeds in 1 2,3 4,5; do
+  use_workers qwen-0.5b  # full fine-tuning of the 0.5B decoder: one worker on a 24 GB host
+  grid qwen-0.5b "$seeds"
+  use_workers minilm mpnet qwen-1.5b  # the others share one command (two workers fit on a 24 GB host)
+  grid minilm,mpnet,qwen-1.5b "$seeds"
 done
 use_workers qwen-0.5b-peft
 in_parallel .venv/bin/python -m peftlab.experiments configs/grids/bridge.yaml

@@ -54,6 +54,8 @@ def test_expand_merges_and_names_runs(tmp_path):
     assert acl_full.output_dir == tmp_path / "results" / "tiny" / "acl_sup" / "full" / "seed2"
     assert len({r.output_dir for r in runs}) == 8
     assert [r.seed for r in select(runs, ["method=lora-r8", "dataset=acl_sup"])] == [1, 2]
+    assert [(r.dataset, r.seed) for r in select(runs, ["method=full", "seed=2,3"])] == [("restaurant_sup", 2),
+                                                                                   ("acl_sup", 2)]
     grid = load_grid(path)
     grid["models"]["tiny"]["methods"] = ["full"]
     grid["models"]["tiny"]["datasets"] = ["acl_sup"]

@@ -86,7 +86,7 @@ class GridRun:
     method: str
     seed: int
     args: dict  # every train.py argument of this run, output_dir included
-    settings: dict | None = None  # where selected settings came from: {from: cell key, study, trial}
+    settings: dict | None = None  # where selected settings came from: {from: cell key, study, trial, run_dir}
 
     @property
     def output_dir(self) -> Path:
@@ -161,7 +161,8 @@ def selected_settings(grid: dict, selection: dict, coords: dict) -> tuple[dict, 
     for source in sources:
         entry = selection.get(cell_key(source))
         if entry is not None:
-            return entry["params"], {"from": cell_key(source), "study": entry["study"], "trial": entry["trial"]}
+            return entry["params"], {"from": cell_key(source), "study": entry["study"], "trial": entry["trial"],
+                                     "run_dir": entry.get("run_dir")}
     return {}, None
 
 
@@ -201,26 +202,24 @@ def shard(runs: list[GridRun], spec: str | None) -> list[GridRun]:
     return runs[index::count]
 
 
-def _finished(run: GridRun) -> tuple[dict, dict]:
-    return run.directory.metrics(), run.directory.record()
-
-
 def estimate_seconds(run: GridRun, runs: list[GridRun]) -> float | None:
-    """Training seconds, from finished runs: the same cell's mean if it has any, else the seconds per
-    trained row of the same model and method times this run's rows and epochs (rows known from a
-    finished run on the same dataset)."""
-    done = [other for other in runs if other.status() == "done"]
-    same_cell = [_finished(o)[0]["train_runtime"] for o in done
-                 if (o.model, o.dataset, o.method) == (run.model, run.dataset, run.method)]
+    """Training seconds (per-epoch validation included), from finished runs: the same cell's mean if it has any,
+    else the seconds per trained row of the grid's runs of the same model and method (of the sweep trial its
+    settings came from, while the grid has none) times this run's rows and epochs (rows known from a finished run
+    or trial on the same dataset)."""
+    done = [other.directory for other in runs if other.status() == "done"]
+    same_cell = [o.directory.metrics()["train_runtime"] for o in runs if o.directory in done
+                 and (o.model, o.dataset, o.method) == (run.model, run.dataset, run.method)]
     if same_cell:
         return sum(same_cell) / len(same_cell)
-    rates = []
-    for other in done:
-        if (other.model, other.method) == (run.model, run.method):
-            metrics, record = _finished(other)
-            rates.append(metrics["train_runtime"] / (record["num_train_rows"] * metrics["epoch"]))
-    full_rows = [_finished(o)[1]["num_train_rows"] for o in done
-                 if o.dataset == run.dataset and not o.args.get("max_train_samples")]
+    peers = [o.directory for o in runs if o.directory in done and (o.model, o.method) == (run.model, run.method)]
+    trial = RunDirectory(run.settings["run_dir"]) if run.settings and run.settings.get("run_dir") else None
+    if not peers and trial is not None and trial.state() == FINISHED:
+        peers = [trial]
+    rates = [d.metrics()["train_runtime"] / (d.record()["num_train_rows"] * d.metrics()["epoch"]) for d in peers]
+    full_rows = [d.record()["num_train_rows"] for d in {*done, *peers}
+                 if d.record()["data_args"]["dataset_name"] == run.dataset
+                 and not d.record()["data_args"].get("max_train_samples")]
     if not rates or not (full_rows or run.args.get("max_train_samples")):
         return None
     rows = min([*full_rows, run.args.get("max_train_samples") or float("inf")])
@@ -275,12 +274,13 @@ def run_order(runs: list[GridRun]) -> list[GridRun]:
 
 
 def select(runs: list[GridRun], filters: list[str] | None) -> list[GridRun]:
-    """Keep runs matching every ``coordinate=value`` filter (e.g. ``model=minilm``, ``seed=1``)."""
+    """Keep runs matching every ``coordinate=value[,value...]`` filter (e.g. ``model=minilm``, ``seed=4,5``):
+    equal to one of its values."""
     for spec in filters or []:
         key, _, value = spec.partition("=")
         if key not in ("model", "dataset", "method", "seed"):
             raise InvalidArgument(f"--only {spec}: filter on model, dataset, method or seed")
-        runs = [run for run in runs if str(getattr(run, key)) == value]
+        runs = [run for run in runs if str(getattr(run, key)) in value.split(",")]
     return runs
 
 
@@ -307,8 +307,8 @@ def run_grid(path: str, shard_spec: str | None = None, dry_run: bool = False, re
         for run in mine:
             guess = f"~{estimates[run] / 60:.1f} min" if estimates[run] else "no estimate yet"
             print(f"  {statuses[run]:10s} {run.label}  ({guess})")
-        print(f"estimated time of what is to run (Trainer train_runtime of finished runs, per-epoch test "
-              f"evaluations included): {sum(estimates[r] or 0 for r in todo) / 3600:.2f} h "
+        print(f"estimated time of what is to run (Trainer train_runtime of finished runs or of the sweep trials "
+              f"their settings came from, per-epoch validation included): {sum(estimates[r] or 0 for r in todo) / 3600:.2f} h "
               f"({sum(1 for r in todo if estimates[r] is None)} runs without an estimate)")
         return 0
     failures = 0
@@ -355,7 +355,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rerun-changed", action="store_true",
                         help="rerun finished runs whose arguments changed (default: keep them and say so)")
     parser.add_argument("--only", action="append", metavar="KEY=VALUE",
-                        help="run only matching runs (model, dataset, method or seed); repeatable")
+                        help="run only matching runs (model, dataset, method or seed; several values comma-separated, "
+                             "e.g. seed=4,5); repeatable, each must match")
     args = parser.parse_args(argv)
     return run_grid(args.grid, args.shard, args.dry_run, args.rerun_changed, args.only)
 
