@@ -307,8 +307,9 @@ def run_grid(path: str, shard_spec: str | None = None, dry_run: bool = False, re
         for run in mine:
             guess = f"~{estimates[run] / 60:.1f} min" if estimates[run] else "no estimate yet"
             print(f"  {statuses[run]:10s} {run.label}  ({guess})")
+        hours = sum(estimates[r] or 0 for r in todo) / 3600
         print(f"estimated time of what is to run (Trainer train_runtime of finished runs or of the sweep trials "
-              f"their settings came from, per-epoch validation included): {sum(estimates[r] or 0 for r in todo) / 3600:.2f} h "
+              f"their settings came from, per-epoch validation included): {hours:.2f} h "
               f"({sum(1 for r in todo if estimates[r] is None)} runs without an estimate)")
         return 0
     failures = 0
