@@ -1,4 +1,5 @@
 import json
+import time
 
 import pytest
 import torch
@@ -111,6 +112,35 @@ def test_gguf_conversion_is_cached_and_verified(tmp_path, monkeypatch):
     assert {p.dtype for p in bf16.parameters()} == {torch.bfloat16}
     assert torch.equal(bf16.lm_head.weight, model.lm_head.weight.to(torch.bfloat16))
     assert AutoTokenizer.from_pretrained(half).tokenize("the") == ["t", "he"]
+
+
+def test_processes_started_together_build_a_checkpoint_once(tmp_path, monkeypatch):
+    """Two builders at once (a sweep's workers): one converts, the other waits for the lock and reuses it."""
+    import hashlib
+    import threading
+
+    from conftest import write_tiny_llama_gguf
+
+    payload = write_tiny_llama_gguf(tmp_path / "tiny.gguf")
+    monkeypatch.setenv(models.CACHE_ENV, str(tmp_path / "cache"))
+    _fake_package_parts(tmp_path, monkeypatch, payload, 2)
+    entry = PackagedCheckpoint("tiny-gguf", "test/tiny-llama", "gguf", (), sha256=hashlib.sha256(payload).hexdigest())
+    conversions = []
+
+    def slow_convert(*args, real=models._convert_gguf):
+        conversions.append(args)
+        time.sleep(1)  # the other builder arrives while this one converts
+        real(*args)
+
+    monkeypatch.setattr(models, "_convert_gguf", slow_convert)
+    folders = []
+    builders = [threading.Thread(target=lambda: folders.append(entry.materialize())) for _ in range(2)]
+    for builder in builders:  # separate open() calls: flock excludes them as it does two processes
+        builder.start()
+    for builder in builders:
+        builder.join()
+    assert len(conversions) == 1 and len(folders) == 2 and folders[0] == folders[1]
+    assert (folders[0] / "model.safetensors").is_file()
 
 
 def test_packaged_smollm2_is_the_pinned_gguf():

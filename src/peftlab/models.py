@@ -9,6 +9,7 @@ pinned sha256 and, for GGUF, dequantized once into a cached safetensors folder.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import logging
 import os
@@ -82,14 +83,22 @@ class PackagedCheckpoint:
             _verify_once(weights, self.sha256)
             return weights.parent
         target = cache_dir() / "models" / self.name
-        if not _intact(target, self.sha256):
-            self._build(target, self._join_and_convert)
+        self._build_unless_intact(target, self._join_and_convert)
         if dtype == torch.float32 or self.fmt != "gguf":
             return target
         copy = target.with_name(f"{self.name}@{dtype_name(dtype)}")
-        if not _intact(copy, self.sha256):
-            self._build(copy, lambda scratch, building: _cast_copy(target, building, dtype))
+        self._build_unless_intact(copy, lambda scratch, building: _cast_copy(target, building, dtype))
         return copy
+
+    def _build_unless_intact(self, target: Path, make) -> None:
+        """Under an exclusive lock on ``<target>.lock``: processes started together (a sweep's workers) build a
+        checkpoint once, the others wait and reuse it, and none reads a folder that another is replacing."""
+        if _intact(target, self.sha256):
+            return
+        with open(_ensure(target.parent) / f"{target.name}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or when a killed builder dies
+            if not _intact(target, self.sha256):  # built by the process that held the lock before
+                self._build(target, make)
 
     def _join_and_convert(self, scratch: Path, building: Path) -> None:
         joined = scratch / f"{self.name}.{self.fmt}"
