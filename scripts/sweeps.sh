@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # The validation protocol's evidence (issue 23) and the assignment grid (issue 24), test evaluated once per
 # run (configs/grids/assignment.yaml, results/assignment), ordered so that a stop at any point leaves the most
-# cells covered (the whole grid takes more CPU hours than any one stretch of sessions):
-# 1. every model's sweeps (configs/sweeps/<model>-*.yaml), cheapest model first: the selections every cell's
-#    settings come from;
-# 2. the grid in passes over seeds: seed 1 of every cell, then seeds 2-3, then ACL-ARC's seeds 4-5; within a
-#    pass the grid command's order (peftlab.experiments.run_order: the swept cells first, then seed by seed);
+# evidence (the whole grid takes more CPU hours than any one stretch of sessions):
+# 1. model by model, cheapest first: its sweeps (configs/sweeps/<model>-*.yaml), then the swept cells' seeds
+#    1-3 (the selected settings over seeds: the protocol's evidence; every other cell's settings transfer
+#    from these cells);
+# 2. the rest of the grid in passes over seeds: seed 1 of every cell, then seeds 2-3, then ACL-ARC's 4-5;
+#    within a pass the grid command's order (peftlab.experiments.run_order: swept cells first, seed by seed);
 # 3. the bridge between the decoders (configs/grids/bridge.yaml: the 0.5B decoder's PEFT cells), last.
 # Resumable: studies continue, finished runs are skipped. Long: start it detached,
 #   WORKERS=2 setsid nohup scripts/sweeps.sh > results/sweeps.log 2>&1 &
@@ -36,14 +37,18 @@ in_parallel() {  # in_parallel CMD...: $workers copies of CMD, {i} replaced by t
 sweeps_of() {  # sweeps_of MODEL I: worker I's part of each of the model's sweeps, one after the other
   for sweep in configs/sweeps/"$1"-*.yaml; do scripts/sweep.sh "$sweep" --worker "$2"; done
 }
-grid() {  # grid MODELS SEEDS: the assignment grid's runs of those models and seeds (comma-separated)
-  in_parallel .venv/bin/python -m peftlab.experiments configs/grids/assignment.yaml --only model="$1" --only seed="$2"
+grid() {  # grid MODELS SEEDS [--only KEY=VALUE...]: the assignment grid's runs of those models and seeds
+  local models=$1 seeds=$2
+  shift 2
+  in_parallel .venv/bin/python -m peftlab.experiments configs/grids/assignment.yaml \
+    --only model="$models" --only seed="$seeds" "$@"
 }
 # A worker done with one sweep joins the next; a grid command's workers each take the next run no other worker
 # holds, without waiting for the others between seeds. Workers wait for each other only between the steps below.
 for model in minilm mpnet qwen-0.5b qwen-1.5b; do
   use_workers "$model"
   in_parallel sweeps_of "$model" "{i}"
+  grid "$model" 1,2,3 --only swept=true
 done
 for seeds in 1 2,3 4,5; do
   use_workers qwen-0.5b  # full fine-tuning of the 0.5B decoder: one worker on a 24 GB host

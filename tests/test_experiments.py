@@ -97,6 +97,9 @@ def test_grid_commands_take_swept_cells_first_then_seed_by_seed(tmp_path, capsys
     assert run_grid(str(path), dry_run=True) == 0  # the command lists (and would run) them in that order
     listed = [line.split()[1:5] for line in capsys.readouterr().out.splitlines() if line.startswith("  todo")]
     assert [(dataset, method, int(seed[4:])) for _, dataset, method, seed in listed] == [o[:3] for o in ordered]
+    assert [(r.method, r.seed) for r in select(expand(load_grid(path)), ["swept=true"])] == [("lora-r8", 1),
+                                                                                            ("lora-r8", 2)]
+    assert len(select(expand(load_grid(path)), ["swept=false", "seed=1"])) == 3
 
 
 def test_grids_must_pin_host_dependent_precision(tmp_path):

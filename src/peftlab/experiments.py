@@ -274,13 +274,13 @@ def run_order(runs: list[GridRun]) -> list[GridRun]:
 
 
 def select(runs: list[GridRun], filters: list[str] | None) -> list[GridRun]:
-    """Keep runs matching every ``coordinate=value[,value...]`` filter (e.g. ``model=minilm``, ``seed=4,5``):
-    equal to one of its values."""
+    """Keep runs matching every ``coordinate=value[,value...]`` filter (e.g. ``model=minilm``, ``seed=4,5``,
+    ``swept=true``: the cells whose settings their own sweep selected): equal to one of its values."""
     for spec in filters or []:
         key, _, value = spec.partition("=")
-        if key not in ("model", "dataset", "method", "seed"):
-            raise InvalidArgument(f"--only {spec}: filter on model, dataset, method or seed")
-        runs = [run for run in runs if str(getattr(run, key)) in value.split(",")]
+        if key not in ("model", "dataset", "method", "seed", "swept"):
+            raise InvalidArgument(f"--only {spec}: filter on model, dataset, method, seed or swept")
+        runs = [run for run in runs if str(getattr(run, key)).lower() in value.lower().split(",")]
     return runs
 
 
@@ -356,8 +356,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rerun-changed", action="store_true",
                         help="rerun finished runs whose arguments changed (default: keep them and say so)")
     parser.add_argument("--only", action="append", metavar="KEY=VALUE",
-                        help="run only matching runs (model, dataset, method or seed; several values comma-separated, "
-                             "e.g. seed=4,5); repeatable, each must match")
+                        help="run only matching runs (model, dataset, method, seed, or swept=true for the cells "
+                             "their own sweep selected settings for; several values comma-separated, e.g. "
+                             "seed=4,5); repeatable, each must match")
     args = parser.parse_args(argv)
     return run_grid(args.grid, args.shard, args.dry_run, args.rerun_changed, args.only)
 
