@@ -12,6 +12,7 @@ import yaml
 from test_resume import KillAfterFirstCheckpoint, Killed
 
 from peftlab.cli import parse_dict
+from peftlab.errors import InvalidArgument
 from peftlab.experiments import claim, estimate_seconds, expand, load_grid, run_grid, run_order, select, shard
 from peftlab.results import aggregate, collect, markdown_table, write_csv
 from peftlab.runrecord import (
@@ -100,6 +101,8 @@ def test_grid_commands_take_swept_cells_first_then_seed_by_seed(tmp_path, capsys
     assert [(r.method, r.seed) for r in select(expand(load_grid(path)), ["swept=true"])] == [("lora-r8", 1),
                                                                                             ("lora-r8", 2)]
     assert len(select(expand(load_grid(path)), ["swept=false", "seed=1"])) == 3
+    with pytest.raises(InvalidArgument, match="swept is true or false"):
+        select(expand(load_grid(path)), ["swept=yes"])
 
 
 def test_grids_must_pin_host_dependent_precision(tmp_path):

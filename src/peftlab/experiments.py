@@ -280,6 +280,8 @@ def select(runs: list[GridRun], filters: list[str] | None) -> list[GridRun]:
         key, _, value = spec.partition("=")
         if key not in ("model", "dataset", "method", "seed", "swept"):
             raise InvalidArgument(f"--only {spec}: filter on model, dataset, method, seed or swept")
+        if key == "swept" and value.lower() not in ("true", "false"):
+            raise InvalidArgument(f"--only {spec}: swept is true or false")
         runs = [run for run in runs if str(getattr(run, key)).lower() in value.lower().split(",")]
     return runs
 
