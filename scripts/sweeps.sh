@@ -11,8 +11,9 @@
 # Resumable: studies continue, finished runs are skipped. Long: start it detached,
 #   WORKERS=2 setsid nohup scripts/sweeps.sh > results/sweeps.log 2>&1 &
 # Up to WORKERS processes share each study and each grid command (each takes the next free trial or run), the
-# CPU's cores split between them: on a 2-core host two 1-thread workers train MiniLM 1.22x faster in total than
-# one 2-thread process (benchmarks/results/workers.md). Runs and trials save a checkpoint at each epoch's end
+# CPU's cores split between them: on a 2-core host two 1-thread workers train 1.17-1.42x faster in total than
+# one 2-thread process (benchmarks/workers.sh: MiniLM on the AMD host, workers.md; MPNet on the AMX host,
+# workers_amx.md). Runs and trials save a checkpoint at each epoch's end
 # and resume from it.
 set -uo pipefail
 cd "$(dirname "$0")/.."
