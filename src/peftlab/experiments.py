@@ -354,8 +354,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Run an experiment grid (resumable).")
     parser.add_argument("grid", help="YAML grid file")
     parser.add_argument("--shard", help="i/n: run every n-th run of the grid from the i-th (0-based), before --only")
-    parser.add_argument("--dry-run", action="store_true", help="list the runs, their status and estimated time")
-    parser.add_argument("--rerun-changed", action="store_true",
+    parser.add_argument("--dry_run", "--dry-run", action="store_true",
+                        help="list the runs, their status and estimated time")
+    parser.add_argument("--rerun_changed", "--rerun-changed", action="store_true",
                         help="rerun finished runs whose arguments changed (default: keep them and say so)")
     parser.add_argument("--only", action="append", metavar="KEY=VALUE",
                         help="run only matching runs (model, dataset, method, seed, or swept=true for the cells "
