@@ -2,12 +2,14 @@
 # The validation protocol's evidence (issue 23) and the assignment grid (issue 24), test evaluated once per
 # run (configs/grids/assignment.yaml, results/assignment), ordered so that a stop at any point leaves the most
 # evidence (the whole grid takes more CPU hours than any one stretch of sessions):
-# 1. model by model, cheapest first: its sweeps (configs/sweeps/<model>-*.yaml), then the swept cells' seeds
-#    1-3 (the selected settings over seeds: the protocol's evidence; every other cell's settings transfer
-#    from these cells);
-# 2. the rest of the grid in passes over seeds: seed 1 of every cell, then seeds 2-3, then ACL-ARC's 4-5;
-#    within a pass the grid command's order (peftlab.experiments.run_order: swept cells first, seed by seed);
+# 1. each model's sweeps (configs/sweeps/<model>-*.yaml), then its swept cells over seeds 1-3 (the selected
+#    settings over seeds: the protocol's evidence; every other cell's settings transfer from these cells);
+# 2. the other cells in passes over seeds: seed 1 of every cell, then seeds 2-3, then ACL-ARC's 4-5, each pass
+#    in the grid command's order (peftlab.experiments.run_order: swept cells first, then seed by seed);
 # 3. the bridge between the decoders (configs/grids/bridge.yaml: the 0.5B decoder's PEFT cells), last.
+# The 0.5B decoder's full fine-tuning fits one worker on a 24 GB host, the other models two: a worker goes on
+# to its next step without waiting for the other where both steps fit the same workers (MPNet's evidence, then
+# the 1.5B decoder's sweep), and waits where a sweep's selections must be final or the memory changes.
 # Resumable: studies continue, finished runs are skipped. Long: start it detached,
 #   WORKERS=2 setsid nohup scripts/sweeps.sh > results/sweeps.log 2>&1 &
 # Up to WORKERS processes share each study and each grid command (each takes the next free trial or run), the
@@ -38,24 +40,35 @@ in_parallel() {  # in_parallel CMD...: $workers copies of CMD, {i} replaced by t
 sweeps_of() {  # sweeps_of MODEL I: worker I's part of each of the model's sweeps, one after the other
   for sweep in configs/sweeps/"$1"-*.yaml; do scripts/sweep.sh "$sweep" --worker "$2"; done
 }
-grid() {  # grid MODELS SEEDS [--only KEY=VALUE...]: the assignment grid's runs of those models and seeds
+grid() {  # grid MODELS SEEDS [--only KEY=VALUE...]: one worker of the assignment grid, those models and seeds
   local models=$1 seeds=$2
   shift 2
-  in_parallel .venv/bin/python -m peftlab.experiments configs/grids/assignment.yaml \
-    --only model="$models" --only seed="$seeds" "$@"
+  .venv/bin/python -m peftlab.experiments configs/grids/assignment.yaml --only model="$models" --only seed="$seeds" "$@"
 }
-# A worker done with one sweep joins the next; a grid command's workers each take the next run no other worker
-# holds, without waiting for the others between seeds. Workers wait for each other only between the steps below.
-for model in minilm mpnet qwen-0.5b qwen-1.5b; do
-  use_workers "$model"
-  in_parallel sweeps_of "$model" "{i}"
-  grid "$model" 1,2,3 --only swept=true
-done
-for seeds in 1 2,3 4,5; do
-  use_workers qwen-0.5b  # full fine-tuning of the 0.5B decoder: one worker on a 24 GB host
-  grid qwen-0.5b "$seeds"
-  use_workers minilm mpnet qwen-1.5b  # the others share one command (two workers fit on a 24 GB host)
-  grid minilm,mpnet,qwen-1.5b "$seeds"
+evidence() { grid "$1" 1,2,3 --only swept=true; }  # evidence MODEL: its swept cells over seeds 1-3
+pairs=minilm,mpnet,qwen-1.5b  # the models that run two workers on a 24 GB host
+evidence_mpnet_then_sweep_qwen15b() { evidence mpnet; sweeps_of qwen-1.5b "$1"; }
+evidence_qwen15b_then_first_pass() { evidence qwen-1.5b; grid "$pairs" 1; }
+qwen05b_first() { sweeps_of qwen-0.5b "$1"; evidence qwen-0.5b; grid qwen-0.5b 1; }
+use_workers minilm
+in_parallel sweeps_of minilm "{i}"
+in_parallel evidence minilm
+use_workers mpnet
+in_parallel sweeps_of mpnet "{i}"
+# the 1.5B decoder's checkpoint converted (GGUF dequantized, 2 min, 9 GB peak RSS) while nothing else runs,
+# not beside an MPNet run when its sweep starts
+.venv/bin/python -c 'import torch; from peftlab.models import resolve_model
+resolve_model("Qwen2.5-Coder-1.5B-Instruct", torch.bfloat16)'
+use_workers mpnet qwen-1.5b
+in_parallel evidence_mpnet_then_sweep_qwen15b "{i}"
+in_parallel evidence_qwen15b_then_first_pass
+use_workers qwen-0.5b
+in_parallel qwen05b_first "{i}"
+for seeds in 2,3 4,5; do
+  use_workers minilm mpnet qwen-1.5b
+  in_parallel grid "$pairs" "$seeds"
+  use_workers qwen-0.5b
+  in_parallel grid qwen-0.5b "$seeds"
 done
 use_workers qwen-0.5b-peft
 in_parallel .venv/bin/python -m peftlab.experiments configs/grids/bridge.yaml
