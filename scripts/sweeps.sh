@@ -25,13 +25,14 @@ cd "$(dirname "$0")/.."
 # mid-run. On a 24 GB host: two for the encoders and the 1.5B decoder, one for the 0.5B decoder.
 declare -A peak_gb=([minilm]=4 [mpnet]=10 [qwen-0.5b]=18 [qwen-1.5b]=7 [qwen-0.5b-peft]=12)
 memory_gb=$(awk '/MemTotal/ {print int($2 / 1048576)}' /proc/meminfo)
+cores=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)  # nproc itself follows OMP_NUM_THREADS, set below
 use_workers() {  # use_workers MODEL...: sets workers (for the largest of the models) and each one's share of the cores
   local peak=0 model
   for model in "$@"; do peak=$(( ${peak_gb[$model]} > peak ? ${peak_gb[$model]} : peak )); done
   workers=$(( memory_gb * 9 / 10 / peak ))
   workers=$(( workers < ${WORKERS:-1} ? workers : ${WORKERS:-1} ))
   workers=$(( workers > 0 ? workers : 1 ))
-  export OMP_NUM_THREADS=$(( $(nproc) / workers > 0 ? $(nproc) / workers : 1 ))
+  export OMP_NUM_THREADS=$(( cores / workers > 0 ? cores / workers : 1 ))
 }
 in_parallel() {  # in_parallel CMD...: $workers copies of CMD, {i} replaced by the worker's index
   for ((i = 0; i < workers; i++)); do "${@//\{i\}/$i}" & sleep 5; done
