@@ -9,7 +9,7 @@ PY=.venv/bin/python
 MODEL=${1:-all-mpnet-base-v2}
 HOST=$(grep -q amx_bf16 /proc/cpuinfo && echo amx || echo noamx)
 OUT=${2:-benchmarks/results/workers_$HOST}
-CORES=$(nproc)
+CORES=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)  # nproc itself follows OMP_NUM_THREADS
 RAW=$(mktemp -d)
 bench() { $PY -m peftlab.benchmark --models "$MODEL" --methods full lora-r16 --precisions bf16 --steps 20 "$@"; }
 bench --threads "$CORES" --out "$RAW/many_first" > /dev/null
