@@ -207,17 +207,17 @@ def estimate_seconds(run: GridRun, runs: list[GridRun]) -> float | None:
     else the seconds per trained row of the grid's runs of the same model and method (of the sweep trial its
     settings came from, while the grid has none) times this run's rows and epochs (rows known from a finished run
     or trial on the same dataset)."""
-    done = [other.directory for other in runs if other.status() == "done"]
-    same_cell = [o.directory.metrics()["train_runtime"] for o in runs if o.directory in done
-                 and (o.model, o.dataset, o.method) == (run.model, run.dataset, run.method)]
+    done = [other for other in runs if other.status() == "done"]
+    same_cell = [o.directory.metrics()["train_runtime"] for o in done
+                 if (o.model, o.dataset, o.method) == (run.model, run.dataset, run.method)]
     if same_cell:
         return sum(same_cell) / len(same_cell)
-    peers = [o.directory for o in runs if o.directory in done and (o.model, o.method) == (run.model, run.method)]
+    peers = [o.directory for o in done if (o.model, o.method) == (run.model, run.method)]
     trial = RunDirectory(run.settings["run_dir"]) if run.settings and run.settings.get("run_dir") else None
     if not peers and trial is not None and trial.state() == FINISHED:
         peers = [trial]
     rates = [d.metrics()["train_runtime"] / (d.record()["num_train_rows"] * d.metrics()["epoch"]) for d in peers]
-    full_rows = [d.record()["num_train_rows"] for d in {*done, *peers}
+    full_rows = [d.record()["num_train_rows"] for d in {*(o.directory for o in done), *peers}
                  if d.record()["data_args"]["dataset_name"] == run.dataset
                  and not d.record()["data_args"].get("max_train_samples")]
     if not rates or not (full_rows or run.args.get("max_train_samples")):
