@@ -66,7 +66,7 @@ in_parallel evidence_qwen15b_then_first_pass
 use_workers qwen-0.5b
 in_parallel qwen05b_first "{i}"
 for seeds in 2,3 4,5; do
-  use_workers minilm mpnet qwen-1.5b
+  use_workers ${pairs//,/ }
   in_parallel grid "$pairs" "$seeds"
   use_workers qwen-0.5b
   in_parallel grid qwen-0.5b "$seeds"

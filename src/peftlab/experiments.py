@@ -216,10 +216,11 @@ def estimate_seconds(run: GridRun, runs: list[GridRun]) -> float | None:
     trial = RunDirectory(run.settings["run_dir"]) if run.settings and run.settings.get("run_dir") else None
     if not peers and trial is not None and trial.state() == FINISHED:
         peers = [trial]
-    rates = [d.metrics()["train_runtime"] / (d.record()["num_train_rows"] * d.metrics()["epoch"]) for d in peers]
-    full_rows = [d.record()["num_train_rows"] for d in {*(o.directory for o in done), *peers}
-                 if d.record()["data_args"]["dataset_name"] == run.dataset
-                 and not d.record()["data_args"].get("max_train_samples")]
+    rates = [metrics["train_runtime"] / (record["num_train_rows"] * metrics["epoch"])
+             for metrics, record in ((d.metrics(), d.record()) for d in peers)]
+    full_rows = [record["num_train_rows"] for record in (d.record() for d in {*(o.directory for o in done), *peers})
+                 if record["data_args"]["dataset_name"] == run.dataset
+                 and not record["data_args"].get("max_train_samples")]
     if not rates or not (full_rows or run.args.get("max_train_samples")):
         return None
     rows = min([*full_rows, run.args.get("max_train_samples") or float("inf")])
