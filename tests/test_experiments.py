@@ -1,5 +1,6 @@
 """Grid runner: expansion, shards, resume after a kill; aggregation over fixture run directories."""
 
+import dataclasses
 import math
 import signal
 import subprocess
@@ -161,7 +162,12 @@ def test_resume_after_kill_recomputes_nothing_finished(tmp_path, tiny_models, fi
     acl_full = next(r for r in runs if (r.dataset, r.method) == ("acl_sup", "full"))
     per_row = sum(t / 27 for t in runtimes) / 3  # 30 restaurant fixture rows, 3 held out, 1 epoch
     assert estimate_seconds(acl_full, runs) == pytest.approx(per_row * 6)  # the override keeps 6 rows
-    assert estimate_seconds(next(r for r in runs if r.method == "lora-r8"), runs) is None
+    lora_r8 = next(r for r in runs if (r.dataset, r.method) == ("restaurant_sup", "lora-r8"))
+    assert estimate_seconds(lora_r8, runs) is None
+    # a cell whose settings transfer from a swept cell is timed by that cell's finished runs
+    source = {"run_dir": str(tmp_path / "sweeps" / "trial0")}  # never ran: the grid's runs time it
+    timed = [dataclasses.replace(r, settings=source) for r in (*runs[:3], lora_r8)]
+    assert estimate_seconds(timed[-1], timed) == pytest.approx(per_row * 27)
     # a changed argument is reported and kept, never overwritten silently
     changed = grid_file(tmp_path, tiny_models["bert"], fixture_data_dir, seeds=[1, 2, 3],
                         defaults={**load_grid(path)["defaults"], "num_train_epochs": 2})

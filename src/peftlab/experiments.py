@@ -204,18 +204,20 @@ def shard(runs: list[GridRun], spec: str | None) -> list[GridRun]:
 
 def estimate_seconds(run: GridRun, runs: list[GridRun]) -> float | None:
     """Training seconds (per-epoch validation included), from finished runs: the same cell's mean if it has any,
-    else the seconds per trained row of the grid's runs of the same model and method (of the sweep trial its
-    settings came from, while the grid has none) times this run's rows and epochs (rows known from a finished run
-    or trial on the same dataset)."""
+    else the seconds per trained row of the grid's runs of the same model and method (while the grid has none,
+    of its runs at the same selected settings, the swept cell's; else of the sweep trial they came from) times
+    this run's rows and epochs (rows known from a finished run or trial on the same dataset)."""
     done = [other for other in runs if other.status() == "done"]
     same_cell = [o.directory.metrics()["train_runtime"] for o in done
                  if (o.model, o.dataset, o.method) == (run.model, run.dataset, run.method)]
     if same_cell:
         return sum(same_cell) / len(same_cell)
     peers = [o.directory for o in done if (o.model, o.method) == (run.model, run.method)]
-    trial = RunDirectory(run.settings["run_dir"]) if run.settings and run.settings.get("run_dir") else None
-    if not peers and trial is not None and trial.state() == FINISHED:
-        peers = [trial]
+    source = run.settings.get("run_dir") if run.settings else None
+    if not peers and source:  # sweep trials ran beside other loads: the grid's own runs time it better
+        peers = [o.directory for o in done if o.settings and o.settings.get("run_dir") == source]
+        if not peers and RunDirectory(source).state() == FINISHED:
+            peers = [RunDirectory(source)]
     rates = [metrics["train_runtime"] / (record["num_train_rows"] * metrics["epoch"])
              for metrics, record in ((d.metrics(), d.record()) for d in peers)]
     full_rows = [record["num_train_rows"] for record in (d.record() for d in {*(o.directory for o in done), *peers})
