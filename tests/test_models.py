@@ -1,8 +1,14 @@
 import json
+import logging
 import time
 
 import pytest
 import torch
+from tokenizers import Tokenizer
+from tokenizers.models import WordLevel
+from tokenizers.pre_tokenizers import Whitespace
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+from transformers.utils import logging as transformers_logging
 
 from peftlab import models
 from peftlab.models import PackagedCheckpoint, default_sep_token, get_model, resolve_model
@@ -168,3 +174,29 @@ def test_attention_implementation_reaches_the_model(tiny_models):
     eager = load_classifier(resolved, tokenizer, 3, attn_implementation=model_args.attn_implementation)
     assert eager.config._attn_implementation == "eager"
     assert load_classifier(resolved, tokenizer, 3).config._attn_implementation == "sdpa"  # the model's default
+
+
+def test_no_false_mistral_regex_warning_for_other_tokenizers(tmp_path, caplog):
+    """transformers 4.57.3+ warns that any local large-vocabulary tokenizer has Mistral's broken regex
+    (huggingface/transformers#44031), as every run of the Qwen decoders did; their tokens were right."""
+    backend = Tokenizer(WordLevel({f"t{i}": i for i in range(100_002)}, unk_token="t0"))  # checked above 100k
+    backend.pre_tokenizer = Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="t0").save_pretrained(tmp_path)
+
+    def load(model_type, loader):
+        config = {"model_type": model_type, "transformers_version": "4.57.6"}
+        (tmp_path / "config.json").write_text(json.dumps(config))
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="transformers"):
+            tokenizer = loader(tmp_path)
+        return tokenizer, "incorrect regex pattern" in caplog.text
+
+    transformers_logging.enable_propagation()
+    try:
+        stock, warned = load("qwen2", AutoTokenizer.from_pretrained)
+        assert warned  # transformers' own behaviour; once a version stops, pretrained_tokenizer can go
+        ours, warned = load("qwen2", models.pretrained_tokenizer)
+        assert not warned and ours("t5 t7 x")["input_ids"] == stock("t5 t7 x")["input_ids"] == [5, 7, 0]
+        assert load("mistral", models.pretrained_tokenizer)[1]  # a Mistral tokenizer keeps its warning
+    finally:
+        transformers_logging.disable_propagation()

@@ -196,6 +196,19 @@ def _unzip_model_folder(archive: Path, out: Path) -> None:
     shutil.move(configs[0].parent, out)
 
 
+MISTRAL_MODEL_TYPES = ("mistral", "mistral3", "voxtral", "ministral", "pixtral")  # transformers' own list
+
+
+def pretrained_tokenizer(path: str | Path, **kwargs):
+    """``AutoTokenizer.from_pretrained``, without transformers 4.57.3+'s false warning that a local folder's
+    large-vocabulary tokenizer has Mistral's broken regex whatever its model (huggingface/transformers#44031):
+    for a non-Mistral config it passes ``fix_mistral_regex=False``, which keeps the tokens as they are."""
+    config = read_json(Path(path) / "config.json")  # None for a hub name: no false warning there
+    if config is not None and config.get("model_type") not in MISTRAL_MODEL_TYPES:
+        kwargs.setdefault("fix_mistral_regex", False)
+    return AutoTokenizer.from_pretrained(path, **kwargs)
+
+
 def _convert_gguf(gguf: Path, out: Path) -> None:
     """Dequantize a GGUF file into a float32 safetensors folder (tokenizer included)."""
     logger.info("Converting %s to safetensors once (later loads reuse %s)", gguf.name, out)
@@ -209,7 +222,7 @@ def _cast_copy(folder: Path, out: Path, dtype: torch.dtype) -> None:
     """The converted checkpoint in ``folder``, saved again in ``dtype`` (tokenizer included)."""
     logger.info("Saving a %s copy of %s once (later loads reuse %s)", dtype, folder.name, out)
     AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).save_pretrained(out, safe_serialization=True)
-    AutoTokenizer.from_pretrained(folder).save_pretrained(out)
+    pretrained_tokenizer(folder).save_pretrained(out)
 
 
 def _parts(dist_pattern: str, file_pattern: str, count: int) -> tuple[tuple[str, str], ...]:
@@ -315,7 +328,7 @@ def loading_errors(resolved: ResolvedModel):
 def load_tokenizer(resolved: ResolvedModel):
     """The checkpoint's tokenizer, with a pad token (decoders ship none; EOS pads, hidden by the mask)."""
     with loading_errors(resolved):
-        tokenizer = AutoTokenizer.from_pretrained(resolved.path)
+        tokenizer = pretrained_tokenizer(resolved.path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

@@ -7,14 +7,14 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from transformers import AutoTokenizer, DataCollatorWithPadding, TrainingArguments
+from transformers import DataCollatorWithPadding, TrainingArguments
 
 from .cli import parse_dataclasses
 from .data import load_data, take_slice, tokenize
 from .errors import InvalidArgument, MissingFile, exit_on_user_error
 from .methods import get_method
 from .metrics import classification_metrics
-from .models import resolve_model
+from .models import pretrained_tokenizer, resolve_model
 from .runrecord import FINISHED, PREDICT_OUTPUT_FILE, RunDirectory, predicted_ids, write_predictions
 from .training import PeftlabTrainer
 
@@ -46,7 +46,7 @@ def load_trained(run_dir: str | Path, for_inference: bool = True):
     model = method.load(base, run.model_dir)
     if for_inference:
         model = method.for_inference(model)
-    return AutoTokenizer.from_pretrained(run.model_dir), model.eval(), record
+    return pretrained_tokenizer(run.model_dir), model.eval(), record
 
 
 def predict(args: PredictArguments) -> dict:
