@@ -4,6 +4,7 @@
 import pytest
 from conftest import load_benchmark_script
 
+from peftlab.markdown import table
 from peftlab.report import build_report, fill_placeholders
 from peftlab.results import aggregate, collect
 from peftlab.runrecord import GRID_COORDINATES_FILE, STATE_FILE, RunDirectory, write_json
@@ -345,3 +346,24 @@ def test_the_configuration_table_shows_modules_trained_beside_a_method(tmp_path)
                            "lora_target_modules | modules_to_save |")
     assert "| fixed | m | acl_sup | full | – | – | – | – | – |" in text
     assert "| fixed | m | acl_sup | lora-r8 | 8 | default | default | default | pooler |" in text
+
+
+def test_a_cell_placeholder_quotes_one_generated_table_cell(tmp_path):
+    rows = [["Qwen2.5-3B", "full", "58.59 (11.50 + 35.09)", "60.84", "17,125"],
+            ["Qwen2.5-3B", "lora-r8", "24.13 (11.50 + 12.63)", "31.46", "23,596"],
+            ["bert", "lora-r8", "1.54 (0.41 + 1.13)", "1.80", "108,494"]]
+    (tmp_path / "vram.md").write_text("Device: a GPU\n\n" + table(
+        ["model", "method", "estimated GiB (weights + rest)", "measured peak GiB", "tokens/s"], rows))
+
+    def cell(target: str) -> str:
+        return fill_placeholders("{{cell:vram.md|" + target + "}}", [], tmp_path)
+
+    assert cell("model=Qwen2.5-3B,method=lora-r8|measured peak GiB|1") == "31.5"
+    assert cell("model=Qwen2.5-3B,method=full|estimated GiB") == "58.59"  # a header's "(...)" may be left out
+    assert cell("model=bert|tokens/s|0") == "108494"
+    with pytest.raises(KeyError, match="2 rows have method=lora-r8"):
+        cell("method=lora-r8|measured peak GiB")
+    with pytest.raises(KeyError, match="0 rows"):
+        cell("model=Qwen2.5-3B,method=full|infer ms")
+    with pytest.raises(FileNotFoundError):
+        fill_placeholders("{{cell:nope.md|model=bert|tokens/s}}", [], tmp_path)

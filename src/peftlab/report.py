@@ -1,8 +1,8 @@
 """The report: plots and ``reports/REPORT.md`` generated from run directories and prose files.
 
-No number is typed by hand: tables come from :mod:`peftlab.results`, and the prose files
-(``REPORT.template.md``, the main text, and ``APPENDIX.template.md``) may cite a result with a placeholder
-that is filled in from the runs:
+No result is typed by hand: tables come from :mod:`peftlab.results`, and the prose files
+(``REPORT.template.md``, the main text, and ``APPENDIX.template.md``) cite a result with a placeholder
+that is filled in from the runs or a generated table:
 
 * ``{{metric:CELL/KEY}}``: ``mean ± std`` (percent) of a quality metric over seeds,
   e.g. ``{{metric:minilm/restaurant_sup/full/accuracy}}``;
@@ -12,7 +12,10 @@ that is filled in from the runs:
 * ``{{cost:CELL/KEY}}``: the median over seeds of a cost column (train_runtime, ...);
 * ``{{selected:MODEL/DATASET/METHOD}}``: the settings a sweep selected for the cell, with their validation
   macro-F1, study and trial;
-* ``{{file:PATH}}``: the text of a generated file (a benchmark or memory table), relative to the repo.
+* ``{{file:PATH}}``: the text of a generated file (a benchmark or memory table), relative to the repo;
+* ``{{cell:PATH|COLUMN=VALUE,...|COLUMN[|DECIMALS]}}``: the number that leads one cell of a generated table in
+  PATH: the one row whose cells equal the given values, in the column named (a header may add `` (...)``),
+  e.g. ``{{cell:reports/vram_cuda.md|model=Qwen2.5-3B,method=full|measured peak GiB|1}}``.
 
 ``CELL`` is ``MODEL/DATASET/METHOD`` for the fixed-settings runs, or ``validation:MODEL/DATASET/METHOD``
 for the runs under the validation protocol: a sentence always says which runs it cites.
@@ -38,7 +41,7 @@ import numpy as np  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import LogLocator, NullFormatter  # noqa: E402
 
-from .markdown import table  # noqa: E402
+from .markdown import read_tables, table  # noqa: E402
 from .methods import LORA_DEFAULT_TARGETS, baseline_label, get_method, method_argument_fields, method_sort_key  # noqa: E402
 from .results import (  # noqa: E402
     FIXED,
@@ -245,13 +248,37 @@ def coverage_section(runs: list[RunResult], wanted: list) -> str:
             + table(["model", "method", *datasets], rows))
 
 
-PLACEHOLDER = re.compile(r"\{\{(metric|ci|diff|cost|file|selected):([^}]+)\}\}")
+PLACEHOLDER = re.compile(r"\{\{(metric|ci|diff|cost|file|cell|selected):([^}]+)\}\}")
 
 
 def selected_text(entry: dict) -> str:
     settings = ", ".join(f"{key} {_setting(value)}" for key, value in entry["params"].items())
     return (f"{settings} (validation macro-F1 {100 * entry['validation_macro_f1']:.1f}; "
             f"study {entry['study']}, trial {entry['trial']})")
+
+
+def table_cell(path: Path, target: str) -> str:
+    """The number leading the cell ``target`` (``COLUMN=VALUE,...|COLUMN[|DECIMALS]``) names in a table of
+    ``path``; exactly one row must match, and the cell must start with a number."""
+    where, column, *decimals = target.split("|")
+    conditions = dict(pair.split("=", 1) for pair in where.split(","))
+
+    def index(header: list[str], name: str) -> int | None:
+        return next((i for i, cell in enumerate(header) if cell == name or cell.startswith(name + " (")), None)
+
+    cells = []
+    for header, rows in read_tables(path.read_text()):
+        columns = {name: index(header, name) for name in (*conditions, column)}
+        if None not in columns.values():
+            cells += [row[columns[column]] for row in rows
+                      if all(row[columns[name]] == value for name, value in conditions.items())]
+    if len(cells) != 1:
+        raise KeyError(f"{path}: {len(cells)} rows have {where} and a column {column!r}, not one")
+    number = re.match(r"[-+]?\d[\d,]*(\.\d+)?", cells[0])
+    if number is None:
+        raise ValueError(f"{path}: the {column!r} cell of {where} is {cells[0]!r}, not a number")
+    text = number.group(0)
+    return f"{float(text.replace(',', '')):.{int(decimals[0])}f}" if decimals else text
 
 
 def fill_placeholders(text: str, runs: list[RunResult], repo_root: Path, selection: dict | None = None) -> str:
@@ -272,11 +299,12 @@ def fill_placeholders(text: str, runs: list[RunResult], repo_root: Path, selecti
 
     def substitute(match: re.Match) -> str:
         kind, target = match.groups()
-        if kind == "file":
-            path = repo_root / target
+        if kind in ("file", "cell"):
+            relative, _, cell = target.partition("|")
+            path = repo_root / relative
             if not path.is_file():
                 raise FileNotFoundError(f"report placeholder {match.group(0)}: no file {path}")
-            return path.read_text().rstrip("\n")
+            return table_cell(path, cell) if kind == "cell" else path.read_text().rstrip("\n")
         if kind == "selected":
             if target not in (selection or {}):
                 raise KeyError(f"report placeholder {match.group(0)}: no selected settings for {target}")
