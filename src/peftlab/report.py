@@ -39,7 +39,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
-from matplotlib.ticker import LogLocator, NullFormatter  # noqa: E402
+from matplotlib.ticker import LogLocator, MaxNLocator, NullFormatter  # noqa: E402
 
 from .markdown import read_tables, table  # noqa: E402
 from .methods import LORA_DEFAULT_TARGETS, baseline_label, get_method, method_argument_fields, method_sort_key  # noqa: E402
@@ -470,14 +470,17 @@ def plot_sweeps(studies: list, path: Path) -> Path | None:
     fig, axes = plt.subplots(rows, columns, figsize=(max(6.0, 4.2 * columns), 3.4 * rows + 0.4), sharey=True,
                              squeeze=False, layout="constrained")
     markers = {"complete": "o", "pruned, at its last epoch": "x"}
+    epochs = [trial.params.get("num_train_epochs", 0) for study in studies for trial in study.trials
+              if _trial_score(trial)]
+    norm = matplotlib.colors.Normalize(min(epochs), max(epochs))  # one colour scale over every study's trials
     for axis, study in zip(axes.flat, studies, strict=False):
         scored = [(trial, score) for trial in study.trials if (score := _trial_score(trial))]
         for state, marker in markers.items():
             points = [(t.params["learning_rate"], 100 * score, t.params.get("num_train_epochs", 0))
                       for t, (score, how) in scored if how == state]
             if points:
-                lr, score, epochs = zip(*points, strict=True)
-                axis.scatter(lr, score, c=epochs, cmap="viridis", vmin=2, vmax=20, s=36, marker=marker)
+                lr, score, trial_epochs = zip(*points, strict=True)
+                axis.scatter(lr, score, c=trial_epochs, cmap="viridis", norm=norm, s=36, marker=marker)
         axis.set_xscale("log")
         # labelled ticks at 1 and 3 per decade: matplotlib labels every minor tick of a range under a decade wide,
         # and at this width those labels (2x10^-5, 3x10^-5, ...) overlap
@@ -493,8 +496,8 @@ def plot_sweeps(studies: list, path: Path) -> Path | None:
         axis.set_visible(False)
     for row in axes:
         row[0].set_ylabel("validation macro-F1 (%),\nfinal epoch")
-    fig.colorbar(plt.cm.ScalarMappable(norm=matplotlib.colors.Normalize(2, 20), cmap="viridis"), ax=axes,
-                 label="epochs")
+    colorbar = fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap="viridis"), ax=axes, label="epochs")
+    colorbar.ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     fig.legend(handles=[Line2D([], [], color="grey", marker=marker, linestyle="none", label=state)
                         for state, marker in markers.items()],
                loc="outside lower center", ncol=2, fontsize=8)  # below the panels, never over the points
