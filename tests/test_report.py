@@ -11,9 +11,10 @@ from peftlab.runrecord import GRID_COORDINATES_FILE, STATE_FILE, RunDirectory, w
 
 
 def fixture_run(root, method, seed, accuracy, hardware=None, validation_rows=None, max_train_samples=None,
-                validation_macro_f1=None, modules_to_save=None, dataset="acl_sup"):
+                validation_macro_f1=None, modules_to_save=None, dataset="acl_sup", settings=None):
     run = RunDirectory(root / "m" / dataset / method / f"seed{seed}")
-    write_json(run.file(GRID_COORDINATES_FILE), {"model": "m", "dataset": dataset, "method": method, "seed": seed})
+    write_json(run.file(GRID_COORDINATES_FILE), {"model": "m", "dataset": dataset, "method": method, "seed": seed,
+                                                 **({"settings": settings} if settings else {})})
     run_id = run.start({
         "resolved_model": {"checkpoint": "org/m", "source": "package"},
         "training_args": {"learning_rate": 1e-4, "num_train_epochs": 2, "bf16": True},
@@ -150,16 +151,20 @@ def test_validation_protocol_runs_sit_beside_the_fixed_settings_runs(tmp_path):
     results = tmp_path / "results"
     for seed, acc in ((1, 0.7), (2, 0.8)):
         fixture_run(results, "full", seed, acc)
+    source = {"from": "m/acl_sup/full", "study": "s", "trial": 4, "run_dir": "sweeps/s/trial4"}
     for seed, acc in ((1, 0.9), (2, 0.92)):
-        fixture_run(results / "protocol", "full", seed, acc, validation_rows=169)
+        fixture_run(results / "protocol", "full", seed, acc, validation_rows=169, settings=source)
+    fixture_run(results / "protocol", "lora-r8", 1, 0.85, validation_rows=169, settings=source)
     runs = collect(results)
-    assert sorted(run.protocol for run in runs) == [FIXED, FIXED, VALIDATION, VALIDATION]
+    assert sorted(run.protocol for run in runs) == [FIXED, FIXED, VALIDATION, VALIDATION, VALIDATION]
     selection = {"m/acl_sup/full": {"study": "s", "trial": 4, "validation_macro_f1": 0.5,
                                     "params": {"learning_rate": 2e-4, "num_train_epochs": 9}}}
     section = protocol_section(runs, selection)
     assert ("| m/acl_sup/full | lr 0.0001, 2 epochs | 65.0 ± 7.1 / 75.0 ± 7.1 (n=2) | learning_rate 0.0002, "
             "num_train_epochs 9 (validation macro-F1 50.0; study s, trial 4) "
             "| 81.0 ± 1.4 / 91.0 ± 1.4 (n=2) |") in section
+    # a cell that was not swept names the cell its settings came from
+    assert "| m/acl_sup/lora-r8 | – | – | transferred from m/acl_sup/full | 75.0 / 85.0 (n=1) |" in section
 
 
 def test_paired_differences_state_only_what_their_interval_supports(tmp_path):

@@ -332,6 +332,11 @@ def fill_placeholders(text: str, runs: list[RunResult], repo_root: Path, selecti
     return PLACEHOLDER.sub(substitute, text)
 
 
+def settings_source(run: RunResult) -> dict | None:
+    """Where a grid run's selected settings came from (``{from: cell, study, trial, run_dir}``), or None."""
+    return (RunDirectory(run.directory).grid_coordinates() or {}).get("settings")
+
+
 def configuration_section(runs: list[RunResult]) -> str:
     """The hyperparameters per (protocol, model, dataset, method) cell, from run.json: a column for each that
     varies between cells, one line for those every cell shares."""
@@ -361,7 +366,7 @@ def configuration_section(runs: list[RunResult]) -> str:
                                                          "group_by_length": False,
                                                          **ADDED_ARGUMENTS}.get(key, value)
             values.append(value)
-        settings = (RunDirectory(run.directory).grid_coordinates() or {}).get("settings")
+        settings = settings_source(run)
         source = f"{settings['from']} ({settings['study']}, trial {settings['trial']})" if settings else "–"
         cells[(run.protocol, *run.cell)] = [*values, source]
     names = [key for _, key in keys] + ["settings from sweep"]
@@ -623,12 +628,17 @@ def protocol_section(runs: list[RunResult], selection: dict) -> str:
         if run.protocol == FIXED:
             args = run.record["training_args"]
             fixed_settings[run.cell] = f"lr {_setting(args['learning_rate'])}, {args['num_train_epochs']:g} epochs"
+    transferred = {run.cell: source["from"] for run in runs
+                   if run.protocol == VALIDATION and (source := settings_source(run))}
     rows = []
     for row in new:
         cell = (row["model"], row["dataset"], row["method"])
         before = old.get(cell)
         entry = selection.get("/".join(cell))
-        settings = selected_text(entry) if entry else "–"
+        if entry:
+            settings = selected_text(entry)
+        else:
+            settings = f"transferred from {transferred[cell]}" if cell in transferred else "–"
         rows.append(["/".join(cell), fixed_settings.get(cell, "–"),
                      f"{pm(before, 'macro_f1')} / {pm(before, 'accuracy')} (n={before['n']})" if before else "–",
                      settings, f"{pm(row, 'macro_f1')} / {pm(row, 'accuracy')} (n={row['n']})"])
