@@ -60,7 +60,7 @@ from .results import (  # noqa: E402
     reference_host,
     write_csv,
 )
-from .runrecord import ADDED_ARGUMENTS, RunDirectory  # noqa: E402
+from .runrecord import ADDED_ARGUMENTS  # noqa: E402
 from .selection import DEFAULT_SELECTION_FILE, read_selection  # noqa: E402
 
 matplotlib.rcParams["svg.hashsalt"] = "peftlab"  # deterministic output
@@ -332,11 +332,6 @@ def fill_placeholders(text: str, runs: list[RunResult], repo_root: Path, selecti
     return PLACEHOLDER.sub(substitute, text)
 
 
-def settings_source(run: RunResult) -> dict | None:
-    """Where a grid run's selected settings came from (``{from: cell, study, trial, run_dir}``), or None."""
-    return (RunDirectory(run.directory).grid_coordinates() or {}).get("settings")
-
-
 def configuration_section(runs: list[RunResult]) -> str:
     """The hyperparameters per (protocol, model, dataset, method) cell, from run.json: a column for each that
     varies between cells, one line for those every cell shares."""
@@ -366,8 +361,8 @@ def configuration_section(runs: list[RunResult]) -> str:
                                                          "group_by_length": False,
                                                          **ADDED_ARGUMENTS}.get(key, value)
             values.append(value)
-        settings = settings_source(run)
-        source = f"{settings['from']} ({settings['study']}, trial {settings['trial']})" if settings else "–"
+        source = (f"{run.settings['from']} ({run.settings['study']}, trial {run.settings['trial']})"
+                  if run.settings else "–")
         cells[(run.protocol, *run.cell)] = [*values, source]
     names = [key for _, key in keys] + ["settings from sweep"]
     varying = [i for i in range(len(names)) if len({str(v[i]) for v in cells.values()}) > 1]
@@ -628,8 +623,7 @@ def protocol_section(runs: list[RunResult], selection: dict) -> str:
         if run.protocol == FIXED:
             args = run.record["training_args"]
             fixed_settings[run.cell] = f"lr {_setting(args['learning_rate'])}, {args['num_train_epochs']:g} epochs"
-    transferred = {run.cell: source["from"] for run in runs
-                   if run.protocol == VALIDATION and (source := settings_source(run))}
+    transferred = {run.cell: run.settings["from"] for run in runs if run.protocol == VALIDATION and run.settings}
     rows = []
     for row in new:
         cell = (row["model"], row["dataset"], row["method"])

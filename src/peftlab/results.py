@@ -36,6 +36,7 @@ class RunResult:
     checkpoint: str
     metrics: dict
     record: dict = field(repr=False)
+    settings: dict | None = None  # a grid run's selected settings' source (grid_coordinates.json): {from, study, ...}
 
     @property
     def cell(self) -> tuple[str, str, str]:
@@ -74,7 +75,8 @@ def load_run(run_dir: RunDirectory) -> RunResult:
                        "method": method_label(MethodArguments.from_record(method_args)),
                        "seed": record["training_args"]["seed"]}
     result = RunResult(coordinates["model"], coordinates["dataset"], coordinates["method"],
-                       int(coordinates["seed"]), run_dir.path, record["resolved_model"]["checkpoint"], metrics, record)
+                       int(coordinates["seed"]), run_dir.path, record["resolved_model"]["checkpoint"], metrics, record,
+                       coordinates.get("settings"))
     if "train_tokens_per_epoch" in record and "train_runtime" in metrics:
         # derived the same way for every run, whichever version of train.py wrote metrics.json
         metrics["train_tokens_per_second"], metrics["eval_seconds_during_training"] = training_throughput(
