@@ -463,18 +463,18 @@ def plot_sweeps(studies: list, path: Path) -> Path | None:
     """One panel per study, four to a row: each trial's validation macro-F1 against its learning rate (log
     scale), coloured by its epochs; pruned trials as crosses, at the last epoch they reached. Panels share the
     y-range; one legend, below them all."""
-    if not any(_trial_score(trial) for study in studies for trial in study.trials):
+    scored_by_study = [[(trial, score) for trial in study.trials if (score := _trial_score(trial))]
+                       for study in studies]
+    if not any(scored_by_study):
         return None
     columns = min(SWEEP_PANELS_PER_ROW, len(studies))
     rows = math.ceil(len(studies) / columns)
     fig, axes = plt.subplots(rows, columns, figsize=(max(6.0, 4.2 * columns), 3.4 * rows + 0.4), sharey=True,
                              squeeze=False, layout="constrained")
     markers = {"complete": "o", "pruned, at its last epoch": "x"}
-    epochs = [trial.params.get("num_train_epochs", 0) for study in studies for trial in study.trials
-              if _trial_score(trial)]
+    epochs = [trial.params.get("num_train_epochs", 0) for scored in scored_by_study for trial, _ in scored]
     norm = matplotlib.colors.Normalize(min(epochs), max(epochs))  # one colour scale over every study's trials
-    for axis, study in zip(axes.flat, studies, strict=False):
-        scored = [(trial, score) for trial in study.trials if (score := _trial_score(trial))]
+    for axis, study, scored in zip(axes.flat, studies, scored_by_study, strict=False):
         for state, marker in markers.items():
             points = [(t.params["learning_rate"], 100 * score, t.params.get("num_train_epochs", 0))
                       for t, (score, how) in scored if how == state]
