@@ -15,6 +15,7 @@ from test_resume import KillAfterFirstCheckpoint, Killed
 from peftlab.cli import parse_dict
 from peftlab.errors import InvalidArgument
 from peftlab.experiments import claim, estimate_seconds, expand, load_grid, run_grid, run_order, select, shard
+from peftlab.metrics import collapsed
 from peftlab.results import aggregate, collect, markdown_table, write_csv
 from peftlab.runrecord import (
     ADDED_ARGUMENTS,
@@ -268,3 +269,41 @@ def test_seeds_by_dataset_and_a_models_own_seeds(tmp_path):
                               ("restaurant_sup", "full"): 3, ("restaurant_sup", "lora-r8"): 3}
     grid["models"]["tiny"]["seeds"] = [7]  # a model's own seeds win over both
     assert {run.seed for run in expand(grid)} == {7}
+
+
+def test_a_transferred_cell_whose_first_run_collapsed_runs_again_at_a_lower_learning_rate(
+        tmp_path, tiny_models, fixture_data_dir, capsys):
+    """The collapse rule: a cell that took another cell's settings and whose first run predicts one class on
+    validation runs again at learning_rate x factor, the collapsed run kept aside; a swept cell never does."""
+    selection = tmp_path / "selected.yaml"  # a learning rate that diverges: every tiny run predicts one class
+    selection.write_text(yaml.safe_dump({"tiny/restaurant_sup/full": {"study": "s", "trial": 0,
+                                                                      "params": {"learning_rate": 1e4}}}))
+    defaults = {**load_grid(grid_file(tmp_path, tiny_models["bert"], fixture_data_dir))["defaults"],
+                "validation_split": 0.1}
+    spec = {"selection": str(selection), "require_selection": True, "datasets": ["restaurant_sup"], "seeds": [1],
+            "defaults": defaults, "transfers": [{"match": {"method": "lora-r8"}, "from": {"method": "full"}}]}
+    path = grid_file(tmp_path, tiny_models["bert"], fixture_data_dir, **spec)
+    assert run_grid(str(path)) == 0  # without the rule: both cells kept as they ran
+    full, lora = expand(load_grid(path))
+    assert all(collapsed(run.directory.metrics()) for run in (full, lora))
+    stamp = full.directory.file(METRICS_FILE).stat().st_mtime_ns
+    kept = tmp_path / "collapsed"
+    rule = {"learning_rate_factor": 0.5, "max_retries": 2, "kept_in": str(kept)}
+    path = grid_file(tmp_path, tiny_models["bert"], fixture_data_dir, **spec, collapse_retry=rule)
+    capsys.readouterr()
+    assert run_grid(str(path), dry_run=True) == 0 and "  collapsed  tiny restaurant_sup lora-r8 seed1" in (
+        capsys.readouterr().out)
+    # the rule holds for runs that finished before it: set aside, then again after its rerun collapsed, then kept
+    assert run_grid(str(path)) == 0
+    assert capsys.readouterr().out.count("COLLAPSED") == 2
+    aside = sorted(p.name for p in (kept / "tiny" / "restaurant_sup" / "lora-r8").iterdir())
+    assert aside == ["seed1-lr1e+04", "seed1-lr5e+03"]
+    assert RunDirectory(kept / "tiny" / "restaurant_sup" / "lora-r8" / aside[0]).grid_args()["learning_rate"] == 1e4
+    full, lora = expand(load_grid(path))
+    assert lora.status() == "done" and lora.args["learning_rate"] == 2500
+    assert lora.directory.grid_coordinates()["settings"]["learning_rate_factor"] == 0.25
+    assert full.status() == "done" and full.args["learning_rate"] == 1e4 and not (kept / "tiny" / "restaurant_sup"
+                                                                                  / "full").exists()
+    assert full.directory.file(METRICS_FILE).stat().st_mtime_ns == stamp  # a swept cell chose its own settings
+    with pytest.raises(InvalidArgument, match="collapse_retry"):
+        load_grid(grid_file(tmp_path, "m", "d", collapse_retry={**rule, "learning_rate_factor": 2}))

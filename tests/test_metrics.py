@@ -3,7 +3,7 @@ import pytest
 from sklearn.metrics import accuracy_score, f1_score
 from transformers import EvalPrediction
 
-from peftlab.metrics import classification_metrics, compute_metrics, per_class_f1
+from peftlab.metrics import classification_metrics, collapsed, compute_metrics, per_class_f1
 
 
 def test_hand_checked_example():
@@ -41,3 +41,15 @@ def test_per_class_f1_is_what_macro_f1_averages():
     named = compute_metrics(EvalPrediction(predictions=logits, label_ids=np.array([0, 0, 1, 1, 2, 2])),
                             label_names=["a", "b", "c"])
     assert named["f1_b"] == pytest.approx(0.8) and named["macro_f1"] == pytest.approx((0.5 + 0.8 + 2 / 3) / 3)
+
+
+def test_a_run_collapsed_when_one_class_alone_is_ever_predicted_right():
+    def validation(predictions, references):
+        scores = per_class_f1(predictions, references, ["a", "b", "c"])
+        return {f"validation_{key}": value for key, value in scores.items()} | {"validation_macro_f1": 0.3}
+
+    assert collapsed(validation([0, 0, 0, 0], [0, 1, 2, 0]))  # the majority class for every row
+    assert collapsed(validation([1, 1, 1, 1], [0, 0, 2, 0]))  # nothing right at all
+    assert not collapsed(validation([0, 1, 1, 0], [0, 1, 2, 0]))
+    assert not collapsed(validation([0, 1], [0, 1]), split="test")  # another split's scores: none to judge by
+    assert not collapsed({"validation_macro_f1": 0.2})  # a run without per-class scores

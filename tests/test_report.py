@@ -11,10 +11,11 @@ from peftlab.runrecord import GRID_COORDINATES_FILE, STATE_FILE, RunDirectory, w
 
 
 def fixture_run(root, method, seed, accuracy, hardware=None, validation_rows=None, max_train_samples=None,
-                validation_macro_f1=None, modules_to_save=None, dataset="acl_sup", settings=None):
+                validation_macro_f1=None, modules_to_save=None, dataset="acl_sup", settings=None, set_aside=None):
     run = RunDirectory(root / "m" / dataset / method / f"seed{seed}")
     write_json(run.file(GRID_COORDINATES_FILE), {"model": "m", "dataset": dataset, "method": method, "seed": seed,
-                                                 **({"settings": settings} if settings else {})})
+                                                 **({"settings": settings} if settings else {}),
+                                                 **({"set_aside": set_aside} if set_aside else {})})
     run_id = run.start({
         "resolved_model": {"checkpoint": "org/m", "source": "package"},
         "training_args": {"learning_rate": 1e-4, "num_train_epochs": 2, "bf16": True},
@@ -165,6 +166,27 @@ def test_validation_protocol_runs_sit_beside_the_fixed_settings_runs(tmp_path):
             "| 81.0 ± 1.4 / 91.0 ± 1.4 (n=2) |") in section
     # a cell that was not swept names the cell its settings came from
     assert "| m/acl_sup/lora-r8 | – | – | transferred from m/acl_sup/full | 75.0 / 85.0 (n=1) |" in section
+    # and the collapse rule's factor, where its learning rate took one
+    fixture_run(results / "protocol", "lora-r16", 1, 0.85, validation_rows=169,
+                settings={**source, "learning_rate_factor": 0.5})
+    assert ("| m/acl_sup/lora-r16 | – | – | transferred from m/acl_sup/full, learning rate x0.5 (collapse rule) "
+            "| 75.0 / 85.0 (n=1) |") in protocol_section(collect(results), selection)
+
+
+def test_runs_a_grid_set_aside_are_listed_and_left_out_of_their_cell(report_inputs):
+    results, prose, root = report_inputs
+    fixture_run(results / "collapsed", "lora-r8", 1, 0.3, validation_rows=169, validation_macro_f1=0.25,
+                set_aside="collapsed")
+    (prose / "APPENDIX.template.md").write_text("# A\n{{section:per_seed}}\n{{section:set_aside}}\n")
+    build_report(results, prose, root / "out", root)
+    appendix = (root / "out" / "APPENDIX.md").read_text()
+    assert (f"| m | acl_sup | lora-r8 | 1 | 0.0001 | 2 | 25.0 | `{results}/collapsed/m/acl_sup/lora-r8/seed1` |"
+            in appendix)
+    assert "| validation | m |" not in appendix  # not among the cell's seeds
+    (prose / "APPENDIX.template.md").write_text("{{section:set_aside}}\n")
+    (results / "collapsed" / "m" / "acl_sup" / "lora-r8" / "seed1" / "metrics.json").unlink()
+    build_report(results, prose, root / "out", root)
+    assert (root / "out" / "APPENDIX.md").read_text() == "_the collapse rule set no run aside_\n"
 
 
 def test_paired_differences_state_only_what_their_interval_supports(tmp_path):

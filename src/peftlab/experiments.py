@@ -24,9 +24,14 @@ A grid file looks like::
     transfers:                        # cells that were not swept take a swept cell's settings
       - match: {model: minilm, method: lora-r8}
         from: {method: lora-r16}
+    collapse_retry:                   # a transferred cell whose first finished run collapsed (one class predicted
+      learning_rate_factor: 0.5       # on validation) runs again at learning_rate x factor, at most max_retries
+      max_retries: 2                  # times; each collapsed run is kept in kept_in/<model>/<dataset>/<method>/
+      kept_in: runs/collapsed
 
 Arguments merge in this order: defaults, the model's, the method's, the cell's selected settings
-(its own, or those of the cell its transfer names), overrides.
+(its own, or those of the cell its transfer names), overrides; then a transferred cell's learning rate
+takes the collapse rule's factor once per run of the cell it set aside (:func:`learning_rate_factor`).
 
 A grid can build on another: ``extends: configs/grids/assignment.yaml`` takes that file's keys, each
 replaced by this file's where it sets one, except ``defaults``, which merge key by key (this file's win).
@@ -58,6 +63,7 @@ from pathlib import Path
 import yaml
 
 from .errors import InvalidArgument, MissingFile, exit_on_user_error
+from .metrics import collapsed
 from .runrecord import (
     FINISHED,
     GRID_ARGS_FILE,
@@ -142,6 +148,11 @@ def load_grid(path: str | Path) -> dict:
     missing = {"output_root", "models", "datasets", "methods", "seeds"} - set(grid or {})
     if missing:
         raise InvalidArgument(f"{path}: grid file lacks {sorted(missing)}")
+    rule = grid.get("collapse_retry")
+    if rule is not None and (set(rule) != {"learning_rate_factor", "max_retries", "kept_in"}
+                             or not 0 < rule["learning_rate_factor"] < 1 or int(rule["max_retries"]) < 1):
+        raise InvalidArgument(f"{path}: collapse_retry needs learning_rate_factor in (0, 1), max_retries >= 1 and "
+                              f"kept_in, got {rule}")
     unpinned = sorted({key for run in expand(grid) for key in HOST_DEPENDENT_ARGS if key not in run.args})
     if unpinned:
         raise InvalidArgument(f"{path}: set {unpinned} (e.g. under defaults): their default depends on the host")
@@ -166,6 +177,30 @@ def selected_settings(grid: dict, selection: dict, coords: dict) -> tuple[dict, 
     return {}, None
 
 
+def set_aside_folder(grid: dict, cell: dict) -> Path:
+    """Where the collapse rule keeps a cell's collapsed runs."""
+    return Path(grid["collapse_retry"]["kept_in"]) / cell["model"] / cell["dataset"] / cell["method"]
+
+
+def runs_set_aside(grid: dict, cell: dict) -> int:
+    folder = set_aside_folder(grid, cell)
+    return sum(1 for _ in folder.iterdir()) if folder.is_dir() else 0
+
+
+def learning_rate_factor(grid: dict, cell: dict, settings: dict | None) -> float:
+    """The collapse rule's factor on a cell's learning rate: ``learning_rate_factor`` to the power of the runs the
+    rule set aside for the cell; 1 for a cell swept itself (its sweep chose its learning rate on validation)."""
+    if "collapse_retry" not in grid or settings is None or settings["from"] == cell_key(cell):
+        return 1.0
+    return grid["collapse_retry"]["learning_rate_factor"] ** runs_set_aside(grid, cell)
+
+
+def default_learning_rate() -> float:
+    from transformers import TrainingArguments
+
+    return TrainingArguments.__dataclass_fields__["learning_rate"].default
+
+
 def expand(grid: dict) -> list[GridRun]:
     """Every run of the grid in a fixed order, with its merged arguments."""
     selection = read_selection(grid["selection"]) if grid.get("selection") else {}
@@ -177,6 +212,9 @@ def expand(grid: dict) -> list[GridRun]:
                 method_args = grid["methods"][method]
                 cell = {"model": model, "dataset": dataset, "method": method}
                 params, settings = selected_settings(grid, selection, cell)  # one cell, one setting
+                factor = learning_rate_factor(grid, cell, settings)
+                if factor != 1:
+                    settings = {**settings, "learning_rate_factor": factor}
                 seeds = model_entry.get("seeds") or grid.get("seeds_by_dataset", {}).get(dataset, grid["seeds"])
                 for seed in seeds:
                     coords = {**cell, "seed": seed}
@@ -185,6 +223,8 @@ def expand(grid: dict) -> list[GridRun]:
                     for override in grid.get("overrides", []):
                         if matches(coords, override["match"]):
                             args.update(override["set"])
+                    if factor != 1:
+                        args["learning_rate"] = args.get("learning_rate", default_learning_rate()) * factor
                     args.update(dataset_name=dataset, seed=seed,
                                 output_dir=str(Path(grid["output_root"]) / model / dataset / method / f"seed{seed}"))
                     runs.append(GridRun(model, dataset, method, seed, args, settings))
@@ -267,6 +307,42 @@ def execute(run: GridRun, python: str = sys.executable, lock: int | None = None)
                               pass_fds=() if lock is None else (lock,)).returncode
 
 
+def collapse_retry_due(grid: dict, run: GridRun, runs: list[GridRun]) -> bool:
+    """Whether the collapse rule sets ``run`` aside: the grid has the rule, the run's settings were transferred, it
+    finished collapsed on validation (:func:`metrics.collapsed`), no other run of its cell finished (the rule
+    acts on a cell's first run, and so never leaves seeds at two learning rates), and retries are left."""
+    if "collapse_retry" not in grid or run.settings is None or run.swept:
+        return False
+    cell = {"model": run.model, "dataset": run.dataset, "method": run.method}
+    return (runs_set_aside(grid, cell) < grid["collapse_retry"]["max_retries"] and run.directory.state() == FINISHED
+            and collapsed(run.directory.metrics())
+            and not any(other.directory.state() == FINISHED for other in runs
+                        if (other.model, other.dataset, other.method) == (run.model, run.dataset, run.method)
+                        and other.seed != run.seed))
+
+
+def current(grid: dict, run: GridRun) -> GridRun:
+    """The run as the grid gives it now: another worker's set-aside run may have lowered its cell's learning rate
+    since the grid command expanded it."""
+    return next(other for other in expand(grid) if other.label == run.label)
+
+
+def set_aside(grid: dict, run: GridRun) -> GridRun:
+    """Move a collapsed run into the rule's folder (kept, named by its seed and learning rate); returns the run
+    anew, at the lower learning rate that the set-aside run now gives its cell."""
+    cell = {"model": run.model, "dataset": run.dataset, "method": run.method}
+    target = set_aside_folder(grid, cell) / f"seed{run.seed}-lr{run.args['learning_rate']:.3g}"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    run.output_dir.rename(target)
+    coordinates = RunDirectory(target).grid_coordinates()  # marked, so that reports leave it out of its cell
+    write_json(target / GRID_COORDINATES_FILE, {**coordinates, "set_aside": "collapsed"})
+    again = current(grid, run)
+    print(f"    {run.label} COLLAPSED (one class predicted on validation) at learning rate "
+          f"{run.args['learning_rate']:.3g}: kept in {target}; runs again at {again.args['learning_rate']:.3g}",
+          flush=True)
+    return again
+
+
 def run_order(runs: list[GridRun]) -> list[GridRun]:
     """The order a grid command takes its runs in: first the cells that were swept themselves (the validation
     protocol's evidence: their selected settings over seeds), then the others; each part seed by seed, seed 1 of
@@ -305,7 +381,9 @@ def run_grid(path: str, shard_spec: str | None = None, dry_run: bool = False, re
     if changed and not rerun_changed:
         for run in changed:
             print(f"CHANGED {run.label}: {run.output_dir} finished with other arguments; kept", flush=True)
-    todo = [run for run in mine if statuses[run] in ("todo", "incomplete") or (rerun_changed and run in changed)]
+    todo = [run for run in mine if statuses[run] in ("todo", "incomplete") or (rerun_changed and run in changed)
+            or (statuses[run] == "done" and collapse_retry_due(grid, run, runs))]
+    statuses.update({run: "collapsed" for run in todo if statuses[run] == "done"})  # set aside when its turn comes
     print(f"{len(runs)} runs in the grid, {len(mine)} selected, {len(todo)} to run", flush=True)
     if dry_run:
         estimates = {run: estimate_seconds(run, runs) for run in mine}
@@ -323,8 +401,11 @@ def run_grid(path: str, shard_spec: str | None = None, dry_run: bool = False, re
             if lock is None:
                 print(f"[{number}/{len(todo)}] {run.label}: another worker runs it; skipped", flush=True)
                 continue
+            run = current(grid, run)
             status = run.status()  # another worker may have finished it since the list was made
-            if status == "done" or (status == "changed" and not rerun_changed):
+            if status == "done" and collapse_retry_due(grid, run, runs):
+                run = set_aside(grid, run)
+            elif status == "done" or (status == "changed" and not rerun_changed):
                 continue
             if status == "incomplete":
                 checkpoint = run.checkpoint()
@@ -333,6 +414,9 @@ def run_grid(path: str, shard_spec: str | None = None, dry_run: bool = False, re
             started = time.time()
             print(f"[{number}/{len(todo)}] {run.label} -> {run.output_dir}", flush=True)
             code = execute(run, lock=lock)
+            while code == 0 and collapse_retry_due(grid, run, runs):
+                run = set_aside(grid, run)
+                code = execute(run, lock=lock)
         elapsed = (time.time() - started) / 60
         if code:
             failures += 1

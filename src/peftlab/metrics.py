@@ -41,6 +41,13 @@ def per_class_f1(predictions, references, label_names: list[str]) -> dict[str, f
     return {f"f1_{name}": score for name, score in zip(label_names, f1, strict=True)}
 
 
+def collapsed(metrics: dict, split: str = "validation") -> bool:
+    """Whether a run's final model predicts one class: on ``split``, per-class F1 (``<split>_f1_<label>``) of 0 for
+    every class but at most one, so no row outside one class is predicted right (a diverged run, typically)."""
+    per_class = [value for key, value in metrics.items() if key.startswith(f"{split}_f1_")]
+    return bool(per_class) and sum(value > 0 for value in per_class) <= 1
+
+
 def compute_metrics(eval_pred, label_names: list[str] | None = None) -> dict[str, float]:
     """`Trainer`'s hook: logits (or a tuple whose first item is logits) and label ids; with
     ``label_names`` (bind it with functools.partial) the per-class F1 as well."""

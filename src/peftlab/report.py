@@ -361,8 +361,9 @@ def configuration_section(runs: list[RunResult]) -> str:
                                                          "group_by_length": False,
                                                          **ADDED_ARGUMENTS}.get(key, value)
             values.append(value)
+        factor = run.settings.get("learning_rate_factor") if run.settings else None
         source = (f"{run.settings['from']} ({run.settings['study']}, trial {run.settings['trial']})"
-                  if run.settings else "–")
+                  + (f", learning rate x{factor:g}" if factor else "") if run.settings else "–")
         cells[(run.protocol, *run.cell)] = [*values, source]
     names = [key for _, key in keys] + ["settings from sweep"]
     varying = [i for i in range(len(names)) if len({str(v[i]) for v in cells.values()}) > 1]
@@ -383,6 +384,24 @@ def per_seed_section(runs: list[RunResult]) -> str:
                    _setting(run.record["training_args"]["learning_rate"]), f"`{run.directory}`"]
                   for run in sorted(runs, key=lambda r: (r.protocol != VALIDATION, r.model, r.dataset,
                                                          method_sort_key(r.method), r.seed))))
+
+
+def set_aside_section(runs: list[RunResult]) -> str:
+    """The runs a grid's collapse rule set aside (configs/grids/assignment.yaml, ``collapse_retry``): each one's
+    learning rate and validation score, the reason its cell ran again lower; the cell's tables hold its reruns."""
+    if not runs:
+        return "_the collapse rule set no run aside_\n"
+    return table(["model", "dataset", "method", "seed", "learning rate", "epochs", "validation macro-F1",
+                  "run directory"],
+                 ([run.model, run.dataset, run.method, run.seed, _setting(run.record["training_args"]["learning_rate"]),
+                   f"{run.record['training_args']['num_train_epochs']:g}",
+                   f"{100 * run.metrics['validation_macro_f1']:.1f}", f"`{run.directory}`"] for run in runs))
+
+
+def transfer_text(settings: dict) -> str:
+    """Where a transferred cell's settings came from, with the collapse rule's factor on its learning rate."""
+    factor = settings.get("learning_rate_factor")
+    return f"transferred from {settings['from']}" + (f", learning rate x{factor:g} (collapse rule)" if factor else "")
 
 
 def per_class_section(runs: list[RunResult]) -> str:
@@ -623,7 +642,7 @@ def protocol_section(runs: list[RunResult], selection: dict) -> str:
         if run.protocol == FIXED:
             args = run.record["training_args"]
             fixed_settings[run.cell] = f"lr {_setting(args['learning_rate'])}, {args['num_train_epochs']:g} epochs"
-    transferred = {run.cell: run.settings["from"] for run in runs if run.protocol == VALIDATION and run.settings}
+    transferred = {run.cell: run.settings for run in runs if run.protocol == VALIDATION and run.settings}
     rows = []
     for row in new:
         cell = (row["model"], row["dataset"], row["method"])
@@ -631,8 +650,10 @@ def protocol_section(runs: list[RunResult], selection: dict) -> str:
         entry = selection.get("/".join(cell))
         if entry:
             settings = selected_text(entry)
+        elif cell in transferred:
+            settings = transfer_text(transferred[cell])
         else:
-            settings = f"transferred from {transferred[cell]}" if cell in transferred else "–"
+            settings = "–"
         rows.append(["/".join(cell), fixed_settings.get(cell, "–"),
                      f"{pm(before, 'macro_f1')} / {pm(before, 'accuracy')} (n={before['n']})" if before else "–",
                      settings, f"{pm(row, 'macro_f1')} / {pm(row, 'accuracy')} (n={row['n']})"])
@@ -662,8 +683,9 @@ def build_report(results_root: Path, prose_dir: Path, out_dir: Path, repo_root: 
     compare two settings of a default (``benchmarks/quality_check.py`` reports them)."""
     from .experiments import expand, load_grid
 
-    every_run = [run for run in collect(results_root)
+    collected = [run for run in collect(results_root)
                  if CHECKS_FOLDER not in run.directory.relative_to(results_root).parts[:1]]
+    every_run = [run for run in collected if not run.set_aside]
     fixed = [run for run in every_run if run.protocol == FIXED]
     validation = [run for run in every_run if run.protocol == VALIDATION]
     fixed_rows = aggregate(fixed)
@@ -695,6 +717,7 @@ def build_report(results_root: Path, prose_dir: Path, out_dir: Path, repo_root: 
         "bars": images(plot_bars(headline_rows, figures, colours)),
         "sweeps": sweep_section(studies, selection, plot_sweeps(studies, figures / "sweeps.png"), every_run),
         "protocol": protocol_section(every_run, selection),
+        "set_aside": set_aside_section([run for run in collected if run.set_aside]),
         "validation_differences": validation_differences_sentence(every_run),
         "protocol_curves": images(plot_curves(validation, figures, colours, "validation", prefix="protocol_curves"))
                            if validation else "_no run under the validation protocol has finished yet_\n",

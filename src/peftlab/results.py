@@ -37,6 +37,7 @@ class RunResult:
     metrics: dict
     record: dict = field(repr=False)
     settings: dict | None = None  # a grid run's selected settings' source (grid_coordinates.json): {from, study, ...}
+    set_aside: str | None = None  # why a grid set the run aside (``collapsed``): not one of its cell's seeds
 
     @property
     def cell(self) -> tuple[str, str, str]:
@@ -76,7 +77,7 @@ def load_run(run_dir: RunDirectory) -> RunResult:
                        "seed": record["training_args"]["seed"]}
     result = RunResult(coordinates["model"], coordinates["dataset"], coordinates["method"],
                        int(coordinates["seed"]), run_dir.path, record["resolved_model"]["checkpoint"], metrics, record,
-                       coordinates.get("settings"))
+                       coordinates.get("settings"), coordinates.get("set_aside"))
     if "train_tokens_per_epoch" in record and "train_runtime" in metrics:
         # derived the same way for every run, whichever version of train.py wrote metrics.json
         metrics["train_tokens_per_second"], metrics["eval_seconds_during_training"] = training_throughput(
