@@ -305,5 +305,6 @@ def test_a_transferred_cell_whose_first_run_collapsed_runs_again_at_a_lower_lear
     assert full.status() == "done" and full.args["learning_rate"] == 1e4 and not (kept / "tiny" / "restaurant_sup"
                                                                                   / "full").exists()
     assert full.directory.file(METRICS_FILE).stat().st_mtime_ns == stamp  # a swept cell chose its own settings
-    with pytest.raises(InvalidArgument, match="collapse_retry"):
-        load_grid(grid_file(tmp_path, "m", "d", collapse_retry={**rule, "learning_rate_factor": 2}))
+    for wrong in ({**rule, "learning_rate_factor": 2.0}, {**rule, "max_retries": "two"}, {"kept_in": "x"}, "half"):
+        with pytest.raises(InvalidArgument, match="collapse_retry"):
+            load_grid(grid_file(tmp_path, "m", "d", collapse_retry=wrong))

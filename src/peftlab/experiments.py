@@ -143,14 +143,19 @@ def read_grid_file(path: str | Path) -> dict:
     return {**parent, **grid, "defaults": {**parent.get("defaults", {}), **grid.get("defaults", {})}}
 
 
+def valid_collapse_rule(rule) -> bool:
+    return (isinstance(rule, dict) and set(rule) == {"learning_rate_factor", "max_retries", "kept_in"}
+            and isinstance(rule["learning_rate_factor"], float) and 0 < rule["learning_rate_factor"] < 1
+            and isinstance(rule["max_retries"], int) and rule["max_retries"] >= 1)
+
+
 def load_grid(path: str | Path) -> dict:
     grid = read_grid_file(path)
     missing = {"output_root", "models", "datasets", "methods", "seeds"} - set(grid or {})
     if missing:
         raise InvalidArgument(f"{path}: grid file lacks {sorted(missing)}")
     rule = grid.get("collapse_retry")
-    if rule is not None and (set(rule) != {"learning_rate_factor", "max_retries", "kept_in"}
-                             or not 0 < rule["learning_rate_factor"] < 1 or int(rule["max_retries"]) < 1):
+    if rule is not None and not valid_collapse_rule(rule):
         raise InvalidArgument(f"{path}: collapse_retry needs learning_rate_factor in (0, 1), max_retries >= 1 and "
                               f"kept_in, got {rule}")
     unpinned = sorted({key for run in expand(grid) for key in HOST_DEPENDENT_ARGS if key not in run.args})
