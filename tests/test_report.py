@@ -322,6 +322,25 @@ def test_the_validation_finding_pairs_each_method_with_full_fine_tuning_once_see
         "no difference detected in the 6 method-cell pairs (2-3 seeds each).")
 
 
+def test_the_rank_finding_pairs_each_rank_with_the_rank_whose_settings_it_took(tmp_path):
+    from peftlab.report import rank_differences_sentence
+
+    results = tmp_path / "results"
+    own = {"from": "m/acl_sup/lora-r16", "study": "s", "trial": 1}
+    other_dataset = {"from": "m/restaurant_sup/lora-r16", "study": "t", "trial": 2}
+    assert rank_differences_sentence([]).startswith("no rank shares seeds")
+    for seed, lora16, lora8 in ((1, 0.70, 0.80), (2, 0.75, 0.86), (3, 0.80, 0.89)):
+        fixture_run(results, "lora-r16", seed, lora16, validation_rows=169, settings=own)
+        fixture_run(results, "lora-r8", seed, lora8, validation_rows=169, settings=own)
+        fixture_run(results, "adapter", seed, 0.5, validation_rows=169, settings=own)  # another method: not a rank
+        fixture_run(results, "lora-r16", seed, 0.9, validation_rows=169, dataset="agnews_sup", settings=other_dataset)
+    fixture_run(results, "lora-r32", 1, 0.9, validation_rows=169, dataset="agnews_sup", settings=other_dataset)
+    fixture_run(results, "lora-r8", 4, 0.9, validation_rows=169, dataset="restaurant_sup", settings=other_dataset)
+    # AG News's ranks all took the restaurant cell's settings: paired with AG News's r=16; restaurants has no r=16 run
+    assert rank_differences_sentence(collect(results)) == (
+        "m acl_sup lora-r8 +10.0 points (95% CI +7.5 to +12.5); 1 more with one seed so far.")
+
+
 def test_the_sweep_table_sets_the_selected_trial_beside_the_cells_seeds(tmp_path):
     import optuna
 

@@ -42,7 +42,13 @@ from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import LogLocator, MaxNLocator, NullFormatter  # noqa: E402
 
 from .markdown import read_tables, table  # noqa: E402
-from .methods import LORA_DEFAULT_TARGETS, baseline_label, get_method, method_argument_fields, method_sort_key  # noqa: E402
+from .methods import (  # noqa: E402
+    LORA_DEFAULT_TARGETS,
+    baseline_label,
+    get_method,
+    method_argument_fields,
+    method_sort_key,
+)
 from .results import (  # noqa: E402
     FIXED,
     VALIDATION,
@@ -599,14 +605,11 @@ def _setting(value) -> str:
 FEW_PAIRS = 4  # up to this many, the validation finding names every pair, differing or not
 
 
-def validation_differences_sentence(runs: list[RunResult]) -> str:
-    """The summary's finding on the validation protocol: each method against full fine-tuning of the same model
-    and dataset, test macro-F1 paired by seed. A few pairs are each named with their numbers; more are counted,
-    and those whose interval excludes zero named (the appendix lists every pair)."""
-    rows = sorted(paired_differences([run for run in runs if run.protocol == VALIDATION]),
-                  key=lambda row: (row["dataset"], row["model"], method_sort_key(row["method"])))
+def differences_summary(rows: list[dict], nothing: str, pairs_noun: str = "method-cell pairs") -> str:
+    """A finding's sentence over paired differences: a few pairs each named with their numbers; more counted, and
+    those whose interval excludes zero named (the appendix lists every pair); ``nothing`` while there are none."""
     if not rows:
-        return "no method shares seeds with full fine-tuning of its cell yet (the grid runs them next)."
+        return nothing
 
     def statements(named: list[dict]) -> str:
         return "; ".join(f"{row['model']} {row['dataset']} {row['method']} {difference_statement(row)}"
@@ -615,18 +618,49 @@ def validation_differences_sentence(runs: list[RunResult]) -> str:
     tested = [row for row in rows if row["n"] > 1]
     waiting = len(rows) - len(tested)
     if not tested:
-        return f"{waiting} method-cell pair{'s' if waiting > 1 else ''} with one seed so far, no interval yet."
+        return f"{waiting} {pairs_noun[:-1] if waiting == 1 else pairs_noun} with one seed so far, no interval yet."
     pending = f"; {waiting} more with one seed so far" if waiting else ""
     if len(tested) <= FEW_PAIRS:
         return statements(tested) + pending + "."
     detected = [row for row in tested if interval_excludes_zero(row)]
     fewest, most = min(row["n"] for row in tested), max(row["n"] for row in tested)
-    pairs = f"{len(tested)} method-cell pairs ({fewest if fewest == most else f'{fewest}-{most}'} seeds each)"
+    pairs = f"{len(tested)} {pairs_noun} ({fewest if fewest == most else f'{fewest}-{most}'} seeds each)"
     if not detected:
         return f"no difference detected in the {pairs}{pending}."
     others = len(tested) - len(detected)
     return (f"{len(detected)} of {pairs} differ{'s' if len(detected) == 1 else ''}: {statements(detected)}; "
             f"no difference detected in the other {others}{pending}.")
+
+
+def _finding_order(row: dict) -> tuple:
+    return row["dataset"], row["model"], method_sort_key(row["method"])
+
+
+def validation_differences_sentence(runs: list[RunResult]) -> str:
+    """The summary's finding on the validation protocol: each method against full fine-tuning of the same model
+    and dataset, test macro-F1 paired by seed."""
+    rows = sorted(paired_differences([run for run in runs if run.protocol == VALIDATION]), key=_finding_order)
+    return differences_summary(rows, "no method shares seeds with full fine-tuning of its cell yet (the grid runs "
+                                     "them next).")
+
+
+def rank_differences_sentence(runs: list[RunResult]) -> str:
+    """The summary's finding on LoRA's ranks (the assignment compares three): each cell that took its settings from
+    another rank (LoRA r=8 and r=32 from r=16, on AG News all three from the restaurant cell's r=16), against that
+    rank on the same model and dataset, test macro-F1 paired by seed, under the validation protocol."""
+    validation = [run for run in runs if run.protocol == VALIDATION]
+    kinds = {run.cell: run.record["method_args"]["tuning_method"] for run in validation}
+    sources = {}  # a cell -> the method of the same model and dataset whose settings it shares
+    for run in validation:
+        model, _, method = run.settings["from"].split("/") if run.settings else (None, None, None)
+        peer = (run.model, run.dataset, method)
+        if model == run.model and peer != run.cell and kinds.get(peer) == kinds[run.cell]:
+            sources[run.cell] = method
+    rows = sorted((row for source in sorted(set(sources.values()))
+                   for row in paired_differences(validation, baseline=source)
+                   if sources.get((row["model"], row["dataset"], row["method"])) == source), key=_finding_order)
+    return differences_summary(rows, "no rank shares seeds with the rank its settings came from yet.",
+                               "rank-cell pairs")
 
 
 def protocol_section(runs: list[RunResult], selection: dict) -> str:
@@ -719,6 +753,7 @@ def build_report(results_root: Path, prose_dir: Path, out_dir: Path, repo_root: 
         "protocol": protocol_section(every_run, selection),
         "set_aside": set_aside_section([run for run in collected if run.set_aside]),
         "validation_differences": validation_differences_sentence(every_run),
+        "rank_differences": rank_differences_sentence(every_run),
         "protocol_curves": images(plot_curves(validation, figures, colours, "validation", prefix="protocol_curves"))
                            if validation else "_no run under the validation protocol has finished yet_\n",
     }
