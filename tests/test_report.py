@@ -323,7 +323,7 @@ def test_the_validation_finding_pairs_each_method_with_full_fine_tuning_once_see
 
 
 def test_the_rank_finding_pairs_each_rank_with_the_rank_whose_settings_it_took(tmp_path):
-    from peftlab.report import rank_differences_sentence
+    from peftlab.report import protocol_section, rank_differences_sentence
 
     results = tmp_path / "results"
     own = {"from": "m/acl_sup/lora-r16", "study": "s", "trial": 1}
@@ -339,6 +339,9 @@ def test_the_rank_finding_pairs_each_rank_with_the_rank_whose_settings_it_took(t
     # AG News's ranks all took the restaurant cell's settings: paired with AG News's r=16; restaurants has no r=16 run
     assert rank_differences_sentence(collect(results)) == (
         "m acl_sup lora-r8 +10.0 points (95% CI +7.5 to +12.5); 1 more with one seed so far.")
+    section = protocol_section(collect(results), {})  # the appendix lists every pair
+    assert "| m | acl_sup | lora-r8 | lora-r16 | 3 | +10.0 points (95% CI +7.5 to +12.5) |" in section
+    assert "| m | agnews_sup | lora-r32 | lora-r16 | 1 | +0.0 from one seed (no interval) |" in section
 
 
 def test_the_sweep_table_sets_the_selected_trial_beside_the_cells_seeds(tmp_path):

@@ -644,10 +644,10 @@ def validation_differences_sentence(runs: list[RunResult]) -> str:
                                      "them next).")
 
 
-def rank_differences_sentence(runs: list[RunResult]) -> str:
-    """The summary's finding on LoRA's ranks (the assignment compares three): each cell that took its settings from
-    another rank (LoRA r=8 and r=32 from r=16, on AG News all three from the restaurant cell's r=16), against that
-    rank on the same model and dataset, test macro-F1 paired by seed, under the validation protocol."""
+def rank_pairs(runs: list[RunResult]) -> list[dict]:
+    """LoRA's ranks compared (the assignment compares three): each cell that took its settings from another rank
+    (LoRA r=8 and r=32 from r=16, on AG News all three from the restaurant cell's r=16), against that rank on the
+    same model and dataset, test macro-F1 paired by seed, under the validation protocol."""
     validation = [run for run in runs if run.protocol == VALIDATION]
     kinds = {run.cell: run.record["method_args"]["tuning_method"] for run in validation}
     sources = {}  # a cell -> the method of the same model and dataset whose settings it shares
@@ -656,10 +656,14 @@ def rank_differences_sentence(runs: list[RunResult]) -> str:
         peer = (run.model, run.dataset, method)
         if model == run.model and peer != run.cell and kinds.get(peer) == kinds[run.cell]:
             sources[run.cell] = method
-    rows = sorted((row for source in sorted(set(sources.values()))
+    return sorted((row for source in sorted(set(sources.values()))
                    for row in paired_differences(validation, baseline=source)
                    if sources.get((row["model"], row["dataset"], row["method"])) == source), key=_finding_order)
-    return differences_summary(rows, "no rank shares seeds with the rank its settings came from yet.",
+
+
+def rank_differences_sentence(runs: list[RunResult]) -> str:
+    """The summary's finding on LoRA's ranks (:func:`rank_pairs`)."""
+    return differences_summary(rank_pairs(runs), "no rank shares seeds with the rank its settings came from yet.",
                                "rank-cell pairs")
 
 
@@ -693,10 +697,11 @@ def protocol_section(runs: list[RunResult], selection: dict) -> str:
                      settings, f"{pm(row, 'macro_f1')} / {pm(row, 'accuracy')} (n={row['n']})"])
     text = table(["cell", "fixed settings", "fixed: test macro-F1 / accuracy", "selected settings (sweep)",
                   "selected: test macro-F1 / accuracy"], rows)
-    differences = paired_differences([run for run in runs if run.protocol == VALIDATION])
+    differences = paired_differences([run for run in runs if run.protocol == VALIDATION]) + rank_pairs(runs)
     if differences:
-        text += ("\nEach method against full fine-tuning of the same model and dataset, test macro-F1, paired by seed "
-                 "(the same held-out rows and data order), mean difference in points and its 95% t interval:\n\n"
+        text += ("\nEach method against full fine-tuning of the same model and dataset, then each LoRA rank against "
+                 "the rank whose settings it took, test macro-F1, paired by seed (the same held-out rows and data "
+                 "order), mean difference in points and its 95% t interval:\n\n"
                  + table(["model", "dataset", "method", "vs", "n seeds", "difference"],
                          ([row["model"], row["dataset"], row["method"], row["baseline"], row["n"],
                            difference_statement(row)] for row in differences)))
