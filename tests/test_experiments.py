@@ -97,6 +97,11 @@ def test_grid_commands_take_swept_cells_first_then_seed_by_seed(tmp_path, capsys
                        ("acl_sup", "full", 1, False),
                        ("restaurant_sup", "full", 2, False), ("restaurant_sup", "lora-r8", 2, False),
                        ("acl_sup", "full", 2, False)]
+    # within a seed, longest first where estimates exist (a pass then ends on short runs); no estimate: longest
+    runs = expand(load_grid(path))
+    seconds = {run: {"full": 60.0, "lora-r8": 600.0}[run.method] for run in runs if run.dataset == "restaurant_sup"}
+    assert [(run.dataset, run.method, run.seed) for run in run_order(runs, seconds)][2:5] == [
+        ("acl_sup", "full", 1), ("restaurant_sup", "lora-r8", 1), ("restaurant_sup", "full", 1)]
     assert run_grid(str(path), dry_run=True) == 0  # the command lists (and would run) them in that order
     listed = [line.split()[1:5] for line in capsys.readouterr().out.splitlines() if line.startswith("  todo")]
     assert [(dataset, method, int(seed[4:])) for _, dataset, method, seed in listed] == [o[:3] for o in ordered]

@@ -50,6 +50,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
+import math
 import os
 import shutil
 import signal
@@ -348,13 +349,17 @@ def set_aside(grid: dict, run: GridRun) -> GridRun:
     return again
 
 
-def run_order(runs: list[GridRun]) -> list[GridRun]:
+def run_order(runs: list[GridRun], seconds: dict[GridRun, float | None] | None = None) -> list[GridRun]:
     """The order a grid command takes its runs in: first the cells that were swept themselves (the validation
     protocol's evidence: their selected settings over seeds), then the others; each part seed by seed, seed 1 of
     every cell before seed 2 of any, so that a grid stopped early leaves every cell with results before any has its
-    last seed; within that, the grid file's order. One command's workers share the order with no wait between
-    seeds: a worker done with the last run of seed 1 takes a run of seed 2 while another still trains."""
-    return sorted(runs, key=lambda run: (not run.swept, run.seed))
+    last seed; within that, longest first by ``seconds`` (:func:`estimate_seconds`; a run without an estimate
+    counts as longest), so that a pass ends on short runs and the workers that find none left wait little for the
+    last one (scripts/sweeps.sh waits for every worker between passes); ties in the grid file's order. One command's
+    workers share the order with no wait between seeds: a worker done with the last run of seed 1 takes a run of
+    seed 2 while another still trains."""
+    seconds = seconds or {}
+    return sorted(runs, key=lambda run: (not run.swept, run.seed, -(seconds.get(run) or math.inf)))
 
 
 def select(runs: list[GridRun], filters: list[str] | None) -> list[GridRun]:
@@ -374,7 +379,9 @@ def run_grid(path: str, shard_spec: str | None = None, dry_run: bool = False, re
              filters: list[str] | None = None) -> int:
     grid = load_grid(path)
     runs = expand(grid)
-    mine = run_order(select(shard(runs, shard_spec), filters))
+    selected = select(shard(runs, shard_spec), filters)
+    estimates = {run: estimate_seconds(run, runs) for run in selected}
+    mine = run_order(selected, estimates)
     if grid.get("require_selection"):
         waiting = [run for run in mine if run.settings is None]
         if waiting:
@@ -391,7 +398,6 @@ def run_grid(path: str, shard_spec: str | None = None, dry_run: bool = False, re
     statuses.update({run: "collapsed" for run in todo if statuses[run] == "done"})  # set aside when its turn comes
     print(f"{len(runs)} runs in the grid, {len(mine)} selected, {len(todo)} to run", flush=True)
     if dry_run:
-        estimates = {run: estimate_seconds(run, runs) for run in mine}
         for run in mine:
             guess = f"~{estimates[run] / 60:.1f} min" if estimates[run] else "no estimate yet"
             print(f"  {statuses[run]:10s} {run.label}  ({guess})")
