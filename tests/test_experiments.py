@@ -2,6 +2,7 @@
 
 import dataclasses
 import math
+import shutil
 import signal
 import subprocess
 import sys
@@ -174,6 +175,17 @@ def test_resume_after_kill_recomputes_nothing_finished(tmp_path, tiny_models, fi
     source = {"run_dir": str(tmp_path / "sweeps" / "trial0")}  # never ran: the grid's runs time it
     timed = [dataclasses.replace(r, settings=source) for r in (*runs[:3], lora_r8)]
     assert estimate_seconds(timed[-1], timed) == pytest.approx(per_row * 27)
+    # where tokens per row on the run's dataset are known (a run there finished), the estimate is per token: a
+    # dataset of rows twice as long takes twice as long per row
+    restaurant = runs[0].directory.record()
+    acl_lora = next(r for r in runs if (r.dataset, r.method) == ("acl_sup", "lora-r8"))
+    shutil.copytree(runs[0].output_dir, acl_lora.output_dir)
+    write_json(acl_lora.directory.file(GRID_ARGS_FILE), acl_lora.args)
+    write_json(acl_lora.directory.file("run.json"), {
+        **restaurant, "data_args": {**restaurant["data_args"], "dataset_name": "acl_sup"},
+        "train_tokens_per_epoch": 2 * restaurant["train_tokens_per_epoch"]})
+    assert acl_lora.status() == "done"
+    assert estimate_seconds(acl_full, runs) == pytest.approx(per_row * 6 * 2)
     # a changed argument is reported and kept, never overwritten silently
     changed = grid_file(tmp_path, tiny_models["bert"], fixture_data_dir, seeds=[1, 2, 3],
                         defaults={**load_grid(path)["defaults"], "num_train_epochs": 2})

@@ -248,11 +248,20 @@ def shard(runs: list[GridRun], spec: str | None) -> list[GridRun]:
     return runs[index::count]
 
 
+def tokens_per_row(records: list[dict], dataset: str, model: str | None) -> float | None:
+    """Mean training tokens per row on ``dataset`` in these run records: the same model's (its tokenizer) where it
+    ran there, else any model's; None where none did."""
+    there = [r for r in records if r["data_args"]["dataset_name"] == dataset and r.get("train_tokens_per_epoch")]
+    same = [r for r in there if r["model_args"]["model_name_or_path"] == model] or there
+    return sum(r["train_tokens_per_epoch"] / r["num_train_rows"] for r in same) / len(same) if same else None
+
+
 def estimate_seconds(run: GridRun, runs: list[GridRun]) -> float | None:
     """Training seconds (per-epoch validation included), from finished runs: the same cell's mean if it has any,
-    else the seconds per trained row of the grid's runs of the same model and method (while the grid has none,
+    else the seconds per trained token of the grid's runs of the same model and method (while the grid has none,
     of its runs at the same selected settings, the swept cell's; else of the sweep trial they came from) times
-    this run's rows and epochs (rows known from a finished run or trial on the same dataset)."""
+    this run's rows, tokens per row and epochs (rows and tokens per row known from a finished run or trial on the
+    same dataset; per row where tokens per row are not known: ACL-ARC's rows are about twice restaurants')."""
     done = [other for other in runs if other.status() == "done"]
     same_cell = [o.directory.metrics()["train_runtime"] for o in done
                  if (o.model, o.dataset, o.method) == (run.model, run.dataset, run.method)]
@@ -264,15 +273,18 @@ def estimate_seconds(run: GridRun, runs: list[GridRun]) -> float | None:
         peers = [o.directory for o in done if o.settings and o.settings.get("run_dir") == source]
         if not peers and RunDirectory(source).state() == FINISHED:
             peers = [RunDirectory(source)]
-    rates = [metrics["train_runtime"] / (record["num_train_rows"] * metrics["epoch"])
-             for metrics, record in ((d.metrics(), d.record()) for d in peers)]
-    full_rows = [record["num_train_rows"] for record in (d.record() for d in {*(o.directory for o in done), *peers})
+    records = {d: d.record() for d in {*(o.directory for o in done), *peers}}
+    full_rows = [record["num_train_rows"] for record in records.values()
                  if record["data_args"]["dataset_name"] == run.dataset
                  and not record["data_args"].get("max_train_samples")]
-    if not rates or not (full_rows or run.args.get("max_train_samples")):
+    if not peers or not (full_rows or run.args.get("max_train_samples")):
         return None
     rows = min([*full_rows, run.args.get("max_train_samples") or float("inf")])
-    return sum(rates) / len(rates) * rows * run.args.get("num_train_epochs", 3)
+    length = tokens_per_row(list(records.values()), run.dataset, run.args.get("model_name_or_path"))
+    by_token = length is not None and all(records[d].get("train_tokens_per_epoch") for d in peers)
+    rates = [d.metrics()["train_runtime"] / d.metrics()["epoch"]
+             / (records[d]["train_tokens_per_epoch"] if by_token else records[d]["num_train_rows"]) for d in peers]
+    return sum(rates) / len(rates) * rows * (length if by_token else 1) * run.args.get("num_train_epochs", 3)
 
 
 @contextlib.contextmanager
