@@ -127,10 +127,13 @@ class GridRun:
         return self.directory.last_checkpoint() if grid_args and self.same_arguments(grid_args) else None
 
     @property
+    def cell(self) -> dict:
+        return {"model": self.model, "dataset": self.dataset, "method": self.method}
+
+    @property
     def swept(self) -> bool:
         """Whether the run's settings come from its own cell's sweep (not transferred from another cell's)."""
-        return self.settings is not None and self.settings["from"] == cell_key(
-            {"model": self.model, "dataset": self.dataset, "method": self.method})
+        return self.settings is not None and self.settings["from"] == cell_key(self.cell)
 
 
 def read_grid_file(path: str | Path) -> dict:
@@ -264,7 +267,7 @@ def estimate_seconds(run: GridRun, runs: list[GridRun]) -> float | None:
     same dataset; per row where tokens per row are not known: ACL-ARC's rows are about twice restaurants')."""
     done = [other for other in runs if other.status() == "done"]
     same_cell = [o.directory.metrics()["train_runtime"] for o in done
-                 if (o.model, o.dataset, o.method) == (run.model, run.dataset, run.method)]
+                 if o.cell == run.cell]
     if same_cell:
         return sum(same_cell) / len(same_cell)
     peers = [o.directory for o in done if (o.model, o.method) == (run.model, run.method)]
@@ -331,12 +334,10 @@ def collapse_retry_due(grid: dict, run: GridRun, runs: list[GridRun]) -> bool:
     acts on a cell's first run, and so never leaves seeds at two learning rates), and retries are left."""
     if "collapse_retry" not in grid or run.settings is None or run.swept:
         return False
-    cell = {"model": run.model, "dataset": run.dataset, "method": run.method}
-    return (runs_set_aside(grid, cell) < grid["collapse_retry"]["max_retries"] and run.directory.state() == FINISHED
+    return (runs_set_aside(grid, run.cell) < grid["collapse_retry"]["max_retries"] and run.directory.state() == FINISHED
             and collapsed(run.directory.metrics())
             and not any(other.directory.state() == FINISHED for other in runs
-                        if (other.model, other.dataset, other.method) == (run.model, run.dataset, run.method)
-                        and other.seed != run.seed))
+                        if other.cell == run.cell and other.seed != run.seed))
 
 
 def current(grid: dict, run: GridRun) -> GridRun:
@@ -348,8 +349,7 @@ def current(grid: dict, run: GridRun) -> GridRun:
 def set_aside(grid: dict, run: GridRun) -> GridRun:
     """Move a collapsed run into the rule's folder (kept, named by its seed and learning rate); returns the run
     anew, at the lower learning rate that the set-aside run now gives its cell."""
-    cell = {"model": run.model, "dataset": run.dataset, "method": run.method}
-    target = set_aside_folder(grid, cell) / f"seed{run.seed}-lr{run.args['learning_rate']:.3g}"
+    target = set_aside_folder(grid, run.cell) / f"seed{run.seed}-lr{run.args['learning_rate']:.3g}"
     target.parent.mkdir(parents=True, exist_ok=True)
     run.output_dir.rename(target)
     coordinates = RunDirectory(target).grid_coordinates()  # marked, so that reports leave it out of its cell
