@@ -196,10 +196,16 @@ def runs_set_aside(grid: dict, cell: dict) -> int:
     return sum(1 for _ in folder.iterdir()) if folder.is_dir() else 0
 
 
+def collapse_rule_applies(grid: dict, cell: dict, settings: dict | None) -> bool:
+    """Whether the grid has the collapse rule and the cell's settings were transferred: a cell swept itself keeps
+    the learning rate its sweep chose on validation."""
+    return "collapse_retry" in grid and settings is not None and settings["from"] != cell_key(cell)
+
+
 def learning_rate_factor(grid: dict, cell: dict, settings: dict | None) -> float:
     """The collapse rule's factor on a cell's learning rate: ``learning_rate_factor`` to the power of the runs the
-    rule set aside for the cell; 1 for a cell swept itself (its sweep chose its learning rate on validation)."""
-    if "collapse_retry" not in grid or settings is None or settings["from"] == cell_key(cell):
+    rule set aside for the cell (1 where the rule does not apply)."""
+    if not collapse_rule_applies(grid, cell, settings):
         return 1.0
     return grid["collapse_retry"]["learning_rate_factor"] ** runs_set_aside(grid, cell)
 
@@ -285,8 +291,9 @@ def estimate_seconds(run: GridRun, runs: list[GridRun]) -> float | None:
     rows = min([*full_rows, run.args.get("max_train_samples") or float("inf")])
     length = tokens_per_row(list(records.values()), run.dataset, run.args.get("model_name_or_path"))
     by_token = length is not None and all(records[d].get("train_tokens_per_epoch") for d in peers)
-    rates = [d.metrics()["train_runtime"] / d.metrics()["epoch"]
-             / (records[d]["train_tokens_per_epoch"] if by_token else records[d]["num_train_rows"]) for d in peers]
+    rates = [metrics["train_runtime"] / metrics["epoch"]
+             / (records[d]["train_tokens_per_epoch"] if by_token else records[d]["num_train_rows"])
+             for d, metrics in ((d, d.metrics()) for d in peers)]
     return sum(rates) / len(rates) * rows * (length if by_token else 1) * run.args.get("num_train_epochs", 3)
 
 
@@ -332,7 +339,7 @@ def collapse_retry_due(grid: dict, run: GridRun, runs: list[GridRun]) -> bool:
     """Whether the collapse rule sets ``run`` aside: the grid has the rule, the run's settings were transferred, it
     finished collapsed on validation (:func:`metrics.collapsed`), no other run of its cell finished (the rule
     acts on a cell's first run, and so never leaves seeds at two learning rates), and retries are left."""
-    if "collapse_retry" not in grid or run.settings is None or run.swept:
+    if not collapse_rule_applies(grid, run.cell, run.settings):
         return False
     return (runs_set_aside(grid, run.cell) < grid["collapse_retry"]["max_retries"] and run.directory.state() == FINISHED
             and collapsed(run.directory.metrics())

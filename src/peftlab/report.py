@@ -367,9 +367,8 @@ def configuration_section(runs: list[RunResult]) -> str:
                                                          "group_by_length": False,
                                                          **ADDED_ARGUMENTS}.get(key, value)
             values.append(value)
-        factor = run.settings.get("learning_rate_factor") if run.settings else None
         source = (f"{run.settings['from']} ({run.settings['study']}, trial {run.settings['trial']})"
-                  + (f", learning rate x{factor:g}" if factor else "") if run.settings else "–")
+                  + collapse_factor_text(run.settings) if run.settings else "–")
         cells[(run.protocol, *run.cell)] = [*values, source]
     names = [key for _, key in keys] + ["settings from sweep"]
     varying = [i for i in range(len(names)) if len({str(v[i]) for v in cells.values()}) > 1]
@@ -404,10 +403,15 @@ def set_aside_section(runs: list[RunResult]) -> str:
                    f"{100 * run.metrics['validation_macro_f1']:.1f}", f"`{run.directory}`"] for run in runs))
 
 
+def collapse_factor_text(settings: dict) -> str:
+    """``, learning rate x0.5 (collapse rule)`` where the collapse rule lowered a cell's learning rate, else empty."""
+    factor = settings.get("learning_rate_factor")
+    return f", learning rate x{factor:g} (collapse rule)" if factor else ""
+
+
 def transfer_text(settings: dict) -> str:
     """Where a transferred cell's settings came from, with the collapse rule's factor on its learning rate."""
-    factor = settings.get("learning_rate_factor")
-    return f"transferred from {settings['from']}" + (f", learning rate x{factor:g} (collapse rule)" if factor else "")
+    return f"transferred from {settings['from']}" + collapse_factor_text(settings)
 
 
 def per_class_section(runs: list[RunResult]) -> str:
