@@ -1,19 +1,21 @@
 """Report generation: tables, curves, placeholders, byte-for-byte regeneration."""
 
+import math
 
 import pytest
 from conftest import load_benchmark_script
 
 from peftlab.markdown import table
 from peftlab.report import build_report, fill_placeholders
-from peftlab.results import aggregate, collect
+from peftlab.results import aggregate, collect, difference_statement
 from peftlab.runrecord import GRID_COORDINATES_FILE, STATE_FILE, RunDirectory, write_json
 
 
 def fixture_run(root, method, seed, accuracy, hardware=None, validation_rows=None, max_train_samples=None,
-                validation_macro_f1=None, modules_to_save=None, dataset="acl_sup", settings=None, set_aside=None):
-    run = RunDirectory(root / "m" / dataset / method / f"seed{seed}")
-    write_json(run.file(GRID_COORDINATES_FILE), {"model": "m", "dataset": dataset, "method": method, "seed": seed,
+                validation_macro_f1=None, modules_to_save=None, dataset="acl_sup", settings=None, set_aside=None,
+                model="m", train_rows=None, total_params=None):
+    run = RunDirectory(root / model / dataset / method / f"seed{seed}")
+    write_json(run.file(GRID_COORDINATES_FILE), {"model": model, "dataset": dataset, "method": method, "seed": seed,
                                                  **({"settings": settings} if settings else {}),
                                                  **({"set_aside": set_aside} if set_aside else {})})
     run_id = run.start({
@@ -22,12 +24,14 @@ def fixture_run(root, method, seed, accuracy, hardware=None, validation_rows=Non
         "data_args": {"max_seq_length": 256, "max_train_samples": max_train_samples}, "label_names": ["Uses", "Future"],
         "method_args": {"tuning_method": method.split("-")[0], "lora_r": 8, "modules_to_save": modules_to_save},
         "hardware": hardware or {"cpu_count": 2}, "versions": {"torch": "2.13.0"},
+        **({"num_train_rows": train_rows} if train_rows else {}),
         **({"validation_split": {"ratio": 0.1, "validation_rows": validation_rows}} if validation_rows else {})})
     run.finish(run_id, {
         "accuracy": accuracy, "micro_f1": accuracy, "macro_f1": accuracy - 0.1, "weighted_f1": accuracy,
         "trainable_percent": 1.0, "trainable_params": 5, "train_runtime": 12.0, "train_tokens_per_second": 100.0,
         "train_samples_per_second": 3.0, "peak_rss_mb": 900.0, "f1_Uses": accuracy, "f1_Future": 0.0,
-        **({"validation_macro_f1": validation_macro_f1} if validation_macro_f1 is not None else {})})
+        **({"validation_macro_f1": validation_macro_f1} if validation_macro_f1 is not None else {}),
+        **({"total_params": total_params} if total_params else {})})
     history = [{"step": s, "loss": 1.0 / s + seed / 100} for s in (1, 2, 3, 4)]
     history += [{"step": 2, "eval_accuracy": accuracy - 0.05, "eval_macro_f1": 0.3},
                 {"step": 4, "eval_accuracy": accuracy, "eval_macro_f1": 0.4}]
@@ -342,6 +346,44 @@ def test_the_rank_finding_pairs_each_rank_with_the_rank_whose_settings_it_took(t
     section = protocol_section(collect(results), {})  # the appendix lists every pair
     assert "| m | acl_sup | lora-r8 | lora-r16 | 3 | +10.0 points (95% CI +7.5 to +12.5) |" in section
     assert "| m | agnews_sup | lora-r32 | lora-r16 | 1 | +0.0 from one seed (no interval) |" in section
+
+
+def test_models_compare_by_welch_interval_on_the_same_dataset_method_and_rows(tmp_path):
+    from scipy import stats
+
+    from peftlab.report import model_differences_sentence, protocol_section
+    from peftlab.results import model_differences, welch_interval
+
+    big, small = [0.80, 0.84, 0.83, 0.86], [0.70, 0.75, 0.74]
+    expected = stats.ttest_ind([v + 0.1 for v in big], [v + 0.1 for v in small], equal_var=False)
+    assert welch_interval(big, small) == pytest.approx(
+        (sum(big) / 4 - sum(small) / 3, *expected.confidence_interval(0.95)))
+    assert welch_interval([0.8], small)[1:] == pytest.approx((math.nan, math.nan), nan_ok=True)
+    results = tmp_path / "results"
+    assert model_differences_sentence([]).startswith("no two models share")
+    for model, params, rows, scores in (("big", 200, 1519, big), ("small", 20, 1519, small),
+                                        ("capped", 900, 1000, small)):  # fewer rows: compared with no one
+        for seed, accuracy in enumerate(scores, 1):
+            fixture_run(results, "full", seed, accuracy, validation_rows=169, model=model, train_rows=rows,
+                        total_params=params)
+    fixture_run(results / "fixed", "full", 1, 0.9, model="big", train_rows=1519, total_params=200)  # fixed settings
+    fixture_run(results, "adapter", 1, 0.9, validation_rows=169, model="big", train_rows=1519, total_params=201)
+    for seed in (1, 2):
+        fixture_run(results, "adapter", seed, 0.8, validation_rows=169, model="small", train_rows=1519,
+                    total_params=21)
+    runs = collect(results)
+    (adapter, full) = sorted(model_differences([run for run in runs if run.protocol == "validation"]),
+                             key=lambda row: row["method"])
+    assert (full["model"], full["baseline"], full["n"], full["seeds"]) == ("big", "small", 3, "4 and 3")
+    assert full["low"] > 0 and adapter["seeds"] == "1 and 2"
+    assert model_differences_sentence(runs) == (
+        f"acl_sup full, big against small {difference_statement(full)}; 1 more with one seed so far.")
+    assert difference_statement(full) == "+10.3 points (95% CI +4.9 to +15.6)"
+    assert "| acl_sup | adapter | big | small | 1 and 2 | +10.0 from one seed (no interval) |" in protocol_section(
+        runs, {})
+    # an interval that holds zero names both sides' seeds
+    assert "no difference detected at 3 and 2 seeds" in difference_statement(
+        {**full, "seeds": "3 and 2", "low": -0.1, "high": 0.2})
 
 
 def test_the_sweep_table_sets_the_selected_trial_beside_the_cells_seeds(tmp_path):

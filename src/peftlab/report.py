@@ -61,6 +61,7 @@ from .results import (  # noqa: E402
     markdown_table,
     mean_interval,
     mean_std,
+    model_differences,
     paired_differences,
     pm,
     reference_host,
@@ -609,15 +610,20 @@ def _setting(value) -> str:
 FEW_PAIRS = 4  # up to this many, the validation finding names every pair, differing or not
 
 
-def differences_summary(rows: list[dict], nothing: str, pairs_noun: str = "method-cell pairs") -> str:
-    """A finding's sentence over paired differences: a few pairs each named with their numbers; more counted, and
-    those whose interval excludes zero named (the appendix lists every pair); ``nothing`` while there are none."""
+def _cell_name(row: dict) -> str:
+    return f"{row['model']} {row['dataset']} {row['method']}"
+
+
+def differences_summary(rows: list[dict], nothing: str, pairs_noun: str = "method-cell pairs",
+                        name=_cell_name) -> str:
+    """A finding's sentence over differences: a few pairs each named (``name(row)``) with their numbers; more
+    counted, and those whose interval excludes zero named (the appendix lists every pair); ``nothing`` while there
+    are none."""
     if not rows:
         return nothing
 
     def statements(named: list[dict]) -> str:
-        return "; ".join(f"{row['model']} {row['dataset']} {row['method']} {difference_statement(row)}"
-                         for row in named)
+        return "; ".join(f"{name(row)} {difference_statement(row)}" for row in named)
     # one seed gives no interval: such pairs are counted apart, not as "no difference detected"
     tested = [row for row in rows if row["n"] > 1]
     waiting = len(rows) - len(tested)
@@ -671,6 +677,18 @@ def rank_differences_sentence(runs: list[RunResult]) -> str:
                                "rank-cell pairs")
 
 
+def _model_pair_name(row: dict) -> str:
+    return f"{row['dataset']} {row['method']}, {row['model']} against {row['baseline']}"
+
+
+def model_differences_sentence(runs: list[RunResult]) -> str:
+    """The summary's finding on the models: each against a smaller one on the same dataset, method and training
+    rows, under the validation protocol (:func:`peftlab.results.model_differences`)."""
+    rows = sorted(model_differences([run for run in runs if run.protocol == VALIDATION]), key=_finding_order)
+    return differences_summary(rows, "no two models share a dataset, method and training rows yet.",
+                               "model-cell pairs", _model_pair_name)
+
+
 def protocol_section(runs: list[RunResult], selection: dict) -> str:
     """Per cell run under the validation protocol: the earlier fixed-settings runs beside the selected-settings
     runs, test macro-F1 and accuracy, mean ± std over seeds."""
@@ -709,6 +727,14 @@ def protocol_section(runs: list[RunResult], selection: dict) -> str:
                  + table(["model", "dataset", "method", "vs", "n seeds", "difference"],
                          ([row["model"], row["dataset"], row["method"], row["baseline"], row["n"],
                            difference_statement(row)] for row in differences)))
+    models = model_differences([run for run in runs if run.protocol == VALIDATION])
+    if models:
+        text += ("\nEach model against a smaller one on the same dataset and method, where both trained on the same "
+                 "number of rows, test macro-F1: the difference of the means over seeds and its Welch 95% interval "
+                 "(different models share no data order, so their seeds do not pair):\n\n"
+                 + table(["dataset", "method", "model", "vs", "seeds", "difference"],
+                         ([row["dataset"], row["method"], row["model"], row["baseline"], row["seeds"],
+                           difference_statement(row)] for row in sorted(models, key=_finding_order))))
     return text
 
 
@@ -763,6 +789,7 @@ def build_report(results_root: Path, prose_dir: Path, out_dir: Path, repo_root: 
         "set_aside": set_aside_section([run for run in collected if run.set_aside]),
         "validation_differences": validation_differences_sentence(every_run),
         "rank_differences": rank_differences_sentence(every_run),
+        "model_differences": model_differences_sentence(every_run),
         "protocol_curves": images(plot_curves(validation, figures, colours, "validation", prefix="protocol_curves"))
                            if validation else "_no run under the validation protocol has finished yet_\n",
     }

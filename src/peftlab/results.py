@@ -140,6 +140,54 @@ def paired_differences(runs: list[RunResult], key: str = "macro_f1", baseline: s
     return rows
 
 
+def welch_interval(values: list[float], others: list[float], confidence: float = 0.95) -> tuple[float, float, float]:
+    """(difference, low, high): the difference of two means over seeds with Welch's t interval (unequal
+    variances, Welch-Satterthwaite degrees of freedom); NaN bounds unless both sides have two values or more."""
+    from scipy import stats
+
+    difference = statistics.fmean(values) - statistics.fmean(others)
+    if min(len(values), len(others)) < 2:
+        return difference, math.nan, math.nan
+    sides = (values, others)
+    shares = [statistics.variance(side) / len(side) for side in sides]  # each mean's squared standard error
+    spread = sum(shares)
+    if spread == 0:
+        return difference, difference, difference
+    freedom = spread ** 2 / sum(share ** 2 / (len(side) - 1) for share, side in zip(shares, sides, strict=True))
+    half = stats.t.ppf((1 + confidence) / 2, freedom) * math.sqrt(spread)
+    return difference, difference - half, difference + half
+
+
+def model_differences(runs: list[RunResult], key: str = "macro_f1") -> list[dict]:
+    """Each model against every smaller one (fewer parameters) on the same dataset and method, under one
+    protocol, where both cells trained on the same number of rows (a row cap on one model only would confound
+    the two): the difference of the cells' means over seeds with Welch's 95% interval. Different models share
+    no data order (their tokenizers group rows differently), so their seeds do not pair."""
+    cells: dict[tuple, list[RunResult]] = defaultdict(list)
+    for run in runs:
+        cells[(run.protocol, *run.cell)].append(run)
+
+    def size(members: list[RunResult]) -> float:
+        return statistics.median(run.metrics.get("total_params", math.nan) for run in members)
+
+    def rows_trained(members: list[RunResult]) -> set:
+        return {run.record.get("num_train_rows") for run in members}
+
+    rows = []
+    for (protocol, model, dataset, method), members in sorted(cells.items()):
+        for (other_protocol, other, other_dataset, other_method), others in sorted(cells.items()):
+            if ((other_protocol, other_dataset, other_method) != (protocol, dataset, method)
+                    or not size(members) > size(others)
+                    or len(rows_trained(members)) != 1 or rows_trained(members) != rows_trained(others)):
+                continue
+            mean, low, high = welch_interval([run.metrics[key] for run in members],
+                                             [run.metrics[key] for run in others])
+            rows.append({"protocol": protocol, "model": model, "dataset": dataset, "method": method,
+                         "baseline": other, "key": key, "n": min(len(members), len(others)),
+                         "seeds": f"{len(members)} and {len(others)}", "mean": mean, "low": low, "high": high})
+    return rows
+
+
 def interval_excludes_zero(row: dict) -> bool:
     """Whether a paired difference's interval lies wholly on one side of zero (never for one seed: NaN)."""
     return row["low"] > 0 or row["high"] < 0
@@ -156,7 +204,7 @@ def difference_statement(row: dict, scale: float = 100.0) -> str:
         return f"{mean:+.1f} from one seed (no interval)"
     if interval_excludes_zero(row):
         return f"{mean:+.1f} points ({interval})"
-    return f"no difference detected at {row['n']} seeds ({mean:+.1f}, {interval})"
+    return f"no difference detected at {row.get('seeds', row['n'])} seeds ({mean:+.1f}, {interval})"
 
 
 def reference_host(runs: list[RunResult]) -> str | None:
