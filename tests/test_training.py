@@ -2,6 +2,7 @@
 
 import itertools
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from peftlab.errors import InvalidArgument
 from peftlab.results import collect
 from peftlab.training import PeftlabTrainingArguments, main, parse_args
 
@@ -198,6 +200,33 @@ def test_gradient_checkpointing_changes_memory_not_results(method, tmp_path, tin
         "--gradient_checkpointing", "True", "--gradient_checkpointing_kwargs", '{"use_reentrant": false}')
     assert recomputed_losses == pytest.approx(plain_losses, abs=2e-3)
     assert recomputed["macro_f1"] == pytest.approx(plain["macro_f1"], abs=1e-6)
+    # within a token budget only the layers a batch needs recompute (the fixture's batches hold 40-400 tokens)
+    budgeted, budgeted_losses = tiny_decoder_run(
+        tmp_path / "budget", tiny_models, fixture_data_dir, method, "--gradient_checkpointing", "True",
+        "--gradient_checkpointing_kwargs", '{"use_reentrant": false}', "--gradient_checkpointing_token_budget", "100")
+    assert budgeted_losses == pytest.approx(plain_losses, abs=2e-3)
+    assert budgeted["macro_f1"] == pytest.approx(plain["macro_f1"], abs=1e-6)
+
+
+def test_a_token_budget_recomputes_as_few_layers_as_each_batch_needs(tiny_models, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    from peftlab.training import PeftlabTrainer, PeftlabTrainingArguments, layers_to_recompute
+
+    assert [layers_to_recompute(tokens, 1024, 28) for tokens in (512, 1024, 1100, 2048, 4096)] == [0, 0, 2, 14, 21]
+    assert layers_to_recompute(4096, 0, 28) == 28  # no budget: every layer, every batch
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_models["qwen2"], num_labels=3)
+    args = PeftlabTrainingArguments(output_dir=str(tmp_path), report_to="none", eval_strategy="no",
+                                    gradient_checkpointing=True, gradient_checkpointing_token_budget=100)
+    trainer = PeftlabTrainer(model=model, args=args)
+    model.gradient_checkpointing_enable()
+    layers = trainer.checkpointing_layers
+    assert len(layers) == model.config.num_hidden_layers >= 2
+    for rows, recomputing in ((4, 0), (50, math.ceil(len(layers) * 3 / 4))):  # 32 and 400 tokens
+        trainer._recompute_within_budget({"input_ids": torch.ones(rows, 8, dtype=torch.long)})
+        assert [layer.gradient_checkpointing for layer in layers] == [i < recomputing for i in range(len(layers))]
+    with pytest.raises(InvalidArgument, match="needs --gradient_checkpointing True"):
+        PeftlabTrainingArguments(output_dir=str(tmp_path), report_to="none", gradient_checkpointing_token_budget=100)
 
 
 def test_short_cpu_batches_run_sdpa_on_its_math_kernel(tmp_path, tiny_models, fixture_data_dir):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import netrc
 import os
 import sys
@@ -29,6 +30,7 @@ from transformers import (
     TrainingArguments,
     set_seed,
 )
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.trainer_callback import ExportableState
 from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.trainer_utils import IntervalStrategy
@@ -209,11 +211,24 @@ class PeftlabTrainingArguments(TrainingArguments):
         default=False,
         metadata={"help": "Replace a finished or failed run in output_dir (its files are removed first); "
                           "without it, a folder holding a run's files is refused."})
+    gradient_checkpointing_token_budget: int = field(
+        default=0,
+        metadata={"help": "With --gradient_checkpointing: recompute activations only in as many layers as a batch "
+                          "needs for the others to hold at most this many tokens' activations (padded rows x "
+                          "length, per layer), so a batch within it recomputes nothing; the values computed are the "
+                          "same. The 1.5B decoder's LoRA step at 1 thread on the AMX host: 1.28x faster without "
+                          "recomputation (benchmarks/results/checkpointing_amx_qwen-1.5b.md). 0: every layer "
+                          "recomputes in every batch."})
 
     def __post_init__(self):
         if self.num_train_epochs <= 0 and self.max_steps <= 0 and self.do_train:
             raise InvalidArgument(f"--num_train_epochs must be positive (or set --max_steps), "
                                   f"got {self.num_train_epochs}")
+        if self.gradient_checkpointing_token_budget < 0:
+            raise InvalidArgument(f"--gradient_checkpointing_token_budget must be 0 or more, "
+                                  f"got {self.gradient_checkpointing_token_budget}")
+        if self.gradient_checkpointing_token_budget and not self.gradient_checkpointing:
+            raise InvalidArgument("--gradient_checkpointing_token_budget needs --gradient_checkpointing True")
         if self.eval_strategy == "epoch" and 0 < self.num_train_epochs < self.min_evaluations and self.max_steps <= 0:
             self.eval_strategy, self.eval_steps = "steps", 1 / self.min_evaluations  # a fraction of all steps
         if self.load_best_model_at_end:
@@ -294,6 +309,15 @@ def eval_order(dataset) -> list[int] | None:
     return sorted(range(len(lengths)), key=lengths.__getitem__, reverse=True)
 
 
+def layers_to_recompute(tokens: int, budget: int, layers: int) -> int:
+    """How many of ``layers`` recompute their activations in the backward pass for a batch of ``tokens`` (padded)
+    tokens, so that the others hold at most ``budget`` tokens' activations per layer: every layer without a budget
+    (0), none for a batch within it."""
+    if not budget:
+        return layers
+    return math.ceil(layers * max(0.0, 1 - budget / tokens))
+
+
 class WholeRunTotals(TrainerCallback, ExportableState):
     """Training seconds and summed training loss of the whole run, across resumes. ``Trainer.train()`` counts
     both for its own process only (its ``train_loss`` divides this process's summed loss by every step of the
@@ -348,8 +372,13 @@ class PeftlabTrainer(Trainer):
         self.math_attention_max_length = math_attention_max_length
         self.totals = WholeRunTotals()
         self.add_callback(self.totals)
+        self.checkpointing_layers = [module for module in self.model.modules()
+                                     if isinstance(module, GradientCheckpointingLayer)]
 
     def train(self, resume_from_checkpoint=None, **kwargs):
+        if self.args.gradient_checkpointing_token_budget and not self.checkpointing_layers:
+            raise InvalidArgument("--gradient_checkpointing_token_budget: this model has no layers that checkpoint "
+                                  "one by one (transformers' GradientCheckpointingLayer)")
         output = super().train(resume_from_checkpoint, **kwargs)
         metrics = self.totals.whole_run(output.metrics, self.state.global_step)
         summary = self.state.log_history[-1]  # the Trainer logged its own metrics last
@@ -395,7 +424,18 @@ class PeftlabTrainer(Trainer):
         with self._attention_kernels(inputs):
             return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
 
+    def _recompute_within_budget(self, inputs) -> None:
+        """Under --gradient_checkpointing_token_budget, the first layers recompute their activations, as many as
+        this batch needs (:func:`layers_to_recompute`); the rest keep theirs."""
+        budget = self.args.gradient_checkpointing_token_budget
+        if not (self.args.gradient_checkpointing and budget and "input_ids" in inputs):
+            return
+        count = layers_to_recompute(inputs["input_ids"].numel(), budget, len(self.checkpointing_layers))
+        for index, layer in enumerate(self.checkpointing_layers):
+            layer.gradient_checkpointing = index < count
+
     def training_step(self, model, inputs, num_items_in_batch=None):
+        self._recompute_within_budget(inputs)
         with self._attention_kernels(inputs):
             loss = super().training_step(model, inputs, num_items_in_batch)
         self.totals.add_loss(loss)
