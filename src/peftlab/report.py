@@ -719,22 +719,21 @@ def protocol_section(runs: list[RunResult], selection: dict) -> str:
                      settings, f"{pm(row, 'macro_f1')} / {pm(row, 'accuracy')} (n={row['n']})"])
     text = table(["cell", "fixed settings", "fixed: test macro-F1 / accuracy", "selected settings (sweep)",
                   "selected: test macro-F1 / accuracy"], rows)
-    differences = paired_differences([run for run in runs if run.protocol == VALIDATION]) + rank_pairs(runs)
-    if differences:
-        text += ("\nEach method against full fine-tuning of the same model and dataset, then each LoRA rank against "
-                 "the rank whose settings it took, test macro-F1, paired by seed (the same held-out rows and data "
-                 "order), mean difference in points and its 95% t interval:\n\n"
-                 + table(["model", "dataset", "method", "vs", "n seeds", "difference"],
-                         ([row["model"], row["dataset"], row["method"], row["baseline"], row["n"],
-                           difference_statement(row)] for row in differences)))
-    models = model_differences([run for run in runs if run.protocol == VALIDATION])
-    if models:
-        text += ("\nEach model against a smaller one on the same dataset and method, where both trained on the same "
-                 "number of rows, test macro-F1: the difference of the means over seeds and its Welch 95% interval "
-                 "(different models share no data order, so their seeds do not pair):\n\n"
-                 + table(["dataset", "method", "model", "vs", "seeds", "difference"],
-                         ([row["dataset"], row["method"], row["model"], row["baseline"], row["seeds"],
-                           difference_statement(row)] for row in sorted(models, key=_finding_order))))
+    validation = [run for run in runs if run.protocol == VALIDATION]
+    comparisons = (
+        ("Each method against full fine-tuning of the same model and dataset, then each LoRA rank against the rank "
+         "whose settings it took, test macro-F1, paired by seed (the same held-out rows and data order), mean "
+         "difference in points and its 95% t interval", ["model", "dataset", "method", "baseline", "n"],
+         paired_differences(validation) + rank_pairs(runs)),
+        ("Each model against a smaller one on the same dataset and method, where both trained on the same number of "
+         "rows, test macro-F1: the difference of the means over seeds and its Welch 95% interval (different models "
+         "share no data order, so their seeds do not pair)", ["dataset", "method", "model", "baseline", "seeds"],
+         sorted(model_differences(validation), key=_finding_order)))
+    for intro, columns, rows in comparisons:
+        if rows:
+            headers = [{"baseline": "vs", "n": "n seeds"}.get(column, column) for column in columns]
+            text += f"\n{intro}:\n\n" + table(headers + ["difference"], (
+                [row[column] for column in columns] + [difference_statement(row)] for row in rows))
     return text
 
 
