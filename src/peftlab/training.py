@@ -213,12 +213,13 @@ class PeftlabTrainingArguments(TrainingArguments):
                           "without it, a folder holding a run's files is refused."})
     gradient_checkpointing_token_budget: int = field(
         default=0,
-        metadata={"help": "With --gradient_checkpointing: recompute activations only in as many layers as a batch "
-                          "needs for the others to hold at most this many tokens' activations (padded rows x "
-                          "length, per layer), so a batch within it recomputes nothing; the values computed are the "
-                          "same. The 1.5B decoder's LoRA step at 1 thread on the AMX host: 1.28x faster without "
-                          "recomputation (benchmarks/results/checkpointing_amx_qwen-1.5b.md). 0: every layer "
-                          "recomputes in every batch."})
+        metadata={"help": "With --gradient_checkpointing: recompute activations in only as many layers as a batch "
+                          "needs for the layers that keep theirs to hold no more than a batch of this many tokens "
+                          "(padded rows x length) holds without recomputation; a batch within it recomputes nothing. "
+                          "Same results up to float rounding. The 1.5B decoder's LoRA step at 1 thread on the AMX "
+                          "host: 1.28x faster without recomputation "
+                          "(benchmarks/results/checkpointing_amx_qwen-1.5b.md). 0: every layer recomputes in every "
+                          "batch."})
 
     def __post_init__(self):
         if self.num_train_epochs <= 0 and self.max_steps <= 0 and self.do_train:
@@ -311,8 +312,8 @@ def eval_order(dataset) -> list[int] | None:
 
 def layers_to_recompute(tokens: int, budget: int, layers: int) -> int:
     """How many of ``layers`` recompute their activations in the backward pass for a batch of ``tokens`` (padded)
-    tokens, so that the others hold at most ``budget`` tokens' activations per layer: every layer without a budget
-    (0), none for a batch within it."""
+    tokens, so that the layers keeping theirs hold no more than a ``budget``-token batch holds in all of them: every
+    layer without a budget (0), none for a batch within it."""
     if not budget:
         return layers
     return math.ceil(layers * max(0.0, 1 - budget / tokens))
