@@ -20,8 +20,8 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 # Peak memory of one run in GB (the largest of each model's finished runs: ACL-ARC or AG News at 256 tokens, 0.5B full
-# fine-tuning 17.8 GB, its LoRA 12.8 GB; the 1.5B's LoRA within the grid's 1024-token recomputation budget about 10,
-# 8.3 GB of its own and half of the 2.9 GB of mapped weights two workers share):
+# fine-tuning 17.8 GB, its LoRA 12.8 GB; the 1.5B's LoRA within the grid's 512-token recomputation budget at most 10,
+# the 9 GB of its own that a 1024-token budget reached and half of the 2.9 GB of mapped weights two workers share):
 # a model runs as many workers as fit in 90% of the host's memory, at most WORKERS, so the kernel never kills one
 # mid-run. On a 24 GB host: two for the encoders and the 1.5B decoder, one for the 0.5B decoder.
 declare -A peak_gb=([minilm]=4 [mpnet]=10 [qwen-0.5b]=18 [qwen-1.5b]=10 [qwen-0.5b-peft]=12)
