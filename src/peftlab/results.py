@@ -163,28 +163,23 @@ def model_differences(runs: list[RunResult], key: str = "macro_f1") -> list[dict
     protocol, where both cells trained on the same number of rows (a row cap on one model only would confound
     the two): the difference of the cells' means over seeds with Welch's 95% interval. Different models share
     no data order (their tokenizers group rows differently), so their seeds do not pair."""
-    cells: dict[tuple, list[RunResult]] = defaultdict(list)
-    for run in runs:
-        cells[(run.protocol, *run.cell)].append(run)
-
-    def size(members: list[RunResult]) -> float:
-        return statistics.median(run.metrics.get("total_params", math.nan) for run in members)
-
-    def rows_trained(members: list[RunResult]) -> set:
-        return {run.record.get("num_train_rows") for run in members}
-
+    comparable: dict[tuple, dict[str, list[RunResult]]] = defaultdict(lambda: defaultdict(list))
+    for run in runs:  # (protocol, dataset, method) -> model -> its runs
+        comparable[(run.protocol, run.dataset, run.method)][run.model].append(run)
     rows = []
-    for (protocol, model, dataset, method), members in sorted(cells.items()):
-        for (other_protocol, other, other_dataset, other_method), others in sorted(cells.items()):
-            if ((other_protocol, other_dataset, other_method) != (protocol, dataset, method)
-                    or not size(members) > size(others)
-                    or len(rows_trained(members)) != 1 or rows_trained(members) != rows_trained(others)):
-                continue
-            mean, low, high = welch_interval([run.metrics[key] for run in members],
-                                             [run.metrics[key] for run in others])
-            rows.append({"protocol": protocol, "model": model, "dataset": dataset, "method": method,
-                         "baseline": other, "key": key, "n": min(len(members), len(others)),
-                         "seeds": f"{len(members)} and {len(others)}", "mean": mean, "low": low, "high": high})
+    for (protocol, dataset, method), by_model in sorted(comparable.items()):
+        cells = {model: (statistics.median(run.metrics.get("total_params", math.nan) for run in members),
+                         {run.record.get("num_train_rows") for run in members}, [run.metrics[key] for run in members])
+                 for model, members in sorted(by_model.items())}
+        for model, (size, trained, values) in cells.items():
+            for other, (other_size, other_trained, other_values) in cells.items():
+                if not size > other_size or len(trained) != 1 or trained != other_trained:
+                    continue
+                mean, low, high = welch_interval(values, other_values)
+                rows.append({"protocol": protocol, "model": model, "dataset": dataset, "method": method,
+                             "baseline": other, "key": key, "n": min(len(values), len(other_values)),
+                             "seeds": f"{len(values)} and {len(other_values)}", "mean": mean, "low": low,
+                             "high": high})
     return rows
 
 

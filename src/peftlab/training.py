@@ -314,8 +314,6 @@ def layers_to_recompute(tokens: int, budget: int, layers: int) -> int:
     """How many of ``layers`` recompute their activations in the backward pass for a batch of ``tokens`` (padded)
     tokens, so that the layers keeping theirs hold no more than a ``budget``-token batch holds in all of them: every
     layer without a budget (0), none for a batch within it."""
-    if not budget:
-        return layers
     return math.ceil(layers * max(0.0, 1 - budget / tokens))
 
 
@@ -373,11 +371,13 @@ class PeftlabTrainer(Trainer):
         self.math_attention_max_length = math_attention_max_length
         self.totals = WholeRunTotals()
         self.add_callback(self.totals)
-        self.checkpointing_layers = [module for module in self.model.modules()
-                                     if isinstance(module, GradientCheckpointingLayer)]
+        # a plain TrainingArguments (predicting with this Trainer) has no budget
+        self.token_budget = getattr(self.args, "gradient_checkpointing_token_budget", 0)
+        self.checkpointing_layers = [module for module in self.model.modules()  # only a budget toggles them
+                                     if isinstance(module, GradientCheckpointingLayer)] if self.token_budget else []
 
     def train(self, resume_from_checkpoint=None, **kwargs):
-        if self.args.gradient_checkpointing_token_budget and not self.checkpointing_layers:
+        if self.token_budget and not self.checkpointing_layers:
             raise InvalidArgument("--gradient_checkpointing_token_budget: this model has no layers that checkpoint "
                                   "one by one (transformers' GradientCheckpointingLayer)")
         output = super().train(resume_from_checkpoint, **kwargs)
@@ -428,10 +428,9 @@ class PeftlabTrainer(Trainer):
     def _recompute_within_budget(self, inputs) -> None:
         """Under --gradient_checkpointing_token_budget, the first layers recompute their activations, as many as
         this batch needs (:func:`layers_to_recompute`); the rest keep theirs."""
-        budget = self.args.gradient_checkpointing_token_budget
-        if not (self.args.gradient_checkpointing and budget and "input_ids" in inputs):
+        if not (self.token_budget and "input_ids" in inputs):  # a budget is set only with --gradient_checkpointing
             return
-        count = layers_to_recompute(inputs["input_ids"].numel(), budget, len(self.checkpointing_layers))
+        count = layers_to_recompute(inputs["input_ids"].numel(), self.token_budget, len(self.checkpointing_layers))
         for index, layer in enumerate(self.checkpointing_layers):
             layer.gradient_checkpointing = index < count
 
