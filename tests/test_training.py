@@ -284,23 +284,31 @@ def test_cpu_fast_dropout_is_on_by_default_recorded_and_switchable(tmp_path, tin
         assert json.loads((tmp_path / name / "run.json").read_text())["model_args"]["cpu_fast_dropout"] is flag
 
 
-def test_compiled_rms_norms_train_as_the_eager_ones(tmp_path, tiny_models, fixture_data_dir):
-    """--cpu_compile_rms_norm fuses each RMSNorm of a decoder (Llama, Qwen2) into one compiled kernel: the same
-    losses up to float rounding, the same scores; encoders have none to compile."""
-    from peftlab.hardware import compile_rms_norms
+def test_compiled_norms_and_mlps_train_as_the_eager_ones(tmp_path, tiny_models, fixture_data_dir):
+    """--cpu_compile_rms_norm and --cpu_compile_mlp fuse each RMSNorm and each gated MLP of a decoder (Llama, Qwen2)
+    into compiled kernels: the same losses up to float rounding, the same scores, with the MLP's weights frozen
+    (LoRA, the adapter) or trained (full fine-tuning); encoders have none to compile."""
+    from peftlab.hardware import compile_modules, gated_mlp_classes, rms_norm_classes
     from peftlab.models import get_model
 
-    for arch, expected in (("qwen2", 5), ("llama", 5), ("bert", 0)):  # 2 layers x 2 norms + the final one
+    # 2 layers x 2 norms + the final one; one MLP per layer
+    for arch, norms, mlps in (("qwen2", 5, 2), ("llama", 5, 2), ("bert", 0, 0)):
         _, model = get_model(tiny_models[arch], 3)
-        assert compile_rms_norms(model) == expected
-    eager, eager_losses = tiny_decoder_run(tmp_path / "eager", tiny_models, fixture_data_dir, "lora")
-    compiled, compiled_losses = tiny_decoder_run(tmp_path / "compiled", tiny_models, fixture_data_dir, "lora",
-                                                 "--cpu_compile_rms_norm", "True")
-    # and where the 1.5B decoder's runs recompute activations in the backward pass, through the compiled norms
+        assert compile_modules(model, rms_norm_classes()) == norms
+        assert compile_modules(model, gated_mlp_classes()) == mlps
+    compiled_flags = ("--cpu_compile_rms_norm", "True", "--cpu_compile_mlp", "True")
+    eager_losses = {}
+    for method in ("lora", "adapter", "full"):
+        eager, eager_losses[method] = tiny_decoder_run(tmp_path / f"eager-{method}", tiny_models, fixture_data_dir,
+                                                       method)
+        compiled, compiled_losses = tiny_decoder_run(tmp_path / f"compiled-{method}", tiny_models, fixture_data_dir,
+                                                     method, *compiled_flags)
+        assert compiled_losses == pytest.approx(eager_losses[method], abs=2e-3)
+        assert compiled["macro_f1"] == pytest.approx(eager["macro_f1"], abs=1e-6)
+    # and where the 1.5B decoder's runs recompute activations in the backward pass, through the compiled modules
     _, recomputed_losses = tiny_decoder_run(
-        tmp_path / "recomputed", tiny_models, fixture_data_dir, "lora", "--cpu_compile_rms_norm", "True",
+        tmp_path / "recomputed", tiny_models, fixture_data_dir, "lora", *compiled_flags,
         "--gradient_checkpointing", "True", "--gradient_checkpointing_kwargs", '{"use_reentrant": false}')
-    assert compiled_losses == pytest.approx(eager_losses, abs=2e-3)
-    assert recomputed_losses == pytest.approx(eager_losses, abs=2e-3)
-    assert compiled["macro_f1"] == pytest.approx(eager["macro_f1"], abs=1e-6)
-    assert json.loads((tmp_path / "compiled" / "run.json").read_text())["model_args"]["cpu_compile_rms_norm"] is True
+    assert recomputed_losses == pytest.approx(eager_losses["lora"], abs=2e-3)
+    model_args = json.loads((tmp_path / "compiled-lora" / "run.json").read_text())["model_args"]
+    assert model_args["cpu_compile_rms_norm"] is True and model_args["cpu_compile_mlp"] is True

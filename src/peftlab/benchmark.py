@@ -28,7 +28,7 @@ import torch
 from transformers import AutoModelForSequenceClassification
 
 from .cli import non_negative_int, positive_int
-from .hardware import attention_kernels, compile_rms_norms, cpu_model, use_cpu_fast_dropout
+from .hardware import attention_kernels, compile_modules, cpu_model, rms_norm_classes, use_cpu_fast_dropout
 from .isolated import call_in_fresh_process
 from .markdown import table
 from .memory import GIB, estimate, load_config
@@ -172,7 +172,7 @@ def real_setup(model_name: str, method: str, bf16: bool, frozen_weights_dtype: s
     if fast_dropout:
         model = use_cpu_fast_dropout(model)
     if compile_rms_norm:
-        compile_rms_norms(model)
+        compile_modules(model, rms_norm_classes())
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     batches = _batches(tokenizer, list(rows["text"]), batch_size, padding, max_length, count)

@@ -66,18 +66,20 @@ RESUMABLE = {"save_strategy": "epoch", "save_total_limit": 1}
 # one set it to that value explicitly, so their later runs compute what their earlier ones did.
 ADDED_ARGUMENTS = {"shuffle_length_groups": False}
 
-# Settings that change how much memory a run holds, not what it computes: a grid may change them while its runs are
-# under way, and a run resumes from its checkpoint under the new value.
-MEMORY_ONLY = ("gradient_checkpointing_token_budget",)
+# Settings that change how a run executes, not what it computes: the memory it holds (activations recomputed) or
+# the kernels it runs (the same operations fused by compilation, float rounding aside; quality checked in
+# benchmarks/results/compiled_*_quality.md). A grid may change them while its runs are under way: a finished run
+# stays done, and a run in flight resumes from its checkpoint under the new value.
+EXECUTION_ONLY = ("gradient_checkpointing_token_budget", "cpu_compile_rms_norm", "cpu_compile_mlp")
 
 
 def same_computation(recorded: dict, args: dict) -> bool:
     """Whether a run recorded with the arguments ``recorded`` computes what ``args`` do: checkpoint settings
-    (:data:`RESUMABLE`) and :data:`MEMORY_ONLY` ones aside, and :data:`ADDED_ARGUMENTS` counted at their old value
+    (:data:`RESUMABLE`) and :data:`EXECUTION_ONLY` ones aside, and :data:`ADDED_ARGUMENTS` counted at their old value
     where either lacks them."""
     def computed(arguments: dict) -> dict:
         return {key: value for key, value in (ADDED_ARGUMENTS | arguments).items()
-                if key not in RESUMABLE and key not in MEMORY_ONLY}
+                if key not in RESUMABLE and key not in EXECUTION_ONLY}
     return computed(recorded) == computed(args)
 
 
