@@ -149,3 +149,20 @@ def test_attention_kernels_compares_flash_and_math_on_the_same_attention(tmp_pat
     short, long = (line.split(" | ") for line in lines[-2:])
     assert short[0] == "| 8" and short[-1] == "math |" and long[-1] == "flash |"
     assert all(float(row[4]) < 0.05 for row in (short, long))  # bf16 rounding, not a different attention
+
+
+def test_attention_kernels_times_whole_evaluations_of_finished_runs(tmp_path, tiny_models, fixture_data_dir):
+    """benchmarks/attention_kernels.py --runs: a finished run's test rows predicted under both kernels, as train.py
+    evaluates them; the kernels compute the same attention, so they label the rows alike."""
+    from peftlab.training import main as train_main
+
+    run = tmp_path / "run"
+    metrics = train_main(["--model_name_or_path", tiny_models["qwen2"], "--dataset_name", "restaurant_sup",
+                          "--data_dir", str(fixture_data_dir), "--output_dir", str(run), "--tuning_method", "lora",
+                          "--num_train_epochs", "1", "--bf16", "True", "--report_to", "none"])
+    out = tmp_path / "evaluations"
+    load_benchmark_script("attention_kernels").main(["--runs", str(run), "--repeats", "1", "--threads", "1",
+                                                     "--out", str(out)])
+    row = out.with_suffix(".md").read_text().splitlines()[-1].split(" | ")
+    assert row[0] == f"| {run}" and row[5] == "100.0%"
+    assert row[6] == f"{100 * metrics['accuracy']:.1f} / {100 * metrics['accuracy']:.1f}"

@@ -229,10 +229,11 @@ def test_a_token_budget_recomputes_as_few_layers_as_each_batch_needs(tiny_models
         PeftlabTrainingArguments(output_dir=str(tmp_path), report_to="none", gradient_checkpointing_token_budget=100)
 
 
-def test_short_cpu_batches_run_sdpa_on_its_math_kernel(tmp_path, tiny_models, fixture_data_dir):
-    """On CPU, training and evaluation steps of rows up to --cpu_math_attention_max_length tokens run SDPA's math
-    kernel (PyTorch would pick its flash kernel, slower at short rows), longer ones PyTorch's choice; both kernels
-    compute the same attention, so a run's losses and scores match with the switch off."""
+def test_short_cpu_training_batches_run_sdpa_on_its_math_kernel(tmp_path, tiny_models, fixture_data_dir):
+    """On CPU, training steps of rows up to --cpu_math_attention_max_length tokens run SDPA's math kernel (PyTorch
+    would pick its flash kernel, whose backward is slower at short rows), longer ones PyTorch's choice, and
+    evaluation always PyTorch's choice (flash's forward alone is the faster); both kernels compute the same
+    attention, so a run's losses and scores match with the switch off."""
     from datasets import Dataset
     from transformers import DataCollatorWithPadding
 
@@ -249,12 +250,12 @@ def test_short_cpu_batches_run_sdpa_on_its_math_kernel(tmp_path, tiny_models, fi
     assert flash_allowed(None, "cpu", 128)[0]  # a batch of unknown width: PyTorch's choice
 
     tokenizer, model = get_model(tiny_models["qwen2"], 3)
-    seen = []  # whether flash was allowed, per forward call: training and prediction steps alike
+    seen = []  # whether flash was allowed, per forward call: 4 training steps, then one prediction step
     model.register_forward_pre_hook(lambda module, args: seen.append(torch.backends.cuda.flash_sdp_enabled()))
     words = "the food was good but service slow".split()
     rows = tokenize(Dataset.from_dict({"text": [" ".join(words[: 1 + i % 7]) for i in range(16)],
                                        "label": [i % 3 for i in range(16)]}), tokenizer, 32)
-    for limit, flash in ((128, {False}), (4, {True, False})):  # at 4 tokens per row, only the shortest run math
+    for limit, training in ((128, {False}), (4, {True, False})):  # at 4 tokens per row, only the shortest run math
         seen.clear()
         trainer = PeftlabTrainer(model=model, train_dataset=rows, data_collator=DataCollatorWithPadding(tokenizer),
                                  args=PeftlabTrainingArguments(output_dir=str(tmp_path), report_to="none",
@@ -263,7 +264,7 @@ def test_short_cpu_batches_run_sdpa_on_its_math_kernel(tmp_path, tiny_models, fi
                                  math_attention_max_length=limit)
         trainer.train()
         trainer.predict(rows)
-        assert len(seen) == 4 + 1 and set(seen) == flash
+        assert len(seen) == 4 + 1 and set(seen[:4]) == training and seen[4]
 
     math, math_losses = tiny_decoder_run(tmp_path / "math", tiny_models, fixture_data_dir, "lora")
     flash, flash_losses = tiny_decoder_run(tmp_path / "flash", tiny_models, fixture_data_dir, "lora",

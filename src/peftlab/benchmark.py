@@ -109,7 +109,7 @@ def measuring_loop(model, tuning, batches: list[dict], warmup: int, device: str 
         def call(batch):
             # autocast per batch, as serving does: one context around all batches would keep the bf16
             # casts of trainable weights cached between batches and flatter full fine-tuning
-            with torch.no_grad(), autocast(), attention_kernels(batch["input_ids"].shape[-1], device):
+            with torch.no_grad(), autocast():  # PyTorch's attention kernels, as train.py evaluates
                 served(**{key: value for key, value in batch.items() if key != "labels"})
         return call
 

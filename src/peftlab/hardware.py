@@ -50,18 +50,20 @@ def bf16_helps() -> bool:
 
 
 # On CPU, PyTorch runs SDPA on its flash kernel whenever the call allows it (no attention dropout: the decoders, and
-# every model in evaluation), and at short rows that kernel's fixed costs dominate. One AMD EPYC thread, 16 rows x
+# every model in evaluation), and at short rows that kernel's backward pass is slow. One AMD EPYC thread, 16 rows x
 # 14 heads x 64 dims, bf16, forward + backward: the math kernel was 2.2x faster at 27 and 48 tokens per row, 1.18x
-# at 128, 1.15x at 160, and slower from 192 (0.83x; 0.73x at 256) (benchmarks/results/attention_kernels.md).
-# Batches up to this many tokens per row use the math kernel; the margin below the crossover is for other hosts.
+# at 128, 1.15x at 160, and slower from 192 (0.83x; 0.73x at 256) (benchmarks/results/attention_kernels.md; the
+# AMX Xeon reads the same, attention_kernels_amx.md). Training batches up to this many tokens per row use the math
+# kernel; the margin below the crossover is for other hosts. Evaluation keeps flash: its forward alone, 64 rows,
+# was 1.9x faster than math's at 24 tokens and 4-10x at 48-256 on the AMX Xeon (attention_kernels_eval_amx.md).
 MATH_ATTENTION_MAX_LENGTH = 128
 
 
 def attention_kernels(tokens_per_row: int | None, device_type: str,
                       math_max_length: int = MATH_ATTENTION_MAX_LENGTH) -> contextlib.AbstractContextManager:
-    """The SDPA kernels a batch of this width runs: the math kernel on CPU up to ``math_max_length`` tokens per
-    row, PyTorch's own choice otherwise (and on CUDA, or for a batch of unknown width: ``None``). Models with
-    their own attention (eager) are unaffected."""
+    """The SDPA kernels a training batch of this width runs: the math kernel on CPU up to ``math_max_length``
+    tokens per row, PyTorch's own choice otherwise (and on CUDA, or for a batch of unknown width: ``None``).
+    Models with their own attention (eager) are unaffected."""
     if device_type == "cpu" and tokens_per_row is not None and tokens_per_row <= math_max_length:
         return sdpa_kernel([SDPBackend.MATH])
     return contextlib.nullcontext()

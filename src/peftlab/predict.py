@@ -49,27 +49,37 @@ def load_trained(run_dir: str | Path, for_inference: bool = True):
     return pretrained_tokenizer(run.model_dir), model.eval(), record
 
 
+def rows_to_label(record: dict, dataset_name: str | None = None, split: str = "test", data_dir: str | None = None):
+    """The rows a finished run labels: ``split`` of ``dataset_name`` (default: the run's own dataset, whose test
+    split is cut to the rows the run itself scored), checked to have the run's classes."""
+    data_args = record["data_args"]
+    name = dataset_name or data_args["dataset_name"]
+    rows = load_data(name, record["sep_token"], data_dir or data_args["data_dir"])[0][split]
+    if rows.features["label"].names != record["label_names"]:
+        raise InvalidArgument(f"{name} has the classes {rows.features['label'].names}, but the run was "
+                              f"trained on {record['label_names']}; predict on a dataset with the run's classes")
+    if dataset_name is None and split == "test":
+        rows = take_slice(rows, data_args["max_eval_samples"])  # the rows the run itself scored
+    return rows
+
+
+def prediction_trainer(model, tokenizer, record: dict, scratch: str) -> PeftlabTrainer:
+    """A Trainer that predicts as the run evaluated: its precision, device and evaluation batch size."""
+    training = record["training_args"]
+    return PeftlabTrainer(
+        model=model, data_collator=DataCollatorWithPadding(tokenizer), processing_class=tokenizer,
+        args=TrainingArguments(output_dir=scratch, report_to=[], bf16=training["bf16"], use_cpu=training["use_cpu"],
+                               per_device_eval_batch_size=training["per_device_eval_batch_size"]))
+
+
 def predict(args: PredictArguments) -> dict:
     tokenizer, model, record = load_trained(args.run_dir, for_inference=args.merge_lora)
-    data_args = record["data_args"]
-    dataset_name = args.dataset_name or data_args["dataset_name"]
-    dataset, _ = load_data(dataset_name, record["sep_token"], args.data_dir or data_args["data_dir"])
-    rows = dataset[args.split]
-    names = rows.features["label"].names
-    if names != record["label_names"]:
-        raise InvalidArgument(f"{dataset_name} has the classes {names}, but the run in {args.run_dir} was trained on "
-                              f"{record['label_names']}; predict on a dataset with the run's classes")
-    if args.dataset_name is None and args.split == "test":
-        rows = take_slice(rows, data_args["max_eval_samples"])  # the rows the run itself scored
-    encoded = tokenize(rows, tokenizer, data_args["max_seq_length"])
-    training = record["training_args"]
+    rows = rows_to_label(record, args.dataset_name, args.split, args.data_dir)
+    encoded = tokenize(rows, tokenizer, record["data_args"]["max_seq_length"])
     with tempfile.TemporaryDirectory() as scratch:
-        trainer = PeftlabTrainer(
-            model=model, data_collator=DataCollatorWithPadding(tokenizer), processing_class=tokenizer,
-            args=TrainingArguments(output_dir=scratch, report_to=[], bf16=training["bf16"], use_cpu=training["use_cpu"],
-                                   per_device_eval_batch_size=training["per_device_eval_batch_size"]))
-        predictions = predicted_ids(trainer.predict(encoded).predictions)
+        predictions = predicted_ids(prediction_trainer(model, tokenizer, record, scratch).predict(encoded).predictions)
     output = Path(args.output_file or Path(args.run_dir) / PREDICT_OUTPUT_FILE)
+    names = rows.features["label"].names
     write_predictions(output, predictions, names)  # only now: a failed prediction leaves an earlier file whole
     metrics = classification_metrics(predictions, rows["label"])
     print(json.dumps({"output_file": str(output), "rows": len(rows), **metrics}, indent=2))

@@ -117,11 +117,13 @@ class ModelArguments:
                           "(the stock-recipe check, benchmarks/stock_recipe.py), so SDPA stays the default."})
     cpu_math_attention_max_length: int = field(
         default=MATH_ATTENTION_MAX_LENGTH,
-        metadata={"help": "On CPU, batches of at most this many tokens per row run SDPA's math kernel instead of its "
-                          "flash kernel, whose fixed costs dominate at short rows: attention forward + backward 2.2x "
-                          "faster at 27 tokens, a 0.5B decoder LoRA r=16 step 1.07x on restaurant batches (one AMD "
-                          "EPYC thread; flash wins from ~190 tokens). 0: PyTorch's choice. No effect on CUDA, on eager "
-                          "attention, or where attention dropout already rules flash out (BERT's training steps)."})
+        metadata={"help": "On CPU, training batches of at most this many tokens per row run SDPA's math kernel instead "
+                          "of its flash kernel, whose backward pass is slow at short rows: attention forward + "
+                          "backward 2.2x faster at 27 tokens, a 0.5B decoder LoRA r=16 step 1.07x on restaurant "
+                          "batches (one AMD EPYC thread; flash wins from ~190 tokens). Evaluation always runs "
+                          "PyTorch's choice (flash: its forward alone is 2-10x faster). 0: PyTorch's choice. No effect "
+                          "on CUDA, on eager attention, or where attention dropout already rules flash out (BERT's "
+                          "training steps)."})
     frozen_weights_dtype: str = field(
         default="auto",
         metadata={"choices": ["auto", "float32", "bfloat16"],
@@ -368,8 +370,8 @@ class PeftlabTrainer(Trainer):
     """``Trainer`` that trains on its length groups in a random order (:class:`ShuffledLengthGroupedSampler`,
     under ``--shuffle_length_groups``), evaluates in length order, stops at the first non-finite training loss
     (instead of training on to NaN weights and a majority-class "result"), reports a resumed run's training
-    time and loss over the whole run (:class:`WholeRunTotals`), and on CPU runs short batches' attention on SDPA's
-    math kernel (:func:`peftlab.hardware.attention_kernels`).
+    time and loss over the whole run (:class:`WholeRunTotals`), and on CPU trains short batches' attention on SDPA's
+    math kernel (:func:`peftlab.hardware.attention_kernels`; evaluation keeps PyTorch's choice, flash).
 
     The stock ``Trainer`` evaluates rows in order, or under ``--group_by_length`` in shuffled length groups,
     which detached ``predict()``'s rows from the dataset's; here evaluation batches run longest first, and
@@ -429,10 +431,6 @@ class PeftlabTrainer(Trainer):
         the kernel its forward chose. A batch without token ids (embeddings given) has no width to go by."""
         width = inputs["input_ids"].shape[-1] if "input_ids" in inputs else None
         return attention_kernels(width, self.args.device.type, self.math_attention_max_length)
-
-    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        with self._attention_kernels(inputs):
-            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
 
     def _recompute_within_budget(self, inputs) -> None:
         """Under --gradient_checkpointing_token_budget, the first layers recompute their activations, as many as
