@@ -53,8 +53,8 @@ def test_measure_compares_attention_kernels_and_dropout(tiny_models, real_data_d
     assert table[0].startswith("| model | method | precision | frozen weights | checkpointing | padding | attention | "
                                "dropout | LoRA input | RMSNorm |")
     # LoRA under bf16 loads its frozen weights in bf16, as train.py's --frozen_weights_dtype auto does
-    assert "| lora-r8 | bf16 | bfloat16 | no | dynamic | eager | fast | as is | eager | 1 |" in table[3]
-    assert "| lora-r8 | bf16 | bfloat16 | no | dynamic | eager | torch | as is | eager | 1 |" in table[4]
+    assert "| lora-r8 | bf16 | bfloat16 | no | dynamic | eager | fast | as is | eager | unmapped | 1 |" in table[3]
+    assert "| lora-r8 | bf16 | bfloat16 | no | dynamic | eager | torch | as is | eager | unmapped | 1 |" in table[4]
 
 
 def test_stock_recipe_summary_states_speed_up_and_paired_quality():
@@ -166,3 +166,15 @@ def test_attention_kernels_times_whole_evaluations_of_finished_runs(tmp_path, ti
     row = out.with_suffix(".md").read_text().splitlines()[-1].split(" | ")
     assert row[0] == f"| {run}" and row[5] == "100.0%"
     assert row[6] == f"{100 * metrics['accuracy']:.1f} / {100 * metrics['accuracy']:.1f}"
+
+
+def test_measure_takes_a_checkpoints_first_layers_and_can_reuse_freed_memory(tiny_models, real_data_dir):
+    """--num_hidden_layers keeps the checkpoint's first layers (a deep model's step in less memory), and the
+    table names the model so; --reuse_freed_memory 1 measures as train.py's --cpu_reuse_freed_memory runs."""
+    settings = dict(precision="bf16", padding="grouped", batch_size=4, steps=1, warmup=1, threads=1,
+                    data_dir=str(real_data_dir), max_length=32)
+    whole = measure(tiny_models["qwen2"], "full", **settings)
+    first = measure(tiny_models["qwen2"], "full", **settings, num_hidden_layers=1, reuse_freed=True)
+    assert first["model"] == f"{tiny_models['qwen2']} (first 1 layers)" and first["reuse_freed"] is True
+    assert first["total_params"] < whole["total_params"] and whole["reuse_freed"] is False
+    assert "| reused |" in markdown([first], {"bf16": 1e12, "fp32": 1e12, "threads": 1})

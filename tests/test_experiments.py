@@ -220,9 +220,9 @@ def test_a_killed_run_resumes_from_its_checkpoint_unless_its_arguments_changed(t
     # an argument train.py gained since the run: the grid that pins it at its old value still finds the run done
     first.args["shuffle_length_groups"] = ADDED_ARGUMENTS["shuffle_length_groups"]
     assert first.status() == "done"
-    # settings that change memory or kernels, not what the run computes (a grid may set them while its runs are
-    # under way)
-    first.args.update(gradient_checkpointing_token_budget=1024, cpu_compile_mlp=True)
+    # settings that change memory, allocation or kernels, not what the run computes (a grid may set them while its
+    # runs are under way)
+    first.args.update(gradient_checkpointing_token_budget=1024, cpu_compile_mlp=True, cpu_reuse_freed_memory=False)
     assert first.status() == "done"
     first.args["shuffle_length_groups"] = not ADDED_ARGUMENTS["shuffle_length_groups"]
     assert first.status() == "changed" and first.checkpoint() is None

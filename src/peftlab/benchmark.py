@@ -28,7 +28,14 @@ import torch
 from transformers import AutoModelForSequenceClassification
 
 from .cli import non_negative_int, positive_int
-from .hardware import attention_kernels, compile_modules, cpu_model, rms_norm_classes, use_cpu_fast_dropout
+from .hardware import (
+    attention_kernels,
+    compile_modules,
+    cpu_model,
+    reuse_freed_memory,
+    rms_norm_classes,
+    use_cpu_fast_dropout,
+)
 from .isolated import call_in_fresh_process
 from .markdown import table
 from .memory import GIB, estimate, load_config
@@ -149,13 +156,14 @@ def _train_flops_per_token(model, trainable: int, seq_len: float) -> float:
 def real_setup(model_name: str, method: str, bf16: bool, frozen_weights_dtype: str, padding: str, batch_size: int,
                max_length: int, count: int, data_dir: str | None = None, attn_implementation: str | None = None,
                gradient_checkpointing: bool = False, fast_dropout: bool = True, lora_input_upcast: bool = False,
-               compile_rms_norm: bool = False):
+               compile_rms_norm: bool = False, num_hidden_layers: int | None = None):
     """A model built as train.py builds it and ``count`` batches of real restaurant rows with their labels:
     (model, its method, batches, frozen weights' dtype). Frozen weights in ``frozen_weights_dtype``, resolved as
     ``--frozen_weights_dtype`` is; ``gradient_checkpointing`` as ``--gradient_checkpointing True
     --gradient_checkpointing_kwargs '{"use_reentrant": false}'`` sets it; ``fast_dropout`` as
     ``--cpu_fast_dropout``; ``lora_input_upcast`` keeps peft's cast of LoRA inputs to fp32, which train.py skips
-    on bf16 frozen weights (the before of that change); ``compile_rms_norm`` as ``--cpu_compile_rms_norm``."""
+    on bf16 frozen weights (the before of that change); ``compile_rms_norm`` as ``--cpu_compile_rms_norm``;
+    ``num_hidden_layers``: only the checkpoint's first layers (a deep model's step in less memory)."""
     from .data import get_dataset
     from .methods import cast_lora_inputs, get_method, method_from_label, upcast_trainable
     from .methods import frozen_weights_dtype as resolve_frozen_dtype
@@ -164,7 +172,9 @@ def real_setup(model_name: str, method: str, bf16: bool, frozen_weights_dtype: s
     args = method_from_label(method)
     tuning = get_method(args.tuning_method)
     frozen_dtype = resolve_frozen_dtype(tuning, frozen_weights_dtype, bf16)
-    tokenizer, model = get_model(model_name, 3, attn_implementation=attn_implementation, dtype=frozen_dtype)
+    overrides = {"num_hidden_layers": num_hidden_layers} if num_hidden_layers else None
+    tokenizer, model = get_model(model_name, 3, attn_implementation=attn_implementation, dtype=frozen_dtype,
+                                 config_overrides=overrides)
     rows = get_dataset("restaurant_sup", default_sep_token(tokenizer), data_dir=data_dir)["train"].shuffle(seed=0)
     model = upcast_trainable(tuning.wrap(model, args))
     if lora_input_upcast:
@@ -186,18 +196,21 @@ def measure(model_name: str, method: str, precision: str, padding: str, batch_si
             warmup: int, threads: int, data_dir: str | None, max_length: int, fused_adamw: bool = False,
             attn_implementation: str | None = None, frozen_weights_dtype: str = "auto",
             gradient_checkpointing: bool = False, fast_dropout: bool = True, lora_input_upcast: bool = False,
-            compile_rms_norm: bool = False) -> dict:
-    """One configuration, in this process, on :func:`real_setup`'s model and batches."""
+            compile_rms_norm: bool = False, reuse_freed: bool = False, num_hidden_layers: int | None = None) -> dict:
+    """One configuration, in this process, on :func:`real_setup`'s model and batches; ``reuse_freed`` as
+    ``--cpu_reuse_freed_memory`` (for the whole process: run each configuration in a fresh one)."""
     from .methods import parameter_counts
     from .models import dtype_name
 
+    if reuse_freed:
+        reuse_freed_memory()
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     model, tuning, batches, frozen_dtype = real_setup(model_name, method, precision == "bf16", frozen_weights_dtype,
                                                       padding, batch_size, max_length, warmup + steps, data_dir,
                                                       attn_implementation, gradient_checkpointing, fast_dropout,
-                                                      lora_input_upcast, compile_rms_norm)
+                                                      lora_input_upcast, compile_rms_norm, num_hidden_layers)
     counts = parameter_counts(model)
     times = measuring_loop(model, tuning, batches, warmup, bf16=precision == "bf16", fused_adamw=fused_adamw)
     step_times = times["train"]
@@ -207,11 +220,13 @@ def measure(model_name: str, method: str, precision: str, padding: str, batch_si
     flops_per_token = _train_flops_per_token(model, counts["trainable_params"], seq_len)
     total_time = sum(step_times)
     result = {
-        "model": model_name, "method": method, "precision": precision, "padding": padding,
+        "model": model_name + (f" (first {num_hidden_layers} layers)" if num_hidden_layers else ""),
+        "method": method, "precision": precision, "padding": padding,
         "batch_size": batch_size, "threads": threads, "fused_adamw": fused_adamw,
         "attn_implementation": model.config._attn_implementation, "frozen_weights_dtype": dtype_name(frozen_dtype),
         "gradient_checkpointing": gradient_checkpointing, "fast_dropout": fast_dropout,
-        "lora_input_upcast": lora_input_upcast, "compile_rms_norm": compile_rms_norm, **counts,
+        "lora_input_upcast": lora_input_upcast, "compile_rms_norm": compile_rms_norm, "reuse_freed": reuse_freed,
+        **counts,
         "train_step_s": quartiles(step_times),
         # the issue's bound on the frozen layers' backward pass: at most 1.3x the forward
         "backward_over_forward": statistics.median(
@@ -420,7 +435,7 @@ def device_table(results: list[dict]) -> str:
 
 def markdown(results: list[dict], peaks: dict) -> str:
     header = ["model", "method", "precision", "frozen weights", "checkpointing", "padding", "attention", "dropout",
-              "LoRA input", "RMSNorm", "threads", "AdamW",
+              "LoRA input", "RMSNorm", "freed memory", "threads", "AdamW",
               "train ex/s", "train tokens/s", "step s (median [q1, q3])", "backward / forward", "% of matmul peak",
               "infer ex/s", "merged infer ex/s", "trainable %", "peak RSS MB"]
     rows = []
@@ -433,7 +448,8 @@ def markdown(results: list[dict], peaks: dict) -> str:
                      r.get("attn_implementation", "sdpa"), "fast" if r.get("fast_dropout") else "torch",
                      ("fp32 cast" if r.get("lora_input_upcast", True) else "as is")
                      if r.get("frozen_weights_dtype") == "bfloat16" else "–",
-                     "compiled" if r.get("compile_rms_norm") else "eager", r["threads"],
+                     "compiled" if r.get("compile_rms_norm") else "eager",
+                     "reused" if r.get("reuse_freed") else "unmapped", r["threads"],
                      "fused" if r.get("fused_adamw") else "foreach", f"{r['train_examples_per_s']:.1f}",
                      f"{r['train_tokens_per_s']:.0f}", f"{step['median']:.3f} [{step['q1']:.3f}, {step['q3']:.3f}]",
                      f"{r['backward_over_forward']:.2f}" if "backward_over_forward" in r else "–",
@@ -465,6 +481,11 @@ def main(argv: list[str] | None = None) -> None:
                              "skipped that on bf16 frozen weights; 0: train.py's way")
     parser.add_argument("--compile_rms_norm", nargs="+", type=int, default=[0], choices=[0, 1],
                         help="1: RMSNorm modules compiled, as train.py's --cpu_compile_rms_norm; 0: eager")
+    parser.add_argument("--reuse_freed_memory", nargs="+", type=int, default=[0], choices=[0, 1],
+                        help="1: malloc keeps freed memory for reuse, as train.py's --cpu_reuse_freed_memory; 0: "
+                             "glibc's default (large blocks mapped and unmapped)")
+    parser.add_argument("--num_hidden_layers", type=positive_int, default=None,
+                        help="only each checkpoint's first layers: a deep model's step in less memory")
     parser.add_argument("--batch_size", type=positive_int, default=16)
     parser.add_argument("--steps", type=positive_int, default=8, help="timed steps per configuration")
     parser.add_argument("--warmup", type=non_negative_int, default=2)
@@ -481,10 +502,11 @@ def main(argv: list[str] | None = None) -> None:
         for method in args.methods:
             for precision in args.precisions:
                 for padding in args.paddings:
-                    for threads, fused, attention, frozen, checkpointing, fast_dropout, upcast, norms in \
+                    for threads, fused, attention, frozen, checkpointing, fast_dropout, upcast, norms, reuse in \
                             itertools.product(args.threads, args.fused_adamw, args.attn_implementations,
                                               args.frozen_weights_dtypes, args.gradient_checkpointing,
-                                              args.fast_dropout, args.lora_input_upcast, args.compile_rms_norm):
+                                              args.fast_dropout, args.lora_input_upcast, args.compile_rms_norm,
+                                              args.reuse_freed_memory):
                         config = dict(model_name=model, method=method, precision=precision, padding=padding,
                                       batch_size=args.batch_size, steps=args.steps, warmup=args.warmup,
                                       threads=threads, data_dir=args.data_dir, max_length=args.max_length,
@@ -492,7 +514,8 @@ def main(argv: list[str] | None = None) -> None:
                                       attn_implementation=None if attention == "default" else attention,
                                       frozen_weights_dtype=frozen, gradient_checkpointing=bool(checkpointing),
                                       fast_dropout=bool(fast_dropout), lora_input_upcast=bool(upcast),
-                                      compile_rms_norm=bool(norms))
+                                      compile_rms_norm=bool(norms), reuse_freed=bool(reuse),
+                                      num_hidden_layers=args.num_hidden_layers)
                         result = call_in_fresh_process("peftlab.benchmark:measure", **config)
                         results.append(result)
                         print(markdown([result], peaks).splitlines()[-1], flush=True)

@@ -335,14 +335,15 @@ def load_tokenizer(resolved: ResolvedModel):
 
 
 def load_classifier(resolved: ResolvedModel, tokenizer, num_labels: int, id2label: dict[int, str] | None = None,
-                    **model_kwargs):
+                    config_overrides: dict | None = None, **model_kwargs):
     """AutoModelForSequenceClassification with the labels, the tokenizer's pad token, and the modules the
-    checkpoint lacked recorded as ``newly_initialized_modules``."""
+    checkpoint lacked recorded as ``newly_initialized_modules``; ``config_overrides`` replace configuration
+    values (``num_hidden_layers``: the checkpoint's first layers only)."""
     id2label = id2label or {i: f"LABEL_{i}" for i in range(num_labels)}
     with loading_errors(resolved):
         config = AutoConfig.from_pretrained(
             resolved.path, num_labels=num_labels, id2label=id2label,
-            label2id={name: i for i, name in id2label.items()})
+            label2id={name: i for i, name in id2label.items()}, **(config_overrides or {}))
         model, loading_info = AutoModelForSequenceClassification.from_pretrained(
             resolved.path, config=config, output_loading_info=True, **model_kwargs)
     # The head, and whatever else the checkpoint lacks (BERT's pooler in an MLM checkpoint), starts random:

@@ -44,6 +44,7 @@ from .hardware import (
     bf16_helps,
     compile_modules,
     gated_mlp_classes,
+    reuse_freed_memory,
     rms_norm_classes,
     use_cpu_fast_dropout,
 )
@@ -231,6 +232,13 @@ class PeftlabTrainingArguments(TrainingArguments):
                           "host: 1.28x faster without recomputation "
                           "(benchmarks/results/checkpointing_amx_qwen-1.5b.md). 0: every layer recomputes in every "
                           "batch."})
+    cpu_reuse_freed_memory: bool = field(
+        default=True,
+        metadata={"help": "On CPU with glibc, keep freed memory in malloc's heap for reuse (no mmap() for large "
+                          "blocks, no trimming), so a step's gradients and activations do not fault their pages in "
+                          "anew: full fine-tuning steps of the 0.5B decoder's first 12 layers 1.19-1.28x faster on "
+                          "the AMX host, LoRA on the 1.5B decoder unchanged. "
+                          "Same results; applies to the whole process from the run's start on."})
 
     def __post_init__(self):
         if self.num_train_epochs <= 0 and self.max_steps <= 0 and self.do_train:
@@ -511,6 +519,8 @@ def run(data_args: DataArguments, model_args: ModelArguments, method_args: Metho
         logger.warning("bf16 on hardware without native bf16 matmuls (CUDA bf16, AMX or AVX512-BF16): it is "
                        "emulated there and slower than fp32 (measured 0.16 against 0.27 TFLOP/s)")
 
+    if training_args.cpu_reuse_freed_memory and training_args.device.type == "cpu" and reuse_freed_memory():
+        logger.info("malloc keeps freed memory for reuse (no mmap() for large blocks, no trimming)")
     method = get_method(method_args.tuning_method)
     frozen_dtype = frozen_weights_dtype(method, model_args.frozen_weights_dtype, training_args.bf16)
     resolved = resolve_model(model_args.model_name_or_path, frozen_dtype)
