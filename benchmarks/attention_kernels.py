@@ -8,7 +8,7 @@ attention of a Qwen2.5-0.5B layer (14 heads of 64, bf16, a causal boolean mask a
 alternating them ``--repeats`` times and quoting medians, to set ``peftlab.hardware.MATH_ATTENTION_MAX_LENGTH``:
 
     python benchmarks/attention_kernels.py --out benchmarks/results/attention_kernels
-    python benchmarks/attention_kernels.py --forward_only --rows 64 --out benchmarks/results/attention_kernels_eval
+    python benchmarks/attention_kernels.py --forward_only --rows 64 --out benchmarks/results/attention_kernels_eval_amx
 
 ``--runs RUN_DIR...`` times whole evaluations instead: each finished run's test rows predicted as train.py
 predicts them (its Trainer, precision and batch size), under each kernel in turn, with how often the two
@@ -137,6 +137,7 @@ def main(argv: list[str] | None = None) -> None:
     print(text)
     if args.out:
         args.out.with_suffix(".md").write_text(text)
+
 
 if __name__ == "__main__":
     main()
