@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -63,8 +64,6 @@ def attention_seconds(tokens: int, rows: int, heads: int, head_dim: int, repeats
 def evaluation_passes(run_dir: Path, repeats: int) -> dict:
     """A finished run's test rows predicted under each kernel, ``repeats`` alternated passes: median seconds per
     pass, and the labels' agreement and scores (first pass; the passes repeat their labels)."""
-    import tempfile
-
     from peftlab.data import tokenize
     from peftlab.metrics import classification_metrics
     from peftlab.predict import load_trained, prediction_trainer, rows_to_label

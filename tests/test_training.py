@@ -318,11 +318,8 @@ def test_compiled_norms_and_mlps_train_as_the_eager_ones(tmp_path, tiny_models, 
 def test_reused_freed_memory_faults_no_pages_in_and_changes_nothing_computed(tmp_path, tiny_models, fixture_data_dir):
     """--cpu_reuse_freed_memory (on by default) keeps what glibc's malloc frees for reuse: a fresh process that
     allocates and frees a 64 MB tensor faults its pages in again each time without it, not at all with it once
-    the heap has grown (a few rounds); and
-    the tiny decoder's full fine-tuning, each way in a fresh process, logs the same losses to the last digit."""
-    import subprocess
-    import sys
-
+    the heap has grown (a few rounds); and the tiny decoder's full fine-tuning, each way in a fresh process, logs
+    the same losses to the last digit."""
     count_faults = ("import resource, sys, torch; from peftlab.hardware import reuse_freed_memory\n"
                     "applied = sys.argv[1] == 'True' and reuse_freed_memory()\n"
                     "for _ in range(10): torch.ones(2**24)\n"
