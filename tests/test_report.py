@@ -125,9 +125,9 @@ def test_placeholders_cite_intervals_paired_differences_and_protocols(tmp_path):
         "learning_rate 8.5e-05 (validation macro-F1 55.1; study s, trial 4)")
 
 
-def test_headline_prefers_the_validation_protocol_and_coverage_counts_the_grid(tmp_path):
+def test_headline_prefers_the_validation_protocol_and_counts_the_grids_seeds(tmp_path):
     from peftlab.experiments import GridRun
-    from peftlab.report import coverage_section, headline_section
+    from peftlab.report import headline_section
 
     results = tmp_path / "results"
     for seed in (1, 2):
@@ -142,10 +142,17 @@ def test_headline_prefers_the_validation_protocol_and_coverage_counts_the_grid(t
     fixture_run(results, "adapter", 1, 0.6, max_train_samples=1000)
     assert ("Training rows capped (the same cap for every method of a model and dataset unless said): "
             "m/acl_sup 1000, all (differs between its methods).") in headline_section(collect(results))
-    wanted = [GridRun("m", "acl_sup", method, seed, {}) for method in ("full", "lora-r8") for seed in (1, 2, 3)]
-    coverage = coverage_section(runs, wanted)
-    assert coverage.startswith("0 of 2 cells have all their seeds under the validation protocol.")
-    assert "| m | full | 1/3 (fixed: 2) |" in coverage and "| m | lora-r8 | 0/3 (fixed: 2) |" in coverage
+    wanted = [GridRun("m", dataset, method, seed, {})
+              for dataset, method in (("acl_sup", "full"), ("acl_sup", "lora-r8"), ("agnews_sup", "full"))
+              for seed in (1, 2, 3)]
+    headline = headline_section(runs, wanted)
+    assert headline.startswith("0 of 3 cells of the assignment's grid have all their seeds")
+    assert "| m | full | 80.0 / 90.0 (n=1 of 3) | – (n=0 of 3) |" in headline  # short of its seeds
+    assert "| m | lora-r8 | 50.0 [50.0, 50.0] / 60.0 [60.0, 60.0] (n=2)† | – |" in headline  # not in the grid there
+    for seed in (2, 3):
+        fixture_run(results / "protocol", "full", seed, 0.9, validation_rows=169)
+    headline = headline_section(collect(results), wanted)
+    assert headline.startswith("1 of 3 cells") and "(n=3) | – (n=0 of 3) |" in headline
 
 
 def test_validation_protocol_runs_sit_beside_the_fixed_settings_runs(tmp_path):
@@ -413,7 +420,7 @@ def test_the_sweep_table_sets_the_selected_trial_beside_the_cells_seeds(tmp_path
         fixture_run(results / "protocol", "full", seed, 0.7, validation_rows=169, validation_macro_f1=validation)
     row = sweep_section([study], selection, None, collect(results)).splitlines()[2]
     # the winner's own score (60.0, seed 1) beside its seeds' mean and 95% t interval (sd 7.2, t 4.30)
-    assert row == ("| m-acl_sup-full | m/acl_sup/full | 2 complete, 1 fail, 1 killed and retried, "
+    assert row == ("| m/acl_sup/full | 2 complete, 1 fail, 1 killed and retried, "
                    "2 unfinished | 60.0 (trial 1: learning_rate 0.0003) | trial 1 | 52.0 [34.1, 69.9] (n=3) |")
 
     # a best setting in the outer tenth of its range (log scale for the learning rate) is flagged, and explained

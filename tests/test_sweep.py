@@ -70,7 +70,7 @@ def test_sweep_tunes_on_validation_and_writes_the_selection(tmp_path, tiny_model
                             plot_sweeps([study], tmp_path / "sweeps.png"))
     states = Counter(trial.state.name.lower() for trial in study.trials)
     counts = ", ".join(f"{n} {state}" for state, n in sorted(states.items()))
-    assert (f"| tiny-restaurant-full | tiny/restaurant_sup/full | {counts} | {100 * best.value:.1f} "
+    assert (f"| tiny/restaurant_sup/full (study tiny-restaurant-full) | {counts} | {100 * best.value:.1f} "
             f"(trial {best.number}: learning_rate ") in section and section.splitlines()[2].endswith(
         f"| trial {best.number} | – |")  # no grid run of the cell yet
     assert (tmp_path / "sweeps.png").stat().st_size > 0

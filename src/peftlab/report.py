@@ -188,28 +188,44 @@ def headline_runs(runs: list[RunResult]) -> dict[tuple, list[RunResult]]:
     return {cell: by_protocol.get(VALIDATION) or by_protocol[FIXED] for cell, by_protocol in sorted(cells.items())}
 
 
-def headline_section(runs: list[RunResult]) -> str:
+def headline_section(runs: list[RunResult], wanted: list = ()) -> str:
     """One row per model and method, one column per dataset: test macro-F1 and accuracy, each the mean with its
-    95% t interval over seeds; fixed-settings cells (no validation-protocol runs yet) marked †."""
-    if not runs:
+    95% t interval over seeds; fixed-settings cells (no validation-protocol runs yet) marked †. ``wanted`` (the
+    assignment grid's GridRuns) adds its cells that have no run yet, and a cell short of its validation-protocol
+    seeds shows ``n=k of N``."""
+    if not runs and not wanted:
         return "_no finished runs yet_\n"
     cells = headline_runs(runs)
-    datasets = sorted({dataset for _, dataset, _ in cells})
+    seeds_wanted = Counter((run.model, run.dataset, run.method) for run in wanted)
+    datasets = sorted({dataset for _, dataset, _ in [*cells, *seeds_wanted]})
     rows = []
-    for model, method in sorted({(model, method) for model, _, method in cells},
+    for model, method in sorted({(model, method) for model, _, method in [*cells, *seeds_wanted]},
                                 key=lambda pair: (pair[0], method_sort_key(pair[1]))):
         row = [model, method]
         for dataset in datasets:
-            members = cells.get((model, dataset, method))
+            cell = (model, dataset, method)
+            members = cells.get(cell, [])
+            validation = len(members) if members and members[0].protocol == VALIDATION else 0
+            short = f" of {seeds_wanted[cell]}" if validation < seeds_wanted[cell] else ""
             if not members:
-                row.append("–")
+                row.append(f"– (n=0{short})" if short else "–")
                 continue
             marker = "†" if members[0].protocol == FIXED else ""
             macro_f1, accuracy = (mean_interval([run.metrics[key] for run in members])
                                   for key in ("macro_f1", "accuracy"))
-            row.append(f"{macro_f1} / {accuracy} (n={len(members)}){marker}")
+            row.append(f"{macro_f1} / {accuracy} (n={len(members)}{'' if marker else short}){marker}")
         rows.append(row)
-    return table(["model", "method", *datasets], rows) + row_caps(cells)
+    return coverage_sentence(cells, seeds_wanted) + table(["model", "method", *datasets], rows) + row_caps(cells)
+
+
+def coverage_sentence(cells: dict[tuple, list[RunResult]], seeds_wanted: Counter) -> str:
+    """How many of the assignment grid's cells have all their validation-protocol seeds (empty without a grid)."""
+    if not seeds_wanted:
+        return ""
+    complete = sum(len(cells.get(cell, [])) >= wanted and cells[cell][0].protocol == VALIDATION
+                   for cell, wanted in seeds_wanted.items())
+    return (f"{complete} of {len(seeds_wanted)} cells of the assignment's grid have all their seeds under the "
+            "validation protocol; a cell short of them shows n=k of N, a † cell has none yet.\n\n")
 
 
 def row_caps(cells: dict[tuple, list[RunResult]]) -> str:
@@ -227,32 +243,6 @@ def row_caps(cells: dict[tuple, list[RunResult]]) -> str:
         capped.append(f"{model}/{dataset} {shown}" + (" (differs between its methods)" if len(values) > 1 else ""))
     return ("\nTraining rows capped (the same cap for every method of a model and dataset unless said): "
             + "; ".join(capped) + ". Every other cell trains on all its rows.\n") if capped else ""
-
-
-def coverage_section(runs: list[RunResult], wanted: list) -> str:
-    """The assignment grid's cells (``wanted``: its GridRuns): validation-protocol seeds finished of those
-    wanted, and the fixed-settings seeds the cell has besides."""
-    if not wanted:
-        return "_no assignment grid given_\n"
-    done = Counter((run.protocol, *run.cell) for run in runs)
-    seeds = Counter((run.model, run.dataset, run.method) for run in wanted)
-    datasets = sorted({dataset for _, dataset, _ in seeds})
-    rows = []
-    complete = 0
-    for model, method in sorted({(model, method) for model, _, method in seeds},
-                                key=lambda pair: (pair[0], method_sort_key(pair[1]))):
-        row = [model, method]
-        for dataset in datasets:
-            cell = (model, dataset, method)
-            if cell not in seeds:
-                row.append("–")
-                continue
-            validation, fixed = done[(VALIDATION, *cell)], done[(FIXED, *cell)]
-            complete += validation >= seeds[cell]
-            row.append(f"{validation}/{seeds[cell]}" + (f" (fixed: {fixed})" if fixed else ""))
-        rows.append(row)
-    return (f"{complete} of {len(seeds)} cells have all their seeds under the validation protocol.\n\n"
-            + table(["model", "method", *datasets], rows))
 
 
 PLACEHOLDER = re.compile(r"\{\{(metric|ci|diff|cost|file|cell|selected):([^}]+)\}\}")
@@ -555,13 +545,14 @@ def sweep_section(studies: list, selection: dict, figure: Path | None, runs: lis
         cell, entry = chosen.get(study.study_name, (study.user_attrs.get("cell", "–"), None))
         edges = {key: _range_edge(best, key) for key in best.params} if best else {}
         at_an_edge |= any(edges.values())
-        rows.append([study.study_name, cell, ", ".join(f"{n} {state}" for state, n in sorted(states.items())),
+        named = cell if study.study_name == cell.replace("/", "-") else f"{cell} (study {study.study_name})"
+        rows.append([named, ", ".join(f"{n} {state}" for state, n in sorted(states.items())),
                      f"{100 * best.value:.1f} (trial {best.number}: "
                      + ", ".join(f"{key} {_setting(value)}{edges[key]}" for key, value in best.params.items()) + ")"
                      if best else "–",
                      f"trial {entry['trial']}" if entry else "–",
                      interval_text(seeds_validation[cell]) if entry and seeds_validation[cell] else "–"])
-    text = table(["study", "cell it selects for", "trials", "best validation macro-F1 so far", "selected",
+    text = table(["cell the study selects for", "trials", "best validation macro-F1 so far", "selected",
                   "the cell's seeds at the selected settings: validation macro-F1"], rows)
     if at_an_edge:
         text += "\n[top of ...], [bottom of ...]: in the outer tenth of the searched range; the best may lie beyond.\n"
@@ -779,8 +770,7 @@ def build_report(results_root: Path, prose_dir: Path, out_dir: Path, repo_root: 
         "environment": environment_section(every_run) if every_run else "_no finished runs yet_\n",
         "per_class": per_class_section(every_run),
         "per_seed": per_seed_section(every_run) if every_run else "_no finished runs yet_\n",
-        "headline": headline_section(every_run),
-        "coverage": coverage_section(every_run, expand(load_grid(grid_file)) if grid_file else []),
+        "headline": headline_section(every_run, expand(load_grid(grid_file)) if grid_file else []),
         "curves": images(plot_curves(fixed, figures, colours)),
         "bars": images(plot_bars(headline_rows, figures, colours)),
         "sweeps": sweep_section(studies, selection, plot_sweeps(studies, figures / "sweeps.png"), every_run),
@@ -811,7 +801,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--studies", help="Optuna storage of the sweeps (default: sqlite:///<results>/sweeps/studies.db)")
     parser.add_argument("--selection", default=DEFAULT_SELECTION_FILE, help="the sweeps' selection file")
     parser.add_argument("--grid", default="configs/grids/assignment.yaml",
-                        help="the grid whose cells the coverage table counts")
+                        help="the grid whose cells the headline table counts seeds against")
     args = parser.parse_args(argv)
     studies = args.studies or f"sqlite:///{Path(args.results) / 'sweeps' / 'studies.db'}"
     path = build_report(Path(args.results), Path(args.prose), Path(args.out), Path.cwd(), studies,
