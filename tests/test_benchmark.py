@@ -53,8 +53,8 @@ def test_measure_compares_attention_kernels_and_dropout(tiny_models, real_data_d
     assert table[0].startswith("| model | method | precision | frozen weights | checkpointing | padding | attention | "
                                "dropout | LoRA input | RMSNorm |")
     # LoRA under bf16 loads its frozen weights in bf16, as train.py's --frozen_weights_dtype auto does
-    assert "| lora-r8 | bf16 | bfloat16 | no | dynamic | eager | fast | as is | eager | unmapped | 1 |" in table[3]
-    assert "| lora-r8 | bf16 | bfloat16 | no | dynamic | eager | torch | as is | eager | unmapped | 1 |" in table[4]
+    assert "| lora-r8 | bf16 | bfloat16 | no | dynamic | eager | fast | as is | eager | eager | unmapped | 1 |" in table[3]
+    assert "| lora-r8 | bf16 | bfloat16 | no | dynamic | eager | torch | as is | eager | eager | unmapped | 1 |" in table[4]
 
 
 def test_stock_recipe_summary_states_speed_up_and_paired_quality():
@@ -178,3 +178,24 @@ def test_measure_takes_a_checkpoints_first_layers_and_can_reuse_freed_memory(tin
     assert first["model"] == f"{tiny_models['qwen2']} (first 1 layers)" and first["reuse_freed"] is True
     assert first["total_params"] < whole["total_params"] and whole["reuse_freed"] is False
     assert "| reused |" in markdown([first], {"bf16": 1e12, "fp32": 1e12, "threads": 1})
+
+
+def test_main_measures_every_combination_in_order_and_refuses_a_bad_switch(tiny_models, real_data_dir, tmp_path,
+                                                                            capsys):
+    """The command line: each option's values in every combination, the last option varying fastest (so "0 1 0 1"
+    alternates), each in a fresh process; the decoders' MLPs compiled as train.py's --cpu_compile_mlp does."""
+    import json
+
+    from peftlab.benchmark import main
+
+    main(["--models", tiny_models["qwen2"], "--methods", "lora-r8", "--precisions", "bf16", "--threads", "1",
+          "--steps", "1", "--warmup", "1", "--batch_size", "4", "--max_length", "32", "--data_dir", str(real_data_dir),
+          "--compile_mlp", "1", "--reuse_freed_memory", "0", "1", "--out", str(tmp_path / "table")])
+    results = json.loads((tmp_path / "table.json").read_text())["results"]
+    assert [(r["compile_mlp"], r["reuse_freed"]) for r in results] == [(True, False), (True, True)]
+    rows = (tmp_path / "table.md").read_text().splitlines()
+    assert "| RMSNorm | MLP | freed memory |" in rows[2]
+    assert "| eager | compiled | unmapped |" in rows[4] and "| eager | compiled | reused |" in rows[5]
+    with pytest.raises(SystemExit):
+        main(["--compile_mlp", "2"])
+    assert "argument --compile_mlp: expected 0 or 1, got '2'" in capsys.readouterr().err

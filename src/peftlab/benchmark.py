@@ -27,11 +27,12 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForSequenceClassification
 
-from .cli import non_negative_int, positive_int
+from .cli import non_negative_int, positive_int, switch
 from .hardware import (
     attention_kernels,
     compile_modules,
     cpu_model,
+    gated_mlp_classes,
     reuse_freed_memory,
     rms_norm_classes,
     use_cpu_fast_dropout,
@@ -156,14 +157,15 @@ def _train_flops_per_token(model, trainable: int, seq_len: float) -> float:
 def real_setup(model_name: str, method: str, bf16: bool, frozen_weights_dtype: str, padding: str, batch_size: int,
                max_length: int, count: int, data_dir: str | None = None, attn_implementation: str | None = None,
                gradient_checkpointing: bool = False, fast_dropout: bool = True, lora_input_upcast: bool = False,
-               compile_rms_norm: bool = False, num_hidden_layers: int | None = None):
+               compile_rms_norm: bool = False, compile_mlp: bool = False, num_hidden_layers: int | None = None):
     """A model built as train.py builds it and ``count`` batches of real restaurant rows with their labels:
     (model, its method, batches, frozen weights' dtype). Frozen weights in ``frozen_weights_dtype``, resolved as
     ``--frozen_weights_dtype`` is; ``gradient_checkpointing`` as ``--gradient_checkpointing True
     --gradient_checkpointing_kwargs '{"use_reentrant": false}'`` sets it; ``fast_dropout`` as
     ``--cpu_fast_dropout``; ``lora_input_upcast`` keeps peft's cast of LoRA inputs to fp32, which train.py skips
-    on bf16 frozen weights (the before of that change); ``compile_rms_norm`` as ``--cpu_compile_rms_norm``;
-    ``num_hidden_layers``: only the checkpoint's first layers (a deep model's step in less memory)."""
+    on bf16 frozen weights (the before of that change); ``compile_rms_norm`` as ``--cpu_compile_rms_norm``,
+    ``compile_mlp`` as ``--cpu_compile_mlp``; ``num_hidden_layers``: only the checkpoint's first layers (a deep
+    model's step in less memory)."""
     from .data import get_dataset
     from .methods import cast_lora_inputs, get_method, method_from_label, upcast_trainable
     from .methods import frozen_weights_dtype as resolve_frozen_dtype
@@ -183,6 +185,8 @@ def real_setup(model_name: str, method: str, bf16: bool, frozen_weights_dtype: s
         model = use_cpu_fast_dropout(model)
     if compile_rms_norm:
         compile_modules(model, rms_norm_classes())
+    if compile_mlp:
+        compile_modules(model, gated_mlp_classes())
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     batches = _batches(tokenizer, list(rows["text"]), batch_size, padding, max_length, count)
@@ -196,7 +200,8 @@ def measure(model_name: str, method: str, precision: str, padding: str, batch_si
             warmup: int, threads: int, data_dir: str | None, max_length: int, fused_adamw: bool = False,
             attn_implementation: str | None = None, frozen_weights_dtype: str = "auto",
             gradient_checkpointing: bool = False, fast_dropout: bool = True, lora_input_upcast: bool = False,
-            compile_rms_norm: bool = False, reuse_freed: bool = False, num_hidden_layers: int | None = None) -> dict:
+            compile_rms_norm: bool = False, compile_mlp: bool = False, reuse_freed: bool = False,
+            num_hidden_layers: int | None = None) -> dict:
     """One configuration, in this process, on :func:`real_setup`'s model and batches; ``reuse_freed`` as
     ``--cpu_reuse_freed_memory`` (for the whole process: run each configuration in a fresh one)."""
     from .methods import parameter_counts
@@ -210,7 +215,8 @@ def measure(model_name: str, method: str, precision: str, padding: str, batch_si
     model, tuning, batches, frozen_dtype = real_setup(model_name, method, precision == "bf16", frozen_weights_dtype,
                                                       padding, batch_size, max_length, warmup + steps, data_dir,
                                                       attn_implementation, gradient_checkpointing, fast_dropout,
-                                                      lora_input_upcast, compile_rms_norm, num_hidden_layers)
+                                                      lora_input_upcast, compile_rms_norm, compile_mlp,
+                                                      num_hidden_layers)
     counts = parameter_counts(model)
     times = measuring_loop(model, tuning, batches, warmup, bf16=precision == "bf16", fused_adamw=fused_adamw)
     step_times = times["train"]
@@ -225,7 +231,8 @@ def measure(model_name: str, method: str, precision: str, padding: str, batch_si
         "batch_size": batch_size, "threads": threads, "fused_adamw": fused_adamw,
         "attn_implementation": model.config._attn_implementation, "frozen_weights_dtype": dtype_name(frozen_dtype),
         "gradient_checkpointing": gradient_checkpointing, "fast_dropout": fast_dropout,
-        "lora_input_upcast": lora_input_upcast, "compile_rms_norm": compile_rms_norm, "reuse_freed": reuse_freed,
+        "lora_input_upcast": lora_input_upcast, "compile_rms_norm": compile_rms_norm, "compile_mlp": compile_mlp,
+        "reuse_freed": reuse_freed,
         **counts,
         "train_step_s": quartiles(step_times),
         # the issue's bound on the frozen layers' backward pass: at most 1.3x the forward
@@ -435,7 +442,7 @@ def device_table(results: list[dict]) -> str:
 
 def markdown(results: list[dict], peaks: dict) -> str:
     header = ["model", "method", "precision", "frozen weights", "checkpointing", "padding", "attention", "dropout",
-              "LoRA input", "RMSNorm", "freed memory", "threads", "AdamW",
+              "LoRA input", "RMSNorm", "MLP", "freed memory", "threads", "AdamW",
               "train ex/s", "train tokens/s", "step s (median [q1, q3])", "backward / forward", "% of matmul peak",
               "infer ex/s", "merged infer ex/s", "trainable %", "peak RSS MB"]
     rows = []
@@ -449,6 +456,7 @@ def markdown(results: list[dict], peaks: dict) -> str:
                      ("fp32 cast" if r.get("lora_input_upcast", True) else "as is")
                      if r.get("frozen_weights_dtype") == "bfloat16" else "–",
                      "compiled" if r.get("compile_rms_norm") else "eager",
+                     "compiled" if r.get("compile_mlp") else "eager",
                      "reused" if r.get("reuse_freed") else "unmapped", r["threads"],
                      "fused" if r.get("fused_adamw") else "foreach", f"{r['train_examples_per_s']:.1f}",
                      f"{r['train_tokens_per_s']:.0f}", f"{step['median']:.3f} [{step['q1']:.3f}, {step['q3']:.3f}]",
@@ -458,6 +466,15 @@ def markdown(results: list[dict], peaks: dict) -> str:
     return table(header, rows)
 
 
+# the options that take several values, every combination measured (the first varies slowest, the last fastest, so
+# "--reuse_freed_memory 0 1 0 1" alternates): option -> measure()'s keyword
+VARIED = {"models": "model_name", "methods": "method", "precisions": "precision", "paddings": "padding",
+          "threads": "threads", "fused_adamw": "fused_adamw", "attn_implementations": "attn_implementation",
+          "frozen_weights_dtypes": "frozen_weights_dtype", "gradient_checkpointing": "gradient_checkpointing",
+          "fast_dropout": "fast_dropout", "lora_input_upcast": "lora_input_upcast",
+          "compile_rms_norm": "compile_rms_norm", "compile_mlp": "compile_mlp", "reuse_freed_memory": "reuse_freed"}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["all-MiniLM-L6-v2", "Qwen2.5-Coder-0.5B-Instruct"])
@@ -465,23 +482,25 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     parser.add_argument("--paddings", nargs="+", default=["dynamic"], choices=PADDINGS)
     parser.add_argument("--threads", nargs="+", type=positive_int, default=[os.cpu_count()])
-    parser.add_argument("--fused_adamw", nargs="+", type=int, default=[0], choices=[0, 1],
+    parser.add_argument("--fused_adamw", nargs="+", type=switch, default=[False],
                         help="AdamW implementation: 0 = foreach (PyTorch's default), 1 = fused")
     parser.add_argument("--attn_implementations", nargs="+", default=["default"], choices=["default", "sdpa", "eager"],
                         help="attention kernels to compare (transformers' attn_implementation); default: the "
                              "model's own, as train.py (SDPA where the architecture has it; MPNet has not)")
     parser.add_argument("--frozen_weights_dtypes", nargs="+", default=["auto"], choices=["auto", "float32", "bfloat16"],
                         help="dtype of the weights a PEFT method freezes (train.py's --frozen_weights_dtype)")
-    parser.add_argument("--gradient_checkpointing", nargs="+", type=int, default=[0], choices=[0, 1],
+    parser.add_argument("--gradient_checkpointing", nargs="+", type=switch, default=[False],
                         help="1: recompute activations in the backward pass (train.py's --gradient_checkpointing)")
-    parser.add_argument("--fast_dropout", nargs="+", type=int, default=[1], choices=[0, 1],
+    parser.add_argument("--fast_dropout", nargs="+", type=switch, default=[True],
                         help="1: dropout masks as train.py's --cpu_fast_dropout draws them, 0: torch.nn.Dropout")
-    parser.add_argument("--lora_input_upcast", nargs="+", type=int, default=[0], choices=[0, 1],
+    parser.add_argument("--lora_input_upcast", nargs="+", type=switch, default=[False],
                         help="1: peft casts LoRA inputs to fp32 (autocast casts them back), as before train.py "
                              "skipped that on bf16 frozen weights; 0: train.py's way")
-    parser.add_argument("--compile_rms_norm", nargs="+", type=int, default=[0], choices=[0, 1],
+    parser.add_argument("--compile_rms_norm", nargs="+", type=switch, default=[False],
                         help="1: RMSNorm modules compiled, as train.py's --cpu_compile_rms_norm; 0: eager")
-    parser.add_argument("--reuse_freed_memory", nargs="+", type=int, default=[0], choices=[0, 1],
+    parser.add_argument("--compile_mlp", nargs="+", type=switch, default=[False],
+                        help="1: the decoders' gated MLPs compiled, as train.py's --cpu_compile_mlp; 0: eager")
+    parser.add_argument("--reuse_freed_memory", nargs="+", type=switch, default=[False],
                         help="1: malloc keeps freed memory for reuse, as train.py's --cpu_reuse_freed_memory; 0: "
                              "glibc's default (large blocks mapped and unmapped)")
     parser.add_argument("--num_hidden_layers", type=positive_int, default=None,
@@ -498,27 +517,15 @@ def main(argv: list[str] | None = None) -> None:
              "threads": torch.get_num_threads()}
     print(f"matmul peak: fp32 {peaks['fp32'] / 1e12:.2f} TFLOP/s, bf16 {peaks['bf16'] / 1e12:.2f} TFLOP/s", flush=True)
     results = []
-    for model in args.models:
-        for method in args.methods:
-            for precision in args.precisions:
-                for padding in args.paddings:
-                    for threads, fused, attention, frozen, checkpointing, fast_dropout, upcast, norms, reuse in \
-                            itertools.product(args.threads, args.fused_adamw, args.attn_implementations,
-                                              args.frozen_weights_dtypes, args.gradient_checkpointing,
-                                              args.fast_dropout, args.lora_input_upcast, args.compile_rms_norm,
-                                              args.reuse_freed_memory):
-                        config = dict(model_name=model, method=method, precision=precision, padding=padding,
-                                      batch_size=args.batch_size, steps=args.steps, warmup=args.warmup,
-                                      threads=threads, data_dir=args.data_dir, max_length=args.max_length,
-                                      fused_adamw=bool(fused),
-                                      attn_implementation=None if attention == "default" else attention,
-                                      frozen_weights_dtype=frozen, gradient_checkpointing=bool(checkpointing),
-                                      fast_dropout=bool(fast_dropout), lora_input_upcast=bool(upcast),
-                                      compile_rms_norm=bool(norms), reuse_freed=bool(reuse),
-                                      num_hidden_layers=args.num_hidden_layers)
-                        result = call_in_fresh_process("peftlab.benchmark:measure", **config)
-                        results.append(result)
-                        print(markdown([result], peaks).splitlines()[-1], flush=True)
+    for values in itertools.product(*(getattr(args, option) for option in VARIED)):
+        config = dict(zip(VARIED.values(), values, strict=True), batch_size=args.batch_size, steps=args.steps,
+                      warmup=args.warmup, data_dir=args.data_dir, max_length=args.max_length,
+                      num_hidden_layers=args.num_hidden_layers)
+        if config["attn_implementation"] == "default":
+            config["attn_implementation"] = None
+        result = call_in_fresh_process("peftlab.benchmark:measure", **config)
+        results.append(result)
+        print(markdown([result], peaks).splitlines()[-1], flush=True)
     # the stem may hold dots (frozen_bf16_qwen-0.5b): append the suffixes, never replace one
     json_path, md_path = Path(f"{args.out}.json"), Path(f"{args.out}.md")
     json_path.parent.mkdir(parents=True, exist_ok=True)

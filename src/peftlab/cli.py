@@ -35,6 +35,13 @@ def parse_dict(types: tuple[type, ...], args: dict) -> tuple:
         raise InvalidArgument(str(err)) from None
 
 
+def switch(text: str) -> bool:
+    """An argparse ``type``: 0 or 1, as False or True (argparse prints the error, no traceback)."""
+    if text not in ("0", "1"):
+        raise argparse.ArgumentTypeError(f"expected 0 or 1, got {text!r}")
+    return text == "1"
+
+
 def positive_int(text: str) -> int:
     """An argparse ``type``: an integer of at least 1 (argparse prints the error, no traceback)."""
     return _int_at_least(text, 1)
