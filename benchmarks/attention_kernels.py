@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> None:
                         rows))
     print(text)
     if args.out:
-        args.out.with_suffix(".md").write_text(text)
+        Path(f"{args.out}.md").write_text(text)  # the stem may hold dots (qwen-0.5b)
 
 
 if __name__ == "__main__":

@@ -53,8 +53,10 @@ def test_measure_compares_attention_kernels_and_dropout(tiny_models, real_data_d
     assert table[0].startswith("| model | method | precision | frozen weights | checkpointing | padding | attention | "
                                "dropout | LoRA input | RMSNorm |")
     # LoRA under bf16 loads its frozen weights in bf16, as train.py's --frozen_weights_dtype auto does
-    assert "| lora-r8 | bf16 | bfloat16 | no | dynamic | eager | fast | as is | eager | eager | unmapped | 1 |" in table[3]
-    assert "| lora-r8 | bf16 | bfloat16 | no | dynamic | eager | torch | as is | eager | eager | unmapped | 1 |" in table[4]
+    # (RMSNorm and MLP eager, attention not compiled, freed memory unmapped, one thread)
+    settings = "| eager | eager | no | unmapped | 1 |"
+    assert f"| lora-r8 | bf16 | bfloat16 | no | dynamic | eager | fast | as is {settings}" in table[3]
+    assert f"| lora-r8 | bf16 | bfloat16 | no | dynamic | eager | torch | as is {settings}" in table[4]
 
 
 def test_stock_recipe_summary_states_speed_up_and_paired_quality():
@@ -190,12 +192,13 @@ def test_main_measures_every_combination_in_order_and_refuses_a_bad_switch(tiny_
 
     main(["--models", tiny_models["qwen2"], "--methods", "lora-r8", "--precisions", "bf16", "--threads", "1",
           "--steps", "1", "--warmup", "1", "--batch_size", "4", "--max_length", "32", "--data_dir", str(real_data_dir),
-          "--compile_mlp", "1", "--reuse_freed_memory", "0", "1", "--out", str(tmp_path / "table")])
+          "--compile_mlp", "1", "--compile_attention", "1", "--reuse_freed_memory", "0", "1",
+          "--out", str(tmp_path / "table")])
     results = json.loads((tmp_path / "table.json").read_text())["results"]
     assert [(r["compile_mlp"], r["reuse_freed"]) for r in results] == [(True, False), (True, True)]
     rows = (tmp_path / "table.md").read_text().splitlines()
-    assert "| RMSNorm | MLP | freed memory |" in rows[2]
-    assert "| eager | compiled | unmapped |" in rows[4] and "| eager | compiled | reused |" in rows[5]
+    assert "| RMSNorm | MLP | attention compiled | freed memory |" in rows[2]
+    assert "| eager | compiled | yes | unmapped |" in rows[4] and "| eager | compiled | yes | reused |" in rows[5]
     with pytest.raises(SystemExit):
         main(["--compile_mlp", "2"])
     assert "argument --compile_mlp: expected 0 or 1, got '2'" in capsys.readouterr().err

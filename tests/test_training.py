@@ -285,19 +285,30 @@ def test_cpu_fast_dropout_is_on_by_default_recorded_and_switchable(tmp_path, tin
         assert json.loads((tmp_path / name / "run.json").read_text())["model_args"]["cpu_fast_dropout"] is flag
 
 
-def test_compiled_norms_and_mlps_train_as_the_eager_ones(tmp_path, tiny_models, fixture_data_dir):
-    """--cpu_compile_rms_norm and --cpu_compile_mlp fuse each RMSNorm and each gated MLP of a decoder (Llama, Qwen2)
-    into compiled kernels: the same losses up to float rounding, the same scores, with the MLP's weights frozen
-    (LoRA, the adapter) or trained (full fine-tuning); encoders have none to compile."""
-    from peftlab.hardware import compile_modules, gated_mlp_classes, rms_norm_classes
+def test_compiled_norms_mlps_and_attention_train_as_the_eager_ones(tmp_path, tiny_models, fixture_data_dir):
+    """--cpu_compile_rms_norm, --cpu_compile_mlp and --cpu_compile_attention fuse each RMSNorm, each gated MLP and
+    the training steps' attention of a decoder (Llama, Qwen2) into compiled kernels: the same losses up to float
+    rounding, the same scores, with the weights frozen (LoRA, the adapter) or trained (full fine-tuning); encoders
+    have none to compile, and a decoder on eager attention (the user's choice) keeps it."""
+    from peftlab.hardware import (
+        COMPILED_ATTENTION,
+        compile_modules,
+        gated_mlp_classes,
+        rms_norm_classes,
+        use_cpu_compiled_attention,
+    )
     from peftlab.models import get_model
 
-    # 2 layers x 2 norms + the final one; one MLP per layer
-    for arch, norms, mlps in (("qwen2", 5, 2), ("llama", 5, 2), ("bert", 0, 0)):
+    # 2 layers x 2 norms + the final one; one MLP and one attention module per layer
+    for arch, norms, mlps, attention in (("qwen2", 5, 2, 2), ("llama", 5, 2, 2), ("bert", 0, 0, 0)):
         _, model = get_model(tiny_models[arch], 3)
         assert compile_modules(model, rms_norm_classes()) == norms
         assert compile_modules(model, gated_mlp_classes()) == mlps
-    compiled_flags = ("--cpu_compile_rms_norm", "True", "--cpu_compile_mlp", "True")
+        assert use_cpu_compiled_attention(model) == attention
+        assert (model.config._attn_implementation == COMPILED_ATTENTION) == bool(attention)
+    _, model = get_model(tiny_models["qwen2"], 3, attn_implementation="eager")
+    assert use_cpu_compiled_attention(model) == 0 and model.config._attn_implementation == "eager"
+    compiled_flags = ("--cpu_compile_rms_norm", "True", "--cpu_compile_mlp", "True", "--cpu_compile_attention", "True")
     eager_losses = {}
     for method in ("lora", "adapter", "full"):
         eager, eager_losses[method] = tiny_decoder_run(tmp_path / f"eager-{method}", tiny_models, fixture_data_dir,
@@ -313,6 +324,9 @@ def test_compiled_norms_and_mlps_train_as_the_eager_ones(tmp_path, tiny_models, 
     assert recomputed_losses == pytest.approx(eager_losses["lora"], abs=2e-3)
     model_args = json.loads((tmp_path / "compiled-lora" / "run.json").read_text())["model_args"]
     assert model_args["cpu_compile_rms_norm"] is True and model_args["cpu_compile_mlp"] is True
+    assert model_args["cpu_compile_attention"] is True
+    assert "Training steps' attention compiled (inductor) in 2 attention modules" in (
+        tmp_path / "compiled-lora" / "train.log").read_text()
 
 
 def test_reused_freed_memory_faults_no_pages_in_and_changes_nothing_computed(tmp_path, tiny_models, fixture_data_dir):

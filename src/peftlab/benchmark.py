@@ -35,6 +35,7 @@ from .hardware import (
     gated_mlp_classes,
     reuse_freed_memory,
     rms_norm_classes,
+    use_cpu_compiled_attention,
     use_cpu_fast_dropout,
 )
 from .isolated import call_in_fresh_process
@@ -157,15 +158,16 @@ def _train_flops_per_token(model, trainable: int, seq_len: float) -> float:
 def real_setup(model_name: str, method: str, bf16: bool, frozen_weights_dtype: str, padding: str, batch_size: int,
                max_length: int, count: int, data_dir: str | None = None, attn_implementation: str | None = None,
                gradient_checkpointing: bool = False, fast_dropout: bool = True, lora_input_upcast: bool = False,
-               compile_rms_norm: bool = False, compile_mlp: bool = False, num_hidden_layers: int | None = None):
+               compile_rms_norm: bool = False, compile_mlp: bool = False, compile_attention: bool = False,
+               num_hidden_layers: int | None = None):
     """A model built as train.py builds it and ``count`` batches of real restaurant rows with their labels:
     (model, its method, batches, frozen weights' dtype). Frozen weights in ``frozen_weights_dtype``, resolved as
     ``--frozen_weights_dtype`` is; ``gradient_checkpointing`` as ``--gradient_checkpointing True
     --gradient_checkpointing_kwargs '{"use_reentrant": false}'`` sets it; ``fast_dropout`` as
     ``--cpu_fast_dropout``; ``lora_input_upcast`` keeps peft's cast of LoRA inputs to fp32, which train.py skips
     on bf16 frozen weights (the before of that change); ``compile_rms_norm`` as ``--cpu_compile_rms_norm``,
-    ``compile_mlp`` as ``--cpu_compile_mlp``; ``num_hidden_layers``: only the checkpoint's first layers (a deep
-    model's step in less memory)."""
+    ``compile_mlp`` as ``--cpu_compile_mlp``, ``compile_attention`` as ``--cpu_compile_attention``;
+    ``num_hidden_layers``: only the checkpoint's first layers (a deep model's step in less memory)."""
     from .data import get_dataset
     from .methods import cast_lora_inputs, get_method, method_from_label, upcast_trainable
     from .methods import frozen_weights_dtype as resolve_frozen_dtype
@@ -187,6 +189,8 @@ def real_setup(model_name: str, method: str, bf16: bool, frozen_weights_dtype: s
         compile_modules(model, rms_norm_classes())
     if compile_mlp:
         compile_modules(model, gated_mlp_classes())
+    if compile_attention:
+        use_cpu_compiled_attention(model)
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     batches = _batches(tokenizer, list(rows["text"]), batch_size, padding, max_length, count)
@@ -200,8 +204,8 @@ def measure(model_name: str, method: str, precision: str, padding: str, batch_si
             warmup: int, threads: int, data_dir: str | None, max_length: int, fused_adamw: bool = False,
             attn_implementation: str | None = None, frozen_weights_dtype: str = "auto",
             gradient_checkpointing: bool = False, fast_dropout: bool = True, lora_input_upcast: bool = False,
-            compile_rms_norm: bool = False, compile_mlp: bool = False, reuse_freed: bool = False,
-            num_hidden_layers: int | None = None) -> dict:
+            compile_rms_norm: bool = False, compile_mlp: bool = False, compile_attention: bool = False,
+            reuse_freed: bool = False, num_hidden_layers: int | None = None) -> dict:
     """One configuration, in this process, on :func:`real_setup`'s model and batches; ``reuse_freed`` as
     ``--cpu_reuse_freed_memory`` (for the whole process: run each configuration in a fresh one)."""
     from .methods import parameter_counts
@@ -216,7 +220,7 @@ def measure(model_name: str, method: str, precision: str, padding: str, batch_si
                                                       padding, batch_size, max_length, warmup + steps, data_dir,
                                                       attn_implementation, gradient_checkpointing, fast_dropout,
                                                       lora_input_upcast, compile_rms_norm, compile_mlp,
-                                                      num_hidden_layers)
+                                                      compile_attention, num_hidden_layers)
     counts = parameter_counts(model)
     times = measuring_loop(model, tuning, batches, warmup, bf16=precision == "bf16", fused_adamw=fused_adamw)
     step_times = times["train"]
@@ -232,7 +236,7 @@ def measure(model_name: str, method: str, precision: str, padding: str, batch_si
         "attn_implementation": model.config._attn_implementation, "frozen_weights_dtype": dtype_name(frozen_dtype),
         "gradient_checkpointing": gradient_checkpointing, "fast_dropout": fast_dropout,
         "lora_input_upcast": lora_input_upcast, "compile_rms_norm": compile_rms_norm, "compile_mlp": compile_mlp,
-        "reuse_freed": reuse_freed,
+        "compile_attention": compile_attention, "reuse_freed": reuse_freed,
         **counts,
         "train_step_s": quartiles(step_times),
         # the issue's bound on the frozen layers' backward pass: at most 1.3x the forward
@@ -442,7 +446,7 @@ def device_table(results: list[dict]) -> str:
 
 def markdown(results: list[dict], peaks: dict) -> str:
     header = ["model", "method", "precision", "frozen weights", "checkpointing", "padding", "attention", "dropout",
-              "LoRA input", "RMSNorm", "MLP", "freed memory", "threads", "AdamW",
+              "LoRA input", "RMSNorm", "MLP", "attention compiled", "freed memory", "threads", "AdamW",
               "train ex/s", "train tokens/s", "step s (median [q1, q3])", "backward / forward", "% of matmul peak",
               "infer ex/s", "merged infer ex/s", "trainable %", "peak RSS MB"]
     rows = []
@@ -457,6 +461,7 @@ def markdown(results: list[dict], peaks: dict) -> str:
                      if r.get("frozen_weights_dtype") == "bfloat16" else "–",
                      "compiled" if r.get("compile_rms_norm") else "eager",
                      "compiled" if r.get("compile_mlp") else "eager",
+                     "yes" if r.get("compile_attention") else "no",
                      "reused" if r.get("reuse_freed") else "unmapped", r["threads"],
                      "fused" if r.get("fused_adamw") else "foreach", f"{r['train_examples_per_s']:.1f}",
                      f"{r['train_tokens_per_s']:.0f}", f"{step['median']:.3f} [{step['q1']:.3f}, {step['q3']:.3f}]",
@@ -472,7 +477,8 @@ VARIED = {"models": "model_name", "methods": "method", "precisions": "precision"
           "threads": "threads", "fused_adamw": "fused_adamw", "attn_implementations": "attn_implementation",
           "frozen_weights_dtypes": "frozen_weights_dtype", "gradient_checkpointing": "gradient_checkpointing",
           "fast_dropout": "fast_dropout", "lora_input_upcast": "lora_input_upcast",
-          "compile_rms_norm": "compile_rms_norm", "compile_mlp": "compile_mlp", "reuse_freed_memory": "reuse_freed"}
+          "compile_rms_norm": "compile_rms_norm", "compile_mlp": "compile_mlp",
+          "compile_attention": "compile_attention", "reuse_freed_memory": "reuse_freed"}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -500,6 +506,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="1: RMSNorm modules compiled, as train.py's --cpu_compile_rms_norm; 0: eager")
     parser.add_argument("--compile_mlp", nargs="+", type=switch, default=[False],
                         help="1: the decoders' gated MLPs compiled, as train.py's --cpu_compile_mlp; 0: eager")
+    parser.add_argument("--compile_attention", nargs="+", type=switch, default=[False],
+                        help="1: the decoders' training attention compiled, as train.py's --cpu_compile_attention")
     parser.add_argument("--reuse_freed_memory", nargs="+", type=switch, default=[False],
                         help="1: malloc keeps freed memory for reuse, as train.py's --cpu_reuse_freed_memory; 0: "
                              "glibc's default (large blocks mapped and unmapped)")

@@ -154,3 +154,82 @@ def compile_modules(model: torch.nn.Module, classes: tuple[type, ...]) -> int:
     for module in modules:
         module.compile(dynamic=True)
     return len(modules)
+
+
+# The name under which transformers' AttentionInterface (and AttentionMaskInterface) know cpu_compiled_attention.
+COMPILED_ATTENTION = "peftlab_cpu_compiled"
+
+
+@cache
+def grouped_attention_classes() -> tuple[type, ...]:
+    """The decoders' attention modules, which call their attention function through transformers'
+    AttentionInterface (the encoders here have their own attention code)."""
+    from transformers.models.llama.modeling_llama import LlamaAttention
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2Attention
+
+    return LlamaAttention, Qwen2Attention
+
+
+def grouped_query_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                            attention_mask: torch.Tensor | None, scaling: float, dropout: float) -> torch.Tensor:
+    """softmax(q k^T * scaling, masked) v, batch-first output ``[batch, length, heads, head_dim]`` as transformers'
+    attention functions return it. The query heads that share a key/value head (grouped-query attention: 7 per
+    key/value head on the 0.5B decoder) are stacked into one matrix, so keys and values are never repeated per
+    query head, as SDPA's math kernel needs them; the softmax runs in float32, as transformers' eager attention.
+    ``query`` ``[batch, heads, length, head_dim]``, ``key`` and ``value`` ``[batch, kv_heads, kv_length, head_dim]``,
+    ``attention_mask`` boolean ``[batch, 1, length, kv_length]`` (True: attend), or None for a causal mask."""
+    batch, heads, length, head_dim = query.shape
+    kv_heads, kv_length = key.shape[1], key.shape[2]
+    groups = heads // kv_heads
+    scores = torch.matmul(query.reshape(batch, kv_heads, groups * length, head_dim), key.transpose(-1, -2))
+    scores = scores.view(batch, kv_heads, groups, length, kv_length).float() * scaling
+    if attention_mask is None:
+        allowed = torch.ones(length, kv_length, dtype=torch.bool, device=query.device).tril(kv_length - length)
+    else:
+        allowed = attention_mask[:, :, None, :, :kv_length]
+    probabilities = torch.softmax(scores.masked_fill(~allowed, torch.finfo(torch.float32).min), dim=-1)
+    probabilities = torch.nn.functional.dropout(probabilities.to(value.dtype), dropout) if dropout else \
+        probabilities.to(value.dtype)
+    output = torch.matmul(probabilities.view(batch, kv_heads, groups * length, kv_length), value)
+    return output.view(batch, heads, length, head_dim).transpose(1, 2).contiguous()
+
+
+@cache
+def compiled_grouped_query_attention():
+    """:func:`grouped_query_attention` compiled (inductor, dynamic shapes): the scaling, mask, softmax and casts
+    around the two matrix products fused, forward and backward."""
+    return torch.compile(grouped_query_attention, dynamic=True)
+
+
+def cpu_compiled_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                           attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                           is_causal: bool | None = None, **kwargs) -> tuple[torch.Tensor, None]:
+    """An attention function for transformers' AttentionInterface: a training step on CPU (autograd on) runs
+    :func:`compiled_grouped_query_attention`; everything else (evaluation, whose forward SDPA's flash kernel does
+    fastest; CUDA; a float mask; a non-causal module without a mask) runs transformers' own SDPA function."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    causal_or_masked = (attention_mask.dtype == torch.bool if attention_mask is not None
+                        else is_causal is not False and getattr(module, "is_causal", True))
+    if torch.is_grad_enabled() and query.device.type == "cpu" and causal_or_masked:
+        scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+        return compiled_grouped_query_attention()(query, key, value, attention_mask, scaling, dropout), None
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                  is_causal=is_causal, **kwargs)
+
+
+def use_cpu_compiled_attention(model: torch.nn.Module) -> int:
+    """Switch a decoder that runs SDPA (Llama, Qwen2) to :func:`cpu_compiled_attention`, registered with
+    transformers' AttentionInterface as ``COMPILED_ATTENTION`` with SDPA's boolean masks. Returns how many
+    attention modules it reaches: 0 for other models, or for a decoder on eager attention (the user's choice)."""
+    from transformers import AttentionInterface, PreTrainedModel
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    base = next(module for module in model.modules() if isinstance(module, PreTrainedModel))
+    reached = sum(isinstance(module, grouped_attention_classes()) for module in model.modules())
+    if not reached or base.config._attn_implementation != "sdpa":
+        return 0
+    AttentionInterface.register(COMPILED_ATTENTION, cpu_compiled_attention)
+    AttentionMaskInterface.register(COMPILED_ATTENTION, sdpa_mask)
+    base.set_attn_implementation(COMPILED_ATTENTION)
+    return reached

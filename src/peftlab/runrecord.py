@@ -71,7 +71,7 @@ ADDED_ARGUMENTS = {"shuffle_length_groups": False}
 # in benchmarks/results/compiled_*_quality.md). A grid may change them while its runs are under way: a finished run
 # stays done, and a run in flight resumes from its checkpoint under the new value.
 EXECUTION_ONLY = ("gradient_checkpointing_token_budget", "cpu_compile_rms_norm", "cpu_compile_mlp",
-                  "cpu_reuse_freed_memory")
+                  "cpu_compile_attention", "cpu_reuse_freed_memory")
 
 
 def same_computation(recorded: dict, args: dict) -> bool:

@@ -46,6 +46,7 @@ from .hardware import (
     gated_mlp_classes,
     reuse_freed_memory,
     rms_norm_classes,
+    use_cpu_compiled_attention,
     use_cpu_fast_dropout,
 )
 from .methods import (
@@ -150,6 +151,14 @@ class ModelArguments:
                           "1.5B decoder's LoRA r=16 layers 1.09-1.13x faster at 24-109 tokens per row and 1.29x at "
                           "256, beside compiled RMSNorm, on one thread of the AMX Xeon "
                           "(benchmarks/results/compiled_mlp_amx.md). Needs a C++ compiler."})
+    cpu_compile_attention: bool = field(
+        default=False,
+        metadata={"help": "On CPU, the decoders' training steps (Llama, Qwen2, on SDPA) compute attention with a "
+                          "compiled function registered in transformers' AttentionInterface: the query heads that "
+                          "share a key/value head stacked into one matrix (no copies of keys and values per query "
+                          "head), scaling, mask and float32 softmax fused around the two matrix products, forward "
+                          "and backward. Evaluation keeps SDPA. ~10 s of compilation per process. Needs a C++ "
+                          "compiler."})
 
     def __post_init__(self):
         if self.cpu_math_attention_max_length < 0:
@@ -547,6 +556,9 @@ def run(data_args: DataArguments, model_args: ModelArguments, method_args: Metho
         logger.info("Compiled %d RMSNorm modules (inductor)", compile_modules(model, rms_norm_classes()))
     if model_args.cpu_compile_mlp and training_args.device.type == "cpu":
         logger.info("Compiled %d MLP modules (inductor)", compile_modules(model, gated_mlp_classes()))
+    if model_args.cpu_compile_attention and training_args.device.type == "cpu":
+        logger.info("Training steps' attention compiled (inductor) in %d attention modules",
+                    use_cpu_compiled_attention(model))
     counts = parameter_counts(model)
     logger.info("Method %s: %d of %d parameters train (%.4f%%)", method.name, counts["trainable_params"],
                 counts["total_params"], counts["trainable_percent"])

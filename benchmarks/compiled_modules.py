@@ -1,0 +1,137 @@
+"""Does compiling more of a decoder speed up its PEFT step on CPU? (issue 22, the decoders' hours)
+
+``--candidate mlp``: a profile of a LoRA step on the 1.5B decoder's layers puts the MLP's elementwise work (SiLU
+of the gate projection, its product with the up projection, and their backward) next to the matrix multiplies:
+eager PyTorch makes a pass over a 16 x length x 8960 tensor for each of them. ``Module.compile`` (inductor,
+dynamic shapes) of each ``Qwen2MLP`` fuses them into one kernel forward and one backward: train.py's
+``--cpu_compile_mlp``, as ``--cpu_compile_rms_norm`` does for RMSNorm. Baseline: compiled RMSNorm.
+
+``--candidate none``: two identical models (and the attention candidate's baseline), what noise alone gives.
+
+``--candidate attention``: SDPA's math kernel (what training steps run up to 128 tokens per row) repeats the
+keys and values per query head and makes separate passes for the scaling, mask and softmax; train.py's
+``--cpu_compile_attention`` stacks each key/value head's query heads into one matrix and fuses the rest.
+Baseline: compiled RMSNorm and MLPs (the grid's decoders).
+
+Randomly initialised layers of a built-in config (``--layers`` of them: each layer costs what one of the real
+model's does, and no checkpoint is needed), the grid's setup otherwise (bf16 frozen weights and autocast,
+train.py's dropout masks, fused AdamW, batch 16). Two models built alike from one seed, the baseline and the
+candidate, take the same batches (16 rows of 77-100% of the length, padded to it) in turn, alternating which goes
+first, so the host's load falls on both alike; per batch length, the median step and the median of the per-step
+ratios:
+
+    python benchmarks/compiled_modules.py --candidate mlp --out benchmarks/results/compiled_mlp_amx
+    python benchmarks/compiled_modules.py --candidate attention --config Qwen2.5-0.5B \
+        --out benchmarks/results/compiled_attention_amx_qwen-0.5b
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from peftlab.benchmark import RandomSetup, random_batch
+from peftlab.cli import positive_int
+from peftlab.hardware import (
+    attention_kernels,
+    compile_modules,
+    cpu_model,
+    gated_mlp_classes,
+    native_bf16,
+    rms_norm_classes,
+    use_cpu_compiled_attention,
+    use_cpu_fast_dropout,
+)
+from peftlab.markdown import table
+
+
+def train_step(model, optimizer, batch) -> tuple[float, float]:
+    start = time.perf_counter()
+    with attention_kernels(batch["input_ids"].shape[-1], "cpu"):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(**batch).loss
+        loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return time.perf_counter() - start, loss.item()
+
+
+# candidate -> (the baseline copy's name, the candidate copy's name, what the candidate copy gets on top)
+CANDIDATES = {
+    "mlp": ("eager", "compiled MLP", lambda model: compile_modules(model, gated_mlp_classes())),
+    "attention": ("SDPA attention", "compiled attention", use_cpu_compiled_attention),
+    "none": ("first", "second", lambda model: None),  # A/A: what the host's noise and the order alone give
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--candidate", choices=list(CANDIDATES), default="mlp", help="what the candidate compiles")
+    parser.add_argument("--config", default="Qwen2.5-1.5B", help="a built-in config (peftlab.memory)")
+    parser.add_argument("--method", default="lora-r16", help="a benchmark method label")
+    parser.add_argument("--layers", type=positive_int, default=4)
+    parser.add_argument("--lengths", type=positive_int, nargs="+", default=[24, 53, 109, 256],
+                        help="tokens per row (every row of a batch alike); defaults: the median batch of "
+                             "restaurant_sup and of acl_sup, acl_sup's 90th percentile, the grid's maximum")
+    parser.add_argument("--steps", type=positive_int, default=6, help="timed steps per length")
+    parser.add_argument("--warmup", type=positive_int, default=2, help="untimed steps per length (compilation)")
+    parser.add_argument("--threads", type=positive_int, default=1)
+    parser.add_argument("--out", type=Path, help="path stem: writes <out>.md")
+    args = parser.parse_args()
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    setup = RandomSetup.of(args.config, args.method, "auto", bf16=True)
+    setup.config.num_hidden_layers = args.layers
+    baseline_name, candidate_name, compile_candidate = CANDIDATES[args.candidate]
+    models = {}
+    for name in (baseline_name, candidate_name):
+        # each built afresh from the same seed, the same way: a deep copy of one ran up to 1.10x faster than its
+        # original on the same batches (an A/A run of 4 Qwen2.5-1.5B layers), whatever it compiled
+        torch.manual_seed(0)
+        models[name] = use_cpu_fast_dropout(setup.build("cpu"))
+    for model in models.values():
+        compile_modules(model, rms_norm_classes())
+        if args.candidate != "mlp":  # the grid decoders: compiled MLPs too
+            compile_modules(model, gated_mlp_classes())
+    compile_candidate(models[candidate_name])
+    optimizers = {name: torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], fused=True)
+                  for name, model in models.items()}
+    rows = []
+    for length in args.lengths:
+        times = {name: [] for name in models}
+        losses = {name: [] for name in models}
+        for step in range(args.warmup + args.steps):
+            # rows of 77-100% of the width, as in a length group: padded, so the attention has a mask
+            batch = random_batch(setup.config, [length - i * length // 64 for i in range(16)], length, "cpu")
+            for name in list(models)[::1 if step % 2 else -1]:
+                torch.manual_seed(step)  # the same dropout masks for both
+                seconds, loss = train_step(models[name].train(), optimizers[name], batch)
+                if step >= args.warmup:
+                    times[name].append(seconds)
+                    losses[name].append(loss)
+        ratios = [a / b for a, b in zip(times[baseline_name], times[candidate_name], strict=True)]
+        rows.append([length, f"{statistics.median(times[baseline_name]):.3f}",
+                     f"{statistics.median(times[candidate_name]):.3f}",
+                     f"{statistics.median(ratios):.2f}x [{min(ratios):.2f}, {max(ratios):.2f}]",
+                     f"{max(abs(a - b) for a, b in zip(*losses.values(), strict=True)):.1e}"])
+        print(rows[-1], flush=True)
+    text = (f"Host: {cpu_model()} (native bf16: {native_bf16() or 'none'}), torch {torch.__version__}, "
+            f"{args.threads} thread(s). {args.config}'s layers, {args.layers} of them, randomly initialised, "
+            f"{args.method}, batch 16, bf16; {args.steps} timed steps per length after {args.warmup}, the "
+            f"{baseline_name} and the {candidate_name} copy in turn on each batch. Command: "
+            f"`python benchmarks/compiled_modules.py --candidate {args.candidate} --config {args.config}`.\n\n"
+            + table(["tokens per row", f"{baseline_name} step s (median)", f"{candidate_name} step s (median)",
+                     f"{baseline_name} / {args.candidate} compiled (median [min, max] per step)",
+                     "largest loss difference"], rows) + "\n")
+    print(text)
+    if args.out:
+        Path(f"{args.out}.md").write_text(text)  # the stem may hold dots (qwen-0.5b)
+
+
+if __name__ == "__main__":
+    main()
