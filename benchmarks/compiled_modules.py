@@ -15,10 +15,10 @@ Baseline: compiled RMSNorm and MLPs (the grid's decoders).
 
 Randomly initialised layers of a built-in config (``--layers`` of them: each layer costs what one of the real
 model's does, and no checkpoint is needed), the grid's setup otherwise (bf16 frozen weights and autocast,
-train.py's dropout masks, fused AdamW, batch 16). Two models built alike from one seed, the baseline and the
-candidate, take the same batches (16 rows of 77-100% of the length, padded to it) in turn, alternating which goes
-first, so the host's load falls on both alike; per batch length, the median step and the median of the per-step
-ratios:
+train.py's dropout masks, fused AdamW, batch 16). Four models built alike from one seed, two of each built in the
+order baseline, candidate, candidate, baseline, take the same batches (16 rows of 77-100% of the length, padded to
+it) in turn, alternating which goes first, so the host's load and the build order fall on both alike; per batch
+length, the median step (of each arm's two models' mean) and the median of the per-step ratios:
 
     python benchmarks/compiled_modules.py --candidate mlp --out benchmarks/results/compiled_mlp_amx
     python benchmarks/compiled_modules.py --candidate attention --config Qwen2.5-0.5B \
@@ -28,6 +28,8 @@ ratios:
 from __future__ import annotations
 
 import argparse
+import copy
+import dataclasses
 import statistics
 import time
 from pathlib import Path
@@ -88,32 +90,38 @@ def main() -> None:
     setup = RandomSetup.of(args.config, args.method, "auto", bf16=True)
     setup.config.num_hidden_layers = args.layers
     baseline_name, candidate_name, compile_candidate = CANDIDATES[args.candidate]
-    models = {}
-    for name in (baseline_name, candidate_name):
-        # each built afresh from the same seed, the same way: a deep copy of one ran up to 1.10x faster than its
-        # original on the same batches (an A/A run of 4 Qwen2.5-1.5B layers), whatever it compiled
+    # four models built from one seed in the order baseline, candidate, candidate, baseline: of two identical
+    # models, the one built second ran 1.11-1.13x faster on the same batches (4 Qwen2.5-1.5B layers), so each arm's
+    # time sums one model built early and one built late; in this order two identical arms (--candidate none, the
+    # control to read a candidate against) still read 1.03-1.07x (compiled_aa_control_amx_qwen-1.5b.md)
+    models = []
+    for arm in (baseline_name, candidate_name, candidate_name, baseline_name):
         torch.manual_seed(0)
-        models[name] = use_cpu_fast_dropout(setup.build("cpu"))
-    for model in models.values():
+        # a config of its own: switching the attention function sets it on the model's config
+        model = use_cpu_fast_dropout(dataclasses.replace(setup, config=copy.deepcopy(setup.config)).build("cpu"))
         compile_modules(model, rms_norm_classes())
         if args.candidate != "mlp":  # the grid decoders: compiled MLPs too
             compile_modules(model, gated_mlp_classes())
-    compile_candidate(models[candidate_name])
-    optimizers = {name: torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], fused=True)
-                  for name, model in models.items()}
+        if arm == candidate_name:
+            compile_candidate(model)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], fused=True)
+        models.append((arm, model, optimizer))
     rows = []
     for length in args.lengths:
-        times = {name: [] for name in models}
-        losses = {name: [] for name in models}
+        times = {baseline_name: [], candidate_name: []}
+        losses = {baseline_name: [], candidate_name: []}
         for step in range(args.warmup + args.steps):
             # rows of 77-100% of the width, as in a length group: padded, so the attention has a mask
             batch = random_batch(setup.config, [length - i * length // 64 for i in range(16)], length, "cpu")
-            for name in list(models)[::1 if step % 2 else -1]:
-                torch.manual_seed(step)  # the same dropout masks for both
-                seconds, loss = train_step(models[name].train(), optimizers[name], batch)
-                if step >= args.warmup:
-                    times[name].append(seconds)
-                    losses[name].append(loss)
+            step_times = {baseline_name: 0.0, candidate_name: 0.0}
+            for arm, model, optimizer in models[::1 if step % 2 else -1]:
+                torch.manual_seed(step)  # the same dropout masks for all
+                seconds, loss = train_step(model.train(), optimizer, batch)
+                step_times[arm] += seconds
+                losses[arm].append(loss)
+            if step >= args.warmup:
+                for arm, seconds in step_times.items():
+                    times[arm].append(seconds / 2)
         ratios = [a / b for a, b in zip(times[baseline_name], times[candidate_name], strict=True)]
         rows.append([length, f"{statistics.median(times[baseline_name]):.3f}",
                      f"{statistics.median(times[candidate_name]):.3f}",
@@ -122,8 +130,8 @@ def main() -> None:
         print(rows[-1], flush=True)
     text = (f"Host: {cpu_model()} (native bf16: {native_bf16() or 'none'}), torch {torch.__version__}, "
             f"{args.threads} thread(s). {args.config}'s layers, {args.layers} of them, randomly initialised, "
-            f"{args.method}, batch 16, bf16; {args.steps} timed steps per length after {args.warmup}, the "
-            f"{baseline_name} and the {candidate_name} copy in turn on each batch. Command: "
+            f"{args.method}, batch 16, bf16; {args.steps} timed steps per length after {args.warmup}, two "
+            f"models of each arm ({baseline_name}, {candidate_name}) in turn on each batch. Command: "
             f"`python benchmarks/compiled_modules.py --candidate {args.candidate} --config {args.config}`.\n\n"
             + table(["tokens per row", f"{baseline_name} step s (median)", f"{candidate_name} step s (median)",
                      f"{baseline_name} / {args.candidate} compiled (median [min, max] per step)",
