@@ -197,9 +197,10 @@ def headline_section(runs: list[RunResult], wanted: list = ()) -> str:
         return "_no finished runs yet_\n"
     cells = headline_runs(runs)
     seeds_wanted = Counter((run.model, run.dataset, run.method) for run in wanted)
-    datasets = sorted({dataset for _, dataset, _ in [*cells, *seeds_wanted]})
-    rows = []
-    for model, method in sorted({(model, method) for model, _, method in [*cells, *seeds_wanted]},
+    shown = {*cells, *seeds_wanted}
+    datasets = sorted({dataset for _, dataset, _ in shown})
+    rows, complete = [], 0
+    for model, method in sorted({(model, method) for model, _, method in shown},
                                 key=lambda pair: (pair[0], method_sort_key(pair[1]))):
         row = [model, method]
         for dataset in datasets:
@@ -207,6 +208,7 @@ def headline_section(runs: list[RunResult], wanted: list = ()) -> str:
             members = cells.get(cell, [])
             validation = len(members) if members and members[0].protocol == VALIDATION else 0
             short = f" of {seeds_wanted[cell]}" if validation < seeds_wanted[cell] else ""
+            complete += cell in seeds_wanted and not short
             if not members:
                 row.append(f"– (n=0{short})" if short else "–")
                 continue
@@ -215,17 +217,10 @@ def headline_section(runs: list[RunResult], wanted: list = ()) -> str:
                                   for key in ("macro_f1", "accuracy"))
             row.append(f"{macro_f1} / {accuracy} (n={len(members)}{'' if marker else short}){marker}")
         rows.append(row)
-    return coverage_sentence(cells, seeds_wanted) + table(["model", "method", *datasets], rows) + row_caps(cells)
-
-
-def coverage_sentence(cells: dict[tuple, list[RunResult]], seeds_wanted: Counter) -> str:
-    """How many of the assignment grid's cells have all their validation-protocol seeds (empty without a grid)."""
-    if not seeds_wanted:
-        return ""
-    complete = sum(len(cells.get(cell, [])) >= wanted and cells[cell][0].protocol == VALIDATION
-                   for cell, wanted in seeds_wanted.items())
-    return (f"{complete} of {len(seeds_wanted)} cells of the assignment's grid have all their seeds under the "
-            "validation protocol; a cell short of them shows n=k of N, a † cell has none yet.\n\n")
+    coverage = (f"{complete} of {len(seeds_wanted)} cells of the assignment's grid have all their seeds under the "
+                "validation protocol; a cell short of them shows n=k of N, a † cell has none yet.\n\n"
+                if seeds_wanted else "")
+    return coverage + table(["model", "method", *datasets], rows) + row_caps(cells)
 
 
 def row_caps(cells: dict[tuple, list[RunResult]]) -> str:
