@@ -21,8 +21,10 @@ it) in turn, alternating which goes first, so the host's load and the build orde
 length, the median step (of each arm's two models' mean) and the median of the per-step ratios:
 
     python benchmarks/compiled_modules.py --candidate mlp --out benchmarks/results/compiled_mlp_amx
-    python benchmarks/compiled_modules.py --candidate attention --config Qwen2.5-0.5B \
-        --out benchmarks/results/compiled_attention_amx_qwen-0.5b
+    python benchmarks/compiled_modules.py --candidate attention --steps 8 --lengths 24 53 109 \
+        --out benchmarks/results/compiled_attention_amx_qwen-1.5b
+    python benchmarks/compiled_modules.py --candidate none --steps 8 --lengths 24 53 109 \
+        --out benchmarks/results/compiled_aa_control_amx_qwen-1.5b
 """
 
 from __future__ import annotations
@@ -62,7 +64,7 @@ def train_step(model, optimizer, batch) -> tuple[float, float]:
     return time.perf_counter() - start, loss.item()
 
 
-# candidate -> (the baseline copy's name, the candidate copy's name, what the candidate copy gets on top)
+# candidate -> (the baseline arm's name, the candidate arm's name, what the candidate's models get on top)
 CANDIDATES = {
     "mlp": ("eager", "compiled MLP", lambda model: compile_modules(model, gated_mlp_classes())),
     "attention": ("SDPA attention", "compiled attention", use_cpu_compiled_attention),
@@ -77,7 +79,7 @@ def main() -> None:
     parser.add_argument("--method", default="lora-r16", help="a benchmark method label")
     parser.add_argument("--layers", type=positive_int, default=4)
     parser.add_argument("--lengths", type=positive_int, nargs="+", default=[24, 53, 109, 256],
-                        help="tokens per row (every row of a batch alike); defaults: the median batch of "
+                        help="tokens per row (the longest row of a batch); defaults: the median batch of "
                              "restaurant_sup and of acl_sup, acl_sup's 90th percentile, the grid's maximum")
     parser.add_argument("--steps", type=positive_int, default=6, help="timed steps per length")
     parser.add_argument("--warmup", type=positive_int, default=2, help="untimed steps per length (compilation)")
