@@ -135,9 +135,10 @@ def summary(measured: dict) -> str:
                      f"{100 * defaults[0]['padded_fraction']:.0f}%", *cells])
     head = results[0]
     torch_version = f", torch {measured['torch']}" if "torch" in measured else ""
+    note = f" {measured['note']}" if "note" in measured else ""  # what the run's record adds, e.g. where it stopped
     return (f"Device: {measured['device']}{torch_version}; randomly initialised models, batch {head['batch_size']}, "
-            f"{head['steps']} timed steps per variant after {measured['warm_up']} (`benchmarks/cuda_defaults.py`). "
-            "Speed is real "
+            f"{head['steps']} timed steps per variant after {measured['warm_up']} (`benchmarks/cuda_defaults.py`)."
+            f"{note} Speed is real "
             "tokens per second. Each variant column is the defaults' speed over that variant's (above 1: the "
             "default helps), one figure per repeat: the first repeat runs the variants in the columns' order, the "
             "defaults first; the next in reverse.\n\n"
