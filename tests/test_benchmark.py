@@ -3,6 +3,7 @@ import torch
 from conftest import load_benchmark_script
 
 from peftlab.benchmark import _batches, markdown, matmul_peak, measure
+from peftlab.hardware import bf16_matmuls_fall_back
 
 
 def test_matmul_peak_is_positive():
@@ -44,7 +45,8 @@ def test_fresh_process_call_and_its_errors():
 
 def test_measure_compares_attention_kernels_and_dropout(tiny_models, real_data_dir):
     results = [measure(tiny_models["bert"], "lora-r8", "bf16", "dynamic", batch_size=4, steps=1, warmup=1, threads=1,
-                       data_dir=str(real_data_dir), max_length=32, attn_implementation=kernel, fast_dropout=fast)
+                       data_dir=str(real_data_dir), max_length=32, attn_implementation=kernel, fast_dropout=fast,
+                       matmuls_in_fp32=False)
                for kernel, fast in (("sdpa", True), ("eager", True), ("eager", False))]
     assert [r["attn_implementation"] for r in results] == ["sdpa", "eager", "eager"]
     from peftlab.benchmark import markdown
@@ -53,8 +55,8 @@ def test_measure_compares_attention_kernels_and_dropout(tiny_models, real_data_d
     assert table[0].startswith("| model | method | precision | frozen weights | checkpointing | padding | attention | "
                                "dropout | LoRA input | RMSNorm |")
     # LoRA under bf16 loads its frozen weights in bf16, as train.py's --frozen_weights_dtype auto does
-    # (RMSNorm and MLP eager, attention not compiled, freed memory unmapped, one thread)
-    settings = "| eager | eager | no | unmapped | 1 |"
+    # (RMSNorm and MLP eager, attention not compiled, PyTorch's bf16 products, freed memory unmapped, one thread)
+    settings = "| eager | eager | no | bf16 kernels | unmapped | 1 |"
     assert f"| lora-r8 | bf16 | bfloat16 | no | dynamic | eager | fast | as is {settings}" in table[3]
     assert f"| lora-r8 | bf16 | bfloat16 | no | dynamic | eager | torch | as is {settings}" in table[4]
 
@@ -128,6 +130,7 @@ def test_cuda_defaults_runs_every_variant_on_cpu(tiny_models, tmp_path, monkeypa
     assert all(len(cell.split(" / ")) == 2 for cell in table[4].strip("| ").split(" | ")[4:])
 
 
+@pytest.mark.skipif(bf16_matmuls_fall_back(), reason="oneDNN packs bf16 weights on CPUs with AVX-512 or AVX-NE-CONVERT")
 def test_packed_linear_gives_the_same_numbers_and_a_row_per_layer(tmp_path):
     """benchmarks/packed_linear.py: prepacked weights compute what plain ones do, forward and input gradient."""
     packed_linear = load_benchmark_script("packed_linear")
@@ -185,7 +188,8 @@ def test_measure_takes_a_checkpoints_first_layers_and_can_reuse_freed_memory(tin
 def test_main_measures_every_combination_in_order_and_refuses_a_bad_switch(tiny_models, real_data_dir, tmp_path,
                                                                             capsys):
     """The command line: each option's values in every combination, the last option varying fastest (so "0 1 0 1"
-    alternates), each in a fresh process; the decoders' MLPs compiled as train.py's --cpu_compile_mlp does."""
+    alternates), each in a fresh process; the decoders' MLPs compiled as train.py's --cpu_compile_mlp does, except
+    where bf16 products run by fp32 kernels (--bf16_matmuls_in_fp32 1), as train.py skips compilation there."""
     import json
 
     from peftlab.benchmark import main
@@ -193,12 +197,14 @@ def test_main_measures_every_combination_in_order_and_refuses_a_bad_switch(tiny_
     main(["--models", tiny_models["qwen2"], "--methods", "lora-r8", "--precisions", "bf16", "--threads", "1",
           "--steps", "1", "--warmup", "1", "--batch_size", "4", "--max_length", "32", "--data_dir", str(real_data_dir),
           "--compile_mlp", "1", "--compile_attention", "1", "--reuse_freed_memory", "0", "1",
-          "--out", str(tmp_path / "table")])
+          "--bf16_matmuls_in_fp32", "0", "1", "--out", str(tmp_path / "table")])
     results = json.loads((tmp_path / "table.json").read_text())["results"]
-    assert [(r["compile_mlp"], r["reuse_freed"]) for r in results] == [(True, False), (True, True)]
+    assert [(r["reuse_freed"], r["matmuls_in_fp32"], r["compile_mlp"]) for r in results] == [
+        (False, False, True), (False, True, False), (True, False, True), (True, True, False)]
     rows = (tmp_path / "table.md").read_text().splitlines()
-    assert "| RMSNorm | MLP | attention compiled | freed memory |" in rows[2]
-    assert "| eager | compiled | yes | unmapped |" in rows[4] and "| eager | compiled | yes | reused |" in rows[5]
+    assert "| RMSNorm | MLP | attention compiled | bf16 products | freed memory |" in rows[2]
+    assert "| eager | compiled | yes | bf16 kernels | unmapped |" in rows[4]
+    assert "| eager | eager | no | fp32 kernels | reused |" in rows[7]
     with pytest.raises(SystemExit):
         main(["--compile_mlp", "2"])
     assert "argument --compile_mlp: expected 0 or 1, got '2'" in capsys.readouterr().err

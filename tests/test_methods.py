@@ -1,5 +1,7 @@
 """Tuning methods on tiny random BERT, RoBERTa, MPNet, Qwen2 and Llama models."""
 
+import contextlib
+
 import pytest
 import torch
 
@@ -291,6 +293,70 @@ def test_cpu_fast_dropout_replaces_every_dropout_module_and_changes_no_evaluatio
     assert not [module for module in fast.modules() if type(module) is torch.nn.Dropout]
     assert [module.p for module in fast.modules() if isinstance(module, CpuFastDropout)] == rates
     assert torch.equal(fast(**inputs).logits, before)
+
+
+def test_bf16_matrix_products_in_fp32_round_what_fp32_kernels_compute():
+    """Under Bf16MatmulsInFp32 each bf16 matrix product is the fp32 product of its bf16 operands rounded to bf16
+    (what a native bf16 kernel computes, up to the order of summation: within a bf16 rounding of PyTorch's own
+    kernel); fp32 products are left as they are."""
+    from peftlab.hardware import Bf16MatmulsInFp32
+
+    torch.manual_seed(0)
+    a, b, bias = torch.randn(8, 32), torch.randn(32, 16), torch.randn(16)
+    batched_a, batched_b = torch.randn(3, 8, 32), torch.randn(3, 32, 16)
+    products = {"mm": lambda x, y, _: torch.mm(x, y), "addmm": lambda x, y, c: torch.addmm(c, x, y),
+                "linear": lambda x, y, c: torch.nn.functional.linear(x, y.t(), c)}
+    batched = {"bmm": lambda x, y, _: torch.bmm(x, y), "baddbmm": lambda x, y, c: torch.baddbmm(c, x, y)}
+    for product, operands in [*((f, (a, b, bias)) for f in products.values()),
+                              *((f, (batched_a, batched_b, bias.expand(3, 8, 16))) for f in batched.values())]:
+        bf16 = [t.bfloat16() for t in operands]
+        with Bf16MatmulsInFp32():
+            result = product(*bf16)
+            fp32_result = product(*operands)
+        assert result.dtype == torch.bfloat16
+        assert torch.equal(result, product(*(t.float() for t in bf16)).bfloat16())
+        assert torch.allclose(result.float(), product(*bf16).float(), rtol=1e-2, atol=1e-2)
+        assert torch.equal(fp32_result, product(*operands))
+
+
+def test_bf16_matrix_products_in_fp32_reach_the_backward_pass_and_train_as_native_bf16(tiny_models):
+    """A LoRA step of the tiny Qwen2 under bf16 autocast: with the mode, its forward and backward products (input
+    and weight gradients) all pass through it, and loss and gradients are as close to fp32's as native bf16's."""
+    from peftlab.hardware import MATRIX_PRODUCTS, Bf16MatmulsInFp32
+
+    class Counted(Bf16MatmulsInFp32):
+        def __init__(self):
+            super().__init__()
+            self.products = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.products += func in MATRIX_PRODUCTS and args[-1].dtype == torch.bfloat16
+            return super().__torch_dispatch__(func, types, args, kwargs)
+
+    tokenizer, model = wrapped(tiny_models, "qwen2", "lora")
+    inputs = batch(tokenizer)
+
+    def step(bf16: bool, mode=None):
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16), mode or contextlib.nullcontext():
+            loss = model(**inputs).loss
+            loss.backward()
+        return loss.item(), torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+    fp32_loss, fp32_grads = step(False)
+    native_loss, native_grads = step(True)
+    counted = Counted()
+    loss, grads = step(True, counted)
+    forward = Counted()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), forward:
+        model(**inputs)
+    assert forward.products > 0 and counted.products > 2 * forward.products  # the backward's products too
+    assert loss == pytest.approx(native_loss, abs=0.02) and loss == pytest.approx(fp32_loss, abs=0.02)
+
+    def error(g):
+        return ((g - fp32_grads).norm() / fp32_grads.norm()).item()
+
+    assert error(grads) < max(2 * error(native_grads), 1e-3)
 
 
 @pytest.mark.parametrize("arch", ["mpnet", "qwen2"])

@@ -308,7 +308,8 @@ def test_compiled_norms_mlps_and_attention_train_as_the_eager_ones(tmp_path, tin
         assert (model.config._attn_implementation == COMPILED_ATTENTION) == bool(attention)
     _, model = get_model(tiny_models["qwen2"], 3, attn_implementation="eager")
     assert use_cpu_compiled_attention(model) == 0 and model.config._attn_implementation == "eager"
-    compiled_flags = ("--cpu_compile_rms_norm", "True", "--cpu_compile_mlp", "True", "--cpu_compile_attention", "True")
+    compiled_flags = ("--cpu_compile_rms_norm", "True", "--cpu_compile_mlp", "True", "--cpu_compile_attention", "True",
+                      "--cpu_bf16_matmuls_in_fp32", "False")  # which would skip compilation
     eager_losses = {}
     for method in ("lora", "adapter", "full"):
         eager, eager_losses[method] = tiny_decoder_run(tmp_path / f"eager-{method}", tiny_models, fixture_data_dir,
@@ -327,6 +328,24 @@ def test_compiled_norms_mlps_and_attention_train_as_the_eager_ones(tmp_path, tin
     assert model_args["cpu_compile_attention"] is True
     assert "Training steps' attention compiled (inductor) in 2 attention modules" in (
         tmp_path / "compiled-lora" / "train.log").read_text()
+
+
+def test_bf16_matrix_products_in_fp32_train_as_bf16_and_are_recorded(tmp_path, tiny_models, fixture_data_dir):
+    """--cpu_bf16_matmuls_in_fp32: the tiny decoder's bf16 LoRA run with its matrix products in fp32 logs the losses
+    of the run with PyTorch's bf16 kernels, up to bf16 rounding; run.json records the value that ran (not given: on
+    where this CPU's bf16 products fall back), and the --cpu_compile_* options are skipped under it."""
+    from peftlab.hardware import bf16_matmuls_in_fp32_by_default
+
+    runs = {name: tiny_decoder_run(tmp_path / name, tiny_models, fixture_data_dir, "lora", *extra)
+            for name, extra in (("fp32", ("--cpu_bf16_matmuls_in_fp32", "True", "--cpu_compile_mlp", "True")),
+                                ("bf16", ("--cpu_bf16_matmuls_in_fp32", "False")), ("default", ()))}
+    assert runs["fp32"][1] == pytest.approx(runs["bf16"][1], abs=0.02)
+    assert runs["fp32"][0]["macro_f1"] == pytest.approx(runs["bf16"][0]["macro_f1"], abs=0.1)
+    recorded = {name: json.loads((tmp_path / name / "run.json").read_text())["model_args"]["cpu_bf16_matmuls_in_fp32"]
+                for name in runs}
+    assert recorded == {"fp32": True, "bf16": False, "default": bf16_matmuls_in_fp32_by_default(True, "cpu")}
+    log = (tmp_path / "fp32" / "train.log").read_text()
+    assert "bf16 matrix products in fp32: no module compiled" in log and "Compiled" not in log
 
 
 def test_reused_freed_memory_faults_no_pages_in_and_changes_nothing_computed(tmp_path, tiny_models, fixture_data_dir):

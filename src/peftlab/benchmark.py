@@ -30,6 +30,9 @@ from transformers import AutoModelForSequenceClassification
 from .cli import non_negative_int, positive_int, switch
 from .hardware import (
     attention_kernels,
+    bf16_matmuls_fall_back,
+    bf16_matmuls_in_fp32,
+    bf16_matmuls_in_fp32_by_default,
     compile_modules,
     cpu_model,
     gated_mlp_classes,
@@ -46,15 +49,17 @@ PADDINGS = ("dynamic", "max_length", "grouped")
 
 
 def matmul_peak(dtype: torch.dtype, size: int = 2048, repeats: int = 10) -> float:
-    """Measured FLOP/s of a square matmul in ``dtype`` (median of ``repeats``)."""
+    """Measured FLOP/s of a square matmul in ``dtype`` (median of ``repeats``); bf16 as train.py computes it here
+    (by fp32 kernels where this CPU's bf16 products fall back: ``--cpu_bf16_matmuls_in_fp32``)."""
     a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
-    for _ in range(3):
-        a @ b
     times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        a @ b
-        times.append(time.perf_counter() - start)
+    with bf16_matmuls_in_fp32(bf16_matmuls_in_fp32_by_default(dtype == torch.bfloat16, "cpu")):
+        for _ in range(3):
+            a @ b
+        for _ in range(repeats):
+            start = time.perf_counter()
+            a @ b
+            times.append(time.perf_counter() - start)
     return 2 * size**3 / statistics.median(times)
 
 
@@ -83,7 +88,8 @@ def adamw(model, fused: bool) -> torch.optim.AdamW:
 
 def measuring_loop(model, tuning, batches: list[dict], warmup: int, device: str = "cpu", bf16: bool = True,
                    fused_adamw: bool = False, serve: bool = True, after_training=None,
-                   optimizer: torch.optim.Optimizer | None = None) -> dict[str, list[float]]:
+                   optimizer: torch.optim.Optimizer | None = None,
+                   matmuls_in_fp32: bool = False) -> dict[str, list[float]]:
     """The one measuring loop of the benchmark and the memory checks.
 
     AdamW steps over ``batches`` (each holding its labels), with bf16 autocast if asked; then, with
@@ -92,7 +98,8 @@ def measuring_loop(model, tuning, batches: list[dict], warmup: int, device: str 
     out, and the train step's ``forward`` and ``backward`` parts (on CPU only: timing them apart on CUDA
     would add a synchronisation); on CUDA each call waits for the device. ``after_training()`` runs between
     the two phases (the device check reads its training peak there). ``optimizer``: one that earlier calls
-    stepped (its state already allocated), instead of a new AdamW."""
+    stepped (its state already allocated), instead of a new AdamW. ``matmuls_in_fp32``: bf16 matrix products
+    computed by fp32 kernels, as train.py's ``--cpu_bf16_matmuls_in_fp32``."""
     if optimizer is None:
         optimizer = adamw(model, fused_adamw)
     parts = {"forward": [], "backward": []}
@@ -104,7 +111,7 @@ def measuring_loop(model, tuning, batches: list[dict], warmup: int, device: str 
         start = time.perf_counter()
         # the attention kernels of train.py's Trainer, over the backward too: gradient checkpointing recomputes
         # the forward there, and must pick the same kernel
-        with attention_kernels(batch["input_ids"].shape[-1], device):
+        with attention_kernels(batch["input_ids"].shape[-1], device), bf16_matmuls_in_fp32(matmuls_in_fp32):
             with autocast():
                 loss = model(**batch).loss
             forward_end = time.perf_counter()
@@ -118,7 +125,8 @@ def measuring_loop(model, tuning, batches: list[dict], warmup: int, device: str 
         def call(batch):
             # autocast per batch, as serving does: one context around all batches would keep the bf16
             # casts of trainable weights cached between batches and flatter full fine-tuning
-            with torch.no_grad(), autocast():  # PyTorch's attention kernels, as train.py evaluates
+            # PyTorch's attention kernels, as train.py evaluates
+            with torch.no_grad(), autocast(), bf16_matmuls_in_fp32(matmuls_in_fp32):
                 served(**{key: value for key, value in batch.items() if key != "labels"})
         return call
 
@@ -205,14 +213,21 @@ def measure(model_name: str, method: str, precision: str, padding: str, batch_si
             attn_implementation: str | None = None, frozen_weights_dtype: str = "auto",
             gradient_checkpointing: bool = False, fast_dropout: bool = True, lora_input_upcast: bool = False,
             compile_rms_norm: bool = False, compile_mlp: bool = False, compile_attention: bool = False,
-            reuse_freed: bool = False, num_hidden_layers: int | None = None) -> dict:
+            reuse_freed: bool = False, num_hidden_layers: int | None = None,
+            matmuls_in_fp32: bool | None = None) -> dict:
     """One configuration, in this process, on :func:`real_setup`'s model and batches; ``reuse_freed`` as
-    ``--cpu_reuse_freed_memory`` (for the whole process: run each configuration in a fresh one)."""
+    ``--cpu_reuse_freed_memory`` (for the whole process: run each configuration in a fresh one),
+    ``matmuls_in_fp32`` as ``--cpu_bf16_matmuls_in_fp32`` (None: its default here), which compiles nothing."""
     from .methods import parameter_counts
     from .models import dtype_name
 
     if reuse_freed:
         reuse_freed_memory()
+    bf16 = precision == "bf16"
+    matmuls_in_fp32 = bf16 and (bf16_matmuls_in_fp32_by_default(bf16, "cpu") if matmuls_in_fp32 is None
+                                else matmuls_in_fp32)
+    if matmuls_in_fp32:  # as train.py: torch.compile does not trace under that mode
+        compile_rms_norm = compile_mlp = compile_attention = False
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -222,7 +237,8 @@ def measure(model_name: str, method: str, precision: str, padding: str, batch_si
                                                       lora_input_upcast, compile_rms_norm, compile_mlp,
                                                       compile_attention, num_hidden_layers)
     counts = parameter_counts(model)
-    times = measuring_loop(model, tuning, batches, warmup, bf16=precision == "bf16", fused_adamw=fused_adamw)
+    times = measuring_loop(model, tuning, batches, warmup, bf16=bf16, fused_adamw=fused_adamw,
+                           matmuls_in_fp32=matmuls_in_fp32)
     step_times = times["train"]
     real_tokens = [int(batch["attention_mask"].sum()) for batch in batches[warmup:]]
     padded_tokens = [batch["input_ids"].numel() for batch in batches[warmup:]]
@@ -236,7 +252,7 @@ def measure(model_name: str, method: str, precision: str, padding: str, batch_si
         "attn_implementation": model.config._attn_implementation, "frozen_weights_dtype": dtype_name(frozen_dtype),
         "gradient_checkpointing": gradient_checkpointing, "fast_dropout": fast_dropout,
         "lora_input_upcast": lora_input_upcast, "compile_rms_norm": compile_rms_norm, "compile_mlp": compile_mlp,
-        "compile_attention": compile_attention, "reuse_freed": reuse_freed,
+        "compile_attention": compile_attention, "reuse_freed": reuse_freed, "matmuls_in_fp32": matmuls_in_fp32,
         **counts,
         "train_step_s": quartiles(step_times),
         # the issue's bound on the frozen layers' backward pass: at most 1.3x the forward
@@ -446,7 +462,8 @@ def device_table(results: list[dict]) -> str:
 
 def markdown(results: list[dict], peaks: dict) -> str:
     header = ["model", "method", "precision", "frozen weights", "checkpointing", "padding", "attention", "dropout",
-              "LoRA input", "RMSNorm", "MLP", "attention compiled", "freed memory", "threads", "AdamW",
+              "LoRA input", "RMSNorm", "MLP", "attention compiled", "bf16 products", "freed memory", "threads",
+              "AdamW",
               "train ex/s", "train tokens/s", "step s (median [q1, q3])", "backward / forward", "% of matmul peak",
               "infer ex/s", "merged infer ex/s", "trainable %", "peak RSS MB"]
     rows = []
@@ -462,6 +479,8 @@ def markdown(results: list[dict], peaks: dict) -> str:
                      "compiled" if r.get("compile_rms_norm") else "eager",
                      "compiled" if r.get("compile_mlp") else "eager",
                      "yes" if r.get("compile_attention") else "no",
+                     ("fp32 kernels" if r.get("matmuls_in_fp32") else "bf16 kernels") if r["precision"] == "bf16"
+                     else "–",
                      "reused" if r.get("reuse_freed") else "unmapped", r["threads"],
                      "fused" if r.get("fused_adamw") else "foreach", f"{r['train_examples_per_s']:.1f}",
                      f"{r['train_tokens_per_s']:.0f}", f"{step['median']:.3f} [{step['q1']:.3f}, {step['q3']:.3f}]",
@@ -478,7 +497,8 @@ VARIED = {"models": "model_name", "methods": "method", "precisions": "precision"
           "frozen_weights_dtypes": "frozen_weights_dtype", "gradient_checkpointing": "gradient_checkpointing",
           "fast_dropout": "fast_dropout", "lora_input_upcast": "lora_input_upcast",
           "compile_rms_norm": "compile_rms_norm", "compile_mlp": "compile_mlp",
-          "compile_attention": "compile_attention", "reuse_freed_memory": "reuse_freed"}
+          "compile_attention": "compile_attention", "reuse_freed_memory": "reuse_freed",
+          "bf16_matmuls_in_fp32": "matmuls_in_fp32"}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -511,6 +531,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--reuse_freed_memory", nargs="+", type=switch, default=[False],
                         help="1: malloc keeps freed memory for reuse, as train.py's --cpu_reuse_freed_memory; 0: "
                              "glibc's default (large blocks mapped and unmapped)")
+    parser.add_argument("--bf16_matmuls_in_fp32", nargs="+", type=switch, default=[None],
+                        help="1: bf16 matrix products by fp32 kernels, as train.py's --cpu_bf16_matmuls_in_fp32 "
+                             "(which compiles nothing); 0: PyTorch's bf16 kernels; not given: train.py's default here")
     parser.add_argument("--num_hidden_layers", type=positive_int, default=None,
                         help="only each checkpoint's first layers: a deep model's step in less memory")
     parser.add_argument("--batch_size", type=positive_int, default=16)
@@ -540,9 +563,10 @@ def main(argv: list[str] | None = None) -> None:
     machine = {"processor": cpu_model() or platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
                "torch": torch.__version__, "matmul_peak_flops": peaks}
     json_path.write_text(json.dumps({"machine": machine, "results": results}, indent=2) + "\n")
+    by_fp32_kernels = " (by fp32 kernels: this CPU's bf16 kernels fall back)" if bf16_matmuls_fall_back() else ""
     md_path.write_text(
         f"Machine: {machine['cpu_count']} CPUs ({machine['processor']}), torch {machine['torch']}; measured matmul "
-        f"peak fp32 {peaks['fp32'] / 1e12:.2f} TFLOP/s, bf16 {peaks['bf16'] / 1e12:.2f} TFLOP/s "
+        f"peak fp32 {peaks['fp32'] / 1e12:.2f} TFLOP/s, bf16 {peaks['bf16'] / 1e12:.2f} TFLOP/s{by_fp32_kernels} "
         f"({peaks['threads']} threads).\n\n" + markdown(results, peaks))
     print(f"wrote {md_path}")
 

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_map
 
 # CPU flags whose instructions compute bf16 dot products natively: AMX tiles (Intel Sapphire Rapids and
 # later), AVX512-BF16 (AMD Zen 4 and later, Intel Cooper Lake). Measured with torch 2.13 on 2 threads:
@@ -70,6 +72,51 @@ def bf16_helps() -> bool:
     """True where bf16 matmuls are native (about 3-4x fp32's speed); elsewhere bf16 is emulated and slower."""
     return native_bf16() is not None
 
+
+
+# PyTorch computes CPU bf16 matrix products with oneDNN where the CPU has AVX-512 (natively with AMX or AVX512-BF16,
+# by conversion otherwise); on an AVX2-only CPU (the 2-core AMD EPYC of 2026-11-30, no AVX-512 at all) a scalar
+# fallback runs them: one 0.5B decoder MLP product (1024 x 896 -> 4864, 2 threads) at 10 GFLOP/s against fp32's 64,
+# and a bf16 training step of a 2-layer Qwen2 (896 wide, 16 x 48 tokens) in 106 s against 2.6 s with the products
+# computed in fp32 (:class:`Bf16MatmulsInFp32`).
+def bf16_matmuls_fall_back() -> bool:
+    """Whether this CPU's bf16 matrix products run PyTorch's scalar fallback (no oneDNN bf16 here)."""
+    return not torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+MATRIX_PRODUCTS = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
+                   torch.ops.aten.baddbmm.default)
+
+
+def _to_fp32(value):
+    return value.float() if isinstance(value, torch.Tensor) and value.dtype == torch.bfloat16 else value
+
+
+class Bf16MatmulsInFp32(TorchDispatchMode):
+    """While active, every bf16 matrix product on CPU (mm, addmm, bmm, baddbmm: linear layers and attention's
+    products, forward and backward) runs fp32 kernels on its bf16 operands and rounds the result to bf16: exact
+    products of bf16 values summed in fp32, which is what a native bf16 kernel computes, up to the order of
+    summation. Other operations run as they are. ``torch.compile`` does not trace under it (compiled modules run
+    eagerly)."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in MATRIX_PRODUCTS and any(isinstance(arg, torch.Tensor) and arg.dtype == torch.bfloat16
+                                           and arg.device.type == "cpu" for arg in args):
+            args, kwargs = tree_map(_to_fp32, (args, kwargs))
+            return func(*args, **kwargs).to(torch.bfloat16)
+        return func(*args, **kwargs)
+
+
+def bf16_matmuls_in_fp32_by_default(bf16: bool, device_type: str) -> bool:
+    """train.py's ``--cpu_bf16_matmuls_in_fp32`` when not given: on for bf16 on a CPU whose bf16 products fall
+    back."""
+    return bf16 and device_type == "cpu" and bf16_matmuls_fall_back()
+
+
+def bf16_matmuls_in_fp32(enabled: bool) -> contextlib.AbstractContextManager:
+    """:class:`Bf16MatmulsInFp32` where ``enabled``, else nothing."""
+    return Bf16MatmulsInFp32() if enabled else contextlib.nullcontext()
 
 # On CPU, PyTorch runs SDPA on its flash kernel whenever the call allows it (no attention dropout: the decoders, and
 # every model in evaluation), and at short rows that kernel's backward pass is slow. One AMD EPYC thread, 16 rows x

@@ -67,11 +67,12 @@ RESUMABLE = {"save_strategy": "epoch", "save_total_limit": 1}
 ADDED_ARGUMENTS = {"shuffle_length_groups": False}
 
 # Settings that change how a run executes, not what it computes: the memory it holds (activations recomputed, freed
-# memory kept) or the kernels it runs (the same operations fused by compilation, float rounding aside; quality checked
-# in benchmarks/results/compiled_*_quality.md). A grid may change them while its runs are under way: a finished run
-# stays done, and a run in flight resumes from its checkpoint under the new value.
+# memory kept) or the kernels it runs (the same operations fused by compilation, or bf16 products by fp32 kernels,
+# float rounding aside; quality checked in benchmarks/results/compiled_*_quality.md). A grid may change them while
+# its runs are under way: a finished run stays done, and a run in flight resumes from its checkpoint under the new
+# value.
 EXECUTION_ONLY = ("gradient_checkpointing_token_budget", "cpu_compile_rms_norm", "cpu_compile_mlp",
-                  "cpu_compile_attention", "cpu_reuse_freed_memory")
+                  "cpu_compile_attention", "cpu_reuse_freed_memory", "cpu_bf16_matmuls_in_fp32")
 
 
 def same_computation(recorded: dict, args: dict) -> bool:
