@@ -73,12 +73,11 @@ def bf16_helps() -> bool:
     return native_bf16() is not None
 
 
-
 # PyTorch computes CPU bf16 matrix products with oneDNN where the CPU has AVX-512 (natively with AMX or AVX512-BF16,
 # by conversion otherwise); on an AVX2-only CPU (the 2-core AMD EPYC of 2026-11-30, no AVX-512 at all) a scalar
 # fallback runs them: one 0.5B decoder MLP product (1024 x 896 -> 4864, 2 threads) at 10 GFLOP/s against fp32's 64,
-# and a bf16 training step of a 2-layer Qwen2 (896 wide, 16 x 48 tokens) in 106 s against 2.6 s with the products
-# computed in fp32 (:class:`Bf16MatmulsInFp32`).
+# and LoRA r=16 on the 0.5B decoder's first 2 layers trained 3 tokens/s against 128 with the products by fp32
+# kernels (:class:`Bf16MatmulsInFp32`; benchmarks/results/bf16_matmuls_in_fp32_avx2.md).
 def bf16_matmuls_fall_back() -> bool:
     """Whether this CPU's bf16 matrix products run PyTorch's scalar fallback (no oneDNN bf16 here)."""
     return not torch.ops.mkldnn._is_mkldnn_bf16_supported()
@@ -117,6 +116,7 @@ def bf16_matmuls_in_fp32_by_default(bf16: bool, device_type: str) -> bool:
 def bf16_matmuls_in_fp32(enabled: bool) -> contextlib.AbstractContextManager:
     """:class:`Bf16MatmulsInFp32` where ``enabled``, else nothing."""
     return Bf16MatmulsInFp32() if enabled else contextlib.nullcontext()
+
 
 # On CPU, PyTorch runs SDPA on its flash kernel whenever the call allows it (no attention dropout: the decoders, and
 # every model in evaluation), and at short rows that kernel's backward pass is slow. One AMD EPYC thread, 16 rows x

@@ -168,9 +168,10 @@ class ModelArguments:
         metadata={"help": "Under --bf16 on CPU, compute bf16 matrix products (linear layers, attention; forward and "
                           "backward) with fp32 kernels on their bf16 operands, rounding the results to bf16: what a "
                           "native bf16 kernel computes, up to the order of summation. For CPUs without AVX-512, where "
-                          "PyTorch's bf16 products run a scalar fallback: a 2-layer Qwen2 training step 40x faster "
-                          "(106 -> 2.6 s) on an AVX2-only AMD EPYC. Not given: on exactly there. Modules are not "
-                          "compiled under it (the --cpu_compile_* options are skipped)."})
+                          "PyTorch's bf16 products run a scalar fallback: LoRA r=16 on the 0.5B decoder's first 2 "
+                          "layers trained 43x faster (3 -> 128 tokens/s) on an AVX2-only AMD EPYC. Not given: on "
+                          "exactly there. Modules are not compiled under it (the --cpu_compile_* options are "
+                          "skipped)."})
 
     def __post_init__(self):
         if self.cpu_math_attention_max_length < 0:
