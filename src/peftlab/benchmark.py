@@ -89,7 +89,7 @@ def adamw(model, fused: bool) -> torch.optim.AdamW:
 def measuring_loop(model, tuning, batches: list[dict], warmup: int, device: str = "cpu", bf16: bool = True,
                    fused_adamw: bool = False, serve: bool = True, after_training=None,
                    optimizer: torch.optim.Optimizer | None = None,
-                   matmuls_in_fp32: bool = False) -> dict[str, list[float]]:
+                   matmuls_in_fp32: bool | None = None) -> dict[str, list[float]]:
     """The one measuring loop of the benchmark and the memory checks.
 
     AdamW steps over ``batches`` (each holding its labels), with bf16 autocast if asked; then, with
@@ -99,7 +99,9 @@ def measuring_loop(model, tuning, batches: list[dict], warmup: int, device: str 
     would add a synchronisation); on CUDA each call waits for the device. ``after_training()`` runs between
     the two phases (the device check reads its training peak there). ``optimizer``: one that earlier calls
     stepped (its state already allocated), instead of a new AdamW. ``matmuls_in_fp32``: bf16 matrix products
-    computed by fp32 kernels, as train.py's ``--cpu_bf16_matmuls_in_fp32``."""
+    computed by fp32 kernels, as train.py's ``--cpu_bf16_matmuls_in_fp32`` (None: its default here)."""
+    if matmuls_in_fp32 is None:
+        matmuls_in_fp32 = bf16_matmuls_in_fp32_by_default(bf16, device)
     if optimizer is None:
         optimizer = adamw(model, fused_adamw)
     parts = {"forward": [], "backward": []}
