@@ -32,7 +32,7 @@ from .hardware import (
     attention_kernels,
     bf16_matmuls_fall_back,
     bf16_matmuls_in_fp32,
-    bf16_matmuls_in_fp32_by_default,
+    bf16_matmuls_in_fp32_applies,
     compile_modules,
     cpu_model,
     gated_mlp_classes,
@@ -53,7 +53,7 @@ def matmul_peak(dtype: torch.dtype, size: int = 2048, repeats: int = 10) -> floa
     (by fp32 kernels where this CPU's bf16 products fall back: ``--cpu_bf16_matmuls_in_fp32``)."""
     a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
     times = []
-    with bf16_matmuls_in_fp32(bf16_matmuls_in_fp32_by_default(dtype == torch.bfloat16, "cpu")):
+    with bf16_matmuls_in_fp32(bf16_matmuls_in_fp32_applies(None, dtype == torch.bfloat16, "cpu")):
         for _ in range(3):
             a @ b
         for _ in range(repeats):
@@ -100,8 +100,7 @@ def measuring_loop(model, tuning, batches: list[dict], warmup: int, device: str 
     the two phases (the device check reads its training peak there). ``optimizer``: one that earlier calls
     stepped (its state already allocated), instead of a new AdamW. ``matmuls_in_fp32``: bf16 matrix products
     computed by fp32 kernels, as train.py's ``--cpu_bf16_matmuls_in_fp32`` (None: its default here)."""
-    if matmuls_in_fp32 is None:
-        matmuls_in_fp32 = bf16_matmuls_in_fp32_by_default(bf16, device)
+    matmuls_in_fp32 = bf16_matmuls_in_fp32_applies(matmuls_in_fp32, bf16, device)
     if optimizer is None:
         optimizer = adamw(model, fused_adamw)
     parts = {"forward": [], "backward": []}
@@ -226,8 +225,7 @@ def measure(model_name: str, method: str, precision: str, padding: str, batch_si
     if reuse_freed:
         reuse_freed_memory()
     bf16 = precision == "bf16"
-    matmuls_in_fp32 = bf16 and (bf16_matmuls_in_fp32_by_default(bf16, "cpu") if matmuls_in_fp32 is None
-                                else matmuls_in_fp32)
+    matmuls_in_fp32 = bf16_matmuls_in_fp32_applies(matmuls_in_fp32, bf16, "cpu")
     if matmuls_in_fp32:  # as train.py: torch.compile does not trace under that mode
         compile_rms_norm = compile_mlp = compile_attention = False
     torch.set_num_threads(threads)

@@ -107,10 +107,11 @@ class Bf16MatmulsInFp32(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
-def bf16_matmuls_in_fp32_by_default(bf16: bool, device_type: str) -> bool:
-    """train.py's ``--cpu_bf16_matmuls_in_fp32`` when not given: on for bf16 on a CPU whose bf16 products fall
-    back."""
-    return bf16 and device_type == "cpu" and bf16_matmuls_fall_back()
+def bf16_matmuls_in_fp32_applies(requested: bool | None, bf16: bool, device_type: str) -> bool:
+    """Whether bf16 matrix products run by fp32 kernels, as train.py's ``--cpu_bf16_matmuls_in_fp32`` resolves:
+    only under bf16 on CPU, there as ``requested``, or where it is None (not given) where the CPU's bf16 products
+    fall back."""
+    return bf16 and device_type == "cpu" and (bf16_matmuls_fall_back() if requested is None else requested)
 
 
 def bf16_matmuls_in_fp32(enabled: bool) -> contextlib.AbstractContextManager:

@@ -43,7 +43,7 @@ from .hardware import (
     attention_kernels,
     bf16_helps,
     bf16_matmuls_in_fp32,
-    bf16_matmuls_in_fp32_by_default,
+    bf16_matmuls_in_fp32_applies,
     compile_modules,
     gated_mlp_classes,
     reuse_freed_memory,
@@ -543,10 +543,10 @@ def run(data_args: DataArguments, model_args: ModelArguments, method_args: Metho
     logger.info("Run %s -> %s", training_args.run_name, run_dir.path)
     if checkpoint is not None:
         logger.info("Resuming training from %s", checkpoint)
+    in_fp32 = bf16_matmuls_in_fp32_applies(model_args.cpu_bf16_matmuls_in_fp32, training_args.bf16,
+                                           training_args.device.type)
     if model_args.cpu_bf16_matmuls_in_fp32 is None:  # resolved here, so run.json records what ran
-        model_args.cpu_bf16_matmuls_in_fp32 = bf16_matmuls_in_fp32_by_default(training_args.bf16,
-                                                                              training_args.device.type)
-    in_fp32 = model_args.cpu_bf16_matmuls_in_fp32 and training_args.bf16 and training_args.device.type == "cpu"
+        model_args.cpu_bf16_matmuls_in_fp32 = in_fp32
     if training_args.bf16 and not bf16_helps():
         logger.warning("bf16 on hardware without native bf16 matmuls (CUDA bf16, AMX or AVX512-BF16): it is "
                        "emulated there and slower than fp32 (measured 0.16 against 0.27 TFLOP/s)%s",
