@@ -33,13 +33,9 @@ from .hardware import (
     bf16_matmuls_fall_back,
     bf16_matmuls_in_fp32,
     bf16_matmuls_in_fp32_applies,
-    compile_modules,
     cpu_model,
-    gated_mlp_classes,
     reuse_freed_memory,
-    rms_norm_classes,
-    use_cpu_compiled_attention,
-    use_cpu_fast_dropout,
+    use_cpu_module_options,
 )
 from .isolated import call_in_fresh_process
 from .markdown import table
@@ -192,14 +188,8 @@ def real_setup(model_name: str, method: str, bf16: bool, frozen_weights_dtype: s
     model = upcast_trainable(tuning.wrap(model, args))
     if lora_input_upcast:
         cast_lora_inputs(model, True)
-    if fast_dropout:
-        model = use_cpu_fast_dropout(model)
-    if compile_rms_norm:
-        compile_modules(model, rms_norm_classes())
-    if compile_mlp:
-        compile_modules(model, gated_mlp_classes())
-    if compile_attention:
-        use_cpu_compiled_attention(model)
+    model = use_cpu_module_options(model, fast_dropout=fast_dropout, compile_rms_norm=compile_rms_norm,
+                                   compile_mlp=compile_mlp, compile_attention=compile_attention)
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     batches = _batches(tokenizer, list(rows["text"]), batch_size, padding, max_length, count)

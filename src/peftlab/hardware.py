@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import logging
 import platform
 from functools import cache
 from pathlib import Path
@@ -12,6 +13,8 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map
+
+logger = logging.getLogger(__name__)
 
 # CPU flags whose instructions compute bf16 dot products natively: AMX tiles (Intel Sapphire Rapids and
 # later), AVX512-BF16 (AMD Zen 4 and later, Intel Cooper Lake). Measured with torch 2.13 on 2 threads:
@@ -281,3 +284,20 @@ def use_cpu_compiled_attention(model: torch.nn.Module) -> int:
     AttentionMaskInterface.register(COMPILED_ATTENTION, sdpa_mask)
     base.set_attn_implementation(COMPILED_ATTENTION)
     return reached
+
+
+def use_cpu_module_options(model: torch.nn.Module, *, fast_dropout: bool, compile_rms_norm: bool,
+                           compile_mlp: bool, compile_attention: bool) -> torch.nn.Module:
+    """``model`` with train.py's module options applied in train.py's order (``--cpu_fast_dropout``,
+    ``--cpu_compile_rms_norm``, ``--cpu_compile_mlp``, ``--cpu_compile_attention``): train.py and the benchmark
+    build their models through this. Logs what it compiled."""
+    if fast_dropout:
+        model = use_cpu_fast_dropout(model)
+    if compile_rms_norm:
+        logger.info("Compiled %d RMSNorm modules (inductor)", compile_modules(model, rms_norm_classes()))
+    if compile_mlp:
+        logger.info("Compiled %d MLP modules (inductor)", compile_modules(model, gated_mlp_classes()))
+    if compile_attention:
+        logger.info("Training steps' attention compiled (inductor) in %d attention modules",
+                    use_cpu_compiled_attention(model))
+    return model

@@ -44,12 +44,8 @@ from .hardware import (
     bf16_helps,
     bf16_matmuls_in_fp32,
     bf16_matmuls_in_fp32_applies,
-    compile_modules,
-    gated_mlp_classes,
     reuse_freed_memory,
-    rms_norm_classes,
-    use_cpu_compiled_attention,
-    use_cpu_fast_dropout,
+    use_cpu_module_options,
 )
 from .methods import (
     MethodArguments,
@@ -574,18 +570,13 @@ def run(data_args: DataArguments, model_args: ModelArguments, method_args: Metho
                             **({"attn_implementation": model_args.attn_implementation}
                                if model_args.attn_implementation else {}))
     model = upcast_trainable(method.wrap(model, method_args))
-    if model_args.cpu_fast_dropout:
-        model = use_cpu_fast_dropout(model)
     compiles = training_args.device.type == "cpu" and not in_fp32  # torch.compile does not trace under that mode
     if in_fp32 and (model_args.cpu_compile_rms_norm or model_args.cpu_compile_mlp or model_args.cpu_compile_attention):
         logger.info("bf16 matrix products in fp32: no module compiled (--cpu_compile_* skipped)")
-    if model_args.cpu_compile_rms_norm and compiles:
-        logger.info("Compiled %d RMSNorm modules (inductor)", compile_modules(model, rms_norm_classes()))
-    if model_args.cpu_compile_mlp and compiles:
-        logger.info("Compiled %d MLP modules (inductor)", compile_modules(model, gated_mlp_classes()))
-    if model_args.cpu_compile_attention and compiles:
-        logger.info("Training steps' attention compiled (inductor) in %d attention modules",
-                    use_cpu_compiled_attention(model))
+    model = use_cpu_module_options(model, fast_dropout=model_args.cpu_fast_dropout,
+                                   compile_rms_norm=model_args.cpu_compile_rms_norm and compiles,
+                                   compile_mlp=model_args.cpu_compile_mlp and compiles,
+                                   compile_attention=model_args.cpu_compile_attention and compiles)
     counts = parameter_counts(model)
     logger.info("Method %s: %d of %d parameters train (%.4f%%)", method.name, counts["trainable_params"],
                 counts["total_params"], counts["trainable_percent"])
