@@ -1,6 +1,7 @@
 """Resuming a killed run from its last checkpoint: train.py, the grid runner and sweep trials."""
 
 import pytest
+from safetensors import safe_open
 from transformers import TrainerCallback
 
 from peftlab.runrecord import STARTED, RunDirectory, read_json
@@ -54,6 +55,12 @@ def test_a_killed_run_resumes_from_its_last_checkpoint_and_ends_as_if_never_kill
         run(*parse_args(args), callbacks=[KillAfterFirstCheckpoint()])
     assert killed.state() == STARTED and killed.last_checkpoint().name == "checkpoint-4"
     saved = read_json(killed.last_checkpoint() / "trainer_state.json")["stateful_callbacks"]["WholeRunTotals"]
+    if method == "adapter":  # the checkpoint holds what trains (the adapters, the head), not the frozen weights
+        with safe_open(killed.last_checkpoint() / "model.safetensors", "pt") as weights:
+            names = list(weights.keys())
+        assert any(".adapters." in name for name in names)
+        frozen = ("query.weight", "q_proj.weight", "word_embeddings.weight", "embed_tokens.weight")
+        assert not any(name.endswith(frozen) for name in names)
 
     resumed = main(args)  # the same command again, as the grid runner or a user would
     assert killed.record()["resumed_from_checkpoint"] == str(killed.path / "checkpoint-4")

@@ -23,6 +23,7 @@ import torch
 import transformers
 from accelerate import PartialState
 from datasets import DatasetDict
+from peft import PeftModel
 from transformers import (
     DataCollatorWithPadding,
     Trainer,
@@ -424,6 +425,23 @@ class PeftlabTrainer(Trainer):
         summary = self.state.log_history[-1]  # the Trainer logged its own metrics last
         summary.update({key: value for key, value in metrics.items() if key in summary})
         return output._replace(training_loss=metrics["train_loss"], metrics=metrics)
+
+    def _save(self, output_dir=None, state_dict=None):
+        # A checkpoint holds the weights that train (and the buffers): the frozen ones are the pretrained
+        # checkpoint's, which the resumed run loads anyway (an adapter run's epoch checkpoint on the 1.5B decoder:
+        # tens of MB, not 3.1 GB). The Trainer loads a checkpoint non-strictly; peft models save only their adapter.
+        frozen = self.frozen_parameters()
+        if state_dict is None and frozen and not isinstance(self.model, PeftModel):
+            state_dict = {name: tensor for name, tensor in self.model.state_dict().items() if name not in frozen}
+        super()._save(output_dir, state_dict)
+
+    def _issue_warnings_after_load(self, load_result):
+        frozen = self.frozen_parameters()  # left out of checkpoints on purpose (``_save``)
+        super()._issue_warnings_after_load(load_result._replace(
+            missing_keys=[key for key in load_result.missing_keys if key not in frozen]))
+
+    def frozen_parameters(self) -> set[str]:
+        return {name for name, param in self.model.named_parameters() if not param.requires_grad}
 
     def _get_train_sampler(self, train_dataset=None):
         sampler = super()._get_train_sampler(train_dataset)
