@@ -25,6 +25,8 @@ from peftlab.runrecord import (
     METRICS_FILE,
     RESUMABLE,
     RunDirectory,
+    environment,
+    host_label,
     write_json,
 )
 from peftlab.training import PARSED_TYPES
@@ -165,16 +167,17 @@ def test_resume_after_kill_recomputes_nothing_finished(tmp_path, tiny_models, fi
     assert [r.status() for r in runs[:3]] == ["done"] * 3
     # time estimates come from finished runs: the cell's mean, else the model and method's seconds per row
     runtimes = [r.directory.metrics()["train_runtime"] for r in runs[:3]]
-    assert estimate_seconds(runs[0], runs) == pytest.approx(sum(runtimes) / 3)
+    assert estimate_seconds(runs[0], runs).seconds == pytest.approx(sum(runtimes) / 3)
+    assert estimate_seconds(runs[0], runs).hosts == {host_label(environment()["hardware"])}  # they ran here
     acl_full = next(r for r in runs if (r.dataset, r.method) == ("acl_sup", "full"))
     per_row = sum(t / 27 for t in runtimes) / 3  # 30 restaurant fixture rows, 3 held out, 1 epoch
-    assert estimate_seconds(acl_full, runs) == pytest.approx(per_row * 6)  # the override keeps 6 rows
+    assert estimate_seconds(acl_full, runs).seconds == pytest.approx(per_row * 6)  # the override keeps 6 rows
     lora_r8 = next(r for r in runs if (r.dataset, r.method) == ("restaurant_sup", "lora-r8"))
     assert estimate_seconds(lora_r8, runs) is None
     # a cell whose settings transfer from a swept cell is timed by that cell's finished runs
     source = {"run_dir": str(tmp_path / "sweeps" / "trial0")}  # never ran: the grid's runs time it
     timed = [dataclasses.replace(r, settings=source) for r in (*runs[:3], lora_r8)]
-    assert estimate_seconds(timed[-1], timed) == pytest.approx(per_row * 27)
+    assert estimate_seconds(timed[-1], timed).seconds == pytest.approx(per_row * 27)
     # where tokens per row on the run's dataset are known (a run there finished), the estimate is per token: a
     # dataset of rows twice as long takes twice as long per row
     restaurant = runs[0].directory.record()
@@ -185,7 +188,7 @@ def test_resume_after_kill_recomputes_nothing_finished(tmp_path, tiny_models, fi
         **restaurant, "data_args": {**restaurant["data_args"], "dataset_name": "acl_sup"},
         "train_tokens_per_epoch": 2 * restaurant["train_tokens_per_epoch"]})
     assert acl_lora.status() == "done"
-    assert estimate_seconds(acl_full, runs) == pytest.approx(per_row * 6 * 2)
+    assert estimate_seconds(acl_full, runs).seconds == pytest.approx(per_row * 6 * 2)
     # a changed argument is reported and kept, never overwritten silently
     changed = grid_file(tmp_path, tiny_models["bert"], fixture_data_dir, seeds=[1, 2, 3],
                         defaults={**load_grid(path)["defaults"], "num_train_epochs": 2})
@@ -329,3 +332,13 @@ def test_a_transferred_cell_whose_first_run_collapsed_runs_again_at_a_lower_lear
     for wrong in ({**rule, "learning_rate_factor": 2.0}, {**rule, "max_retries": "two"}, {"kept_in": "x"}, "half"):
         with pytest.raises(InvalidArgument, match="collapse_retry"):
             load_grid(grid_file(tmp_path, "m", "d", collapse_retry=wrong))
+
+
+def test_host_label_names_the_bf16_hardware_even_in_old_records():
+    assert host_label({"cpu_model": "AMD EPYC", "native_bf16": None, "cpu_amx_bf16": False}) == \
+        "AMD EPYC (no native bf16)"
+    assert host_label({"cpu_model": "Intel(R) Xeon(R) Processor", "native_bf16": "amx_bf16"}) == \
+        "Intel(R) Xeon(R) Processor (amx_bf16)"
+    assert host_label({"cpu_model": None, "cpu_amx_bf16": True}) == "CPU model unrecorded (amx_bf16)"
+    assert host_label({"cpu_amx_bf16": False}) == "CPU model unrecorded (bf16 support unrecorded)"
+    assert host_label({"cpu_model": "AMD EPYC", "cuda": "NVIDIA H200"}) == "NVIDIA H200"

@@ -89,7 +89,7 @@ def test_sweep_tunes_on_validation_and_writes_the_selection(tmp_path, tiny_model
     assert all(r.settings == {"from": "tiny/restaurant_sup/full", "study": study.study_name, "trial": best.number,
                               "run_dir": entry["run_dir"]} for r in runs)
     # before any grid run finished, time estimates come from the trial the settings came from (same rows, epochs)
-    assert estimate_seconds(runs[0], runs) == pytest.approx(metrics["train_runtime"])
+    assert estimate_seconds(runs[0], runs).seconds == pytest.approx(metrics["train_runtime"])
     # a cell that was not swept waits for its sweep (require_selection), or takes a transfer's settings
     spec = yaml.safe_load(grid.read_text())
     spec |= {"require_selection": True, "datasets": ["restaurant_sup", "acl_sup"],

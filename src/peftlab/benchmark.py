@@ -33,6 +33,7 @@ from .hardware import (
     bf16_matmuls_fall_back,
     bf16_matmuls_in_fp32,
     bf16_matmuls_in_fp32_applies,
+    cpu_compile_applies,
     cpu_model,
     reuse_freed_memory,
     use_cpu_module_options,
@@ -216,7 +217,7 @@ def measure(model_name: str, method: str, precision: str, padding: str, batch_si
         reuse_freed_memory()
     bf16 = precision == "bf16"
     matmuls_in_fp32 = bf16_matmuls_in_fp32_applies(matmuls_in_fp32, bf16, "cpu")
-    if matmuls_in_fp32:  # as train.py: torch.compile does not trace under that mode
+    if not cpu_compile_applies("cpu", matmuls_in_fp32):  # as train.py
         compile_rms_norm = compile_mlp = compile_attention = False
     torch.set_num_threads(threads)
     torch.manual_seed(0)

@@ -72,6 +72,7 @@ from .runrecord import (
     GRID_LOG_FILE,
     RESUMABLE,
     RunDirectory,
+    host_label,
     same_computation,
     write_json,
 )
@@ -265,17 +266,23 @@ def tokens_per_row(records: list[dict], dataset: str, model: str | None) -> floa
     return sum(r["train_tokens_per_epoch"] / r["num_train_rows"] for r in same) / len(same) if same else None
 
 
-def estimate_seconds(run: GridRun, runs: list[GridRun]) -> float | None:
+@dataclass(frozen=True)
+class Estimate:
+    seconds: float
+    hosts: frozenset[str]  # where the runs it comes from ran (:func:`host_label`): times differ ~5x between hosts
+
+
+def estimate_seconds(run: GridRun, runs: list[GridRun]) -> Estimate | None:
     """Training seconds (per-epoch validation included), from finished runs: the same cell's mean if it has any,
     else the seconds per trained token of the grid's runs of the same model and method (while the grid has none,
     of its runs at the same selected settings, the swept cell's; else of the sweep trial they came from) times
     this run's rows, tokens per row and epochs (rows and tokens per row known from a finished run or trial on the
     same dataset; per row where tokens per row are not known: ACL-ARC's rows are about twice restaurants')."""
     done = [other for other in runs if other.status() == "done"]
-    same_cell = [o.directory.metrics()["train_runtime"] for o in done
-                 if o.cell == run.cell]
+    same_cell = [o.directory for o in done if o.cell == run.cell]
     if same_cell:
-        return sum(same_cell) / len(same_cell)
+        return Estimate(sum(d.metrics()["train_runtime"] for d in same_cell) / len(same_cell),
+                        frozenset(host_label(d.record().get("hardware", {})) for d in same_cell))
     peers = [o.directory for o in done if (o.model, o.method) == (run.model, run.method)]
     source = run.settings.get("run_dir") if run.settings else None
     if not peers and source:  # sweep trials ran beside other loads: the grid's own runs time it better
@@ -294,7 +301,8 @@ def estimate_seconds(run: GridRun, runs: list[GridRun]) -> float | None:
     rates = [metrics["train_runtime"] / metrics["epoch"]
              / (records[d]["train_tokens_per_epoch"] if by_token else records[d]["num_train_rows"])
              for d, metrics in ((d, d.metrics()) for d in peers)]
-    return sum(rates) / len(rates) * rows * (length if by_token else 1) * run.args.get("num_train_epochs", 3)
+    return Estimate(sum(rates) / len(rates) * rows * (length if by_token else 1) * run.args.get("num_train_epochs", 3),
+                    frozenset(host_label(records[d].get("hardware", {})) for d in peers))
 
 
 @contextlib.contextmanager
@@ -400,7 +408,7 @@ def run_grid(path: str, shard_spec: str | None = None, dry_run: bool = False, re
     runs = expand(grid)
     selected = select(shard(runs, shard_spec), filters)
     estimates = {run: estimate_seconds(run, runs) for run in selected}
-    mine = run_order(selected, estimates)
+    mine = run_order(selected, {run: estimate.seconds for run, estimate in estimates.items() if estimate})
     if grid.get("require_selection"):
         waiting = [run for run in mine if run.settings is None]
         if waiting:
@@ -418,12 +426,20 @@ def run_grid(path: str, shard_spec: str | None = None, dry_run: bool = False, re
     print(f"{len(runs)} runs in the grid, {len(mine)} selected, {len(todo)} to run", flush=True)
     if dry_run:
         for run in mine:
-            guess = f"~{estimates[run] / 60:.1f} min" if estimates[run] else "no estimate yet"
+            estimate = estimates[run]
+            guess = (f"~{estimate.seconds / 60:.1f} min on {', '.join(sorted(estimate.hosts))}" if estimate
+                     else "no estimate yet")
             print(f"  {statuses[run]:10s} {run.label}  ({guess})")
-        hours = sum(estimates[r] or 0 for r in todo) / 3600
+        timed = [estimates[r] for r in todo if estimates[r]]
+        hours_by_hosts: dict[str, float] = {}
+        for estimate in timed:
+            hosts = " and ".join(sorted(estimate.hosts))
+            hours_by_hosts[hosts] = hours_by_hosts.get(hosts, 0.0) + estimate.seconds / 3600
         print(f"estimated time of what is to run (Trainer train_runtime of finished runs or of the sweep trials "
-              f"their settings came from, per-epoch validation included): {hours:.2f} h "
-              f"({sum(1 for r in todo if estimates[r] is None)} runs without an estimate)")
+              f"their settings came from, per-epoch validation included): "
+              f"{sum(hours_by_hosts.values()):.2f} h"
+              + "".join(f"; {hours:.2f} h of it at the speed of {hosts}" for hosts, hours in hours_by_hosts.items())
+              + f" ({len(todo) - len(timed)} runs without an estimate)")
         return 0
     failures = 0
     for number, run in enumerate(todo, start=1):

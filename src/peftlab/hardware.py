@@ -117,6 +117,12 @@ def bf16_matmuls_in_fp32_applies(requested: bool | None, bf16: bool, device_type
     return bf16 and device_type == "cpu" and (bf16_matmuls_fall_back() if requested is None else requested)
 
 
+def cpu_compile_applies(device_type: str, matmuls_in_fp32: bool) -> bool:
+    """Whether the ``--cpu_compile_*`` options compile anything: on CPU, and not with bf16 matrix products by fp32
+    kernels, under which ``torch.compile`` does not trace."""
+    return device_type == "cpu" and not matmuls_in_fp32
+
+
 def bf16_matmuls_in_fp32(enabled: bool) -> contextlib.AbstractContextManager:
     """:class:`Bf16MatmulsInFp32` where ``enabled``, else nothing."""
     return Bf16MatmulsInFp32() if enabled else contextlib.nullcontext()

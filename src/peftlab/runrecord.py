@@ -170,6 +170,17 @@ def environment() -> dict:
     }
 
 
+def host_label(hardware: dict) -> str:
+    """A run's host in a few words, from run.json's ``hardware``: the GPU, or the CPU's model and what runs its bf16
+    matrix products natively (runs' times compare only on one host: the guide's rule, a time names its host)."""
+    if hardware.get("cuda"):
+        return hardware["cuda"]
+    native = hardware.get("native_bf16") or ("amx_bf16" if hardware.get("cpu_amx_bf16") else None)
+    if native is None and "native_bf16" not in hardware:
+        native = "bf16 support unrecorded"
+    return f"{hardware.get('cpu_model') or 'CPU model unrecorded'} ({native or 'no native bf16'})"
+
+
 def peak_memory_mb() -> dict[str, float | None]:
     rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux
     cuda = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None

@@ -45,6 +45,7 @@ from .hardware import (
     bf16_helps,
     bf16_matmuls_in_fp32,
     bf16_matmuls_in_fp32_applies,
+    cpu_compile_applies,
     reuse_freed_memory,
     use_cpu_module_options,
 )
@@ -588,7 +589,7 @@ def run(data_args: DataArguments, model_args: ModelArguments, method_args: Metho
                             **({"attn_implementation": model_args.attn_implementation}
                                if model_args.attn_implementation else {}))
     model = upcast_trainable(method.wrap(model, method_args))
-    compiles = training_args.device.type == "cpu" and not in_fp32  # torch.compile does not trace under that mode
+    compiles = cpu_compile_applies(training_args.device.type, in_fp32)
     if in_fp32 and (model_args.cpu_compile_rms_norm or model_args.cpu_compile_mlp or model_args.cpu_compile_attention):
         logger.info("bf16 matrix products in fp32: no module compiled (--cpu_compile_* skipped)")
     model = use_cpu_module_options(model, fast_dropout=model_args.cpu_fast_dropout,
