@@ -83,10 +83,13 @@ def test_report_content_and_byte_identical_regeneration(report_inputs):
 
 def test_runs_on_another_host_are_named_and_untimed(report_inputs):
     results, prose, root = report_inputs
-    fixture_run(results, "adapter", 1, 0.6, hardware={"cpu_count": 4})
+    other = {"cpu_count": 4, "cpu_model": "AMD EPYC", "native_bf16": None, "torch_threads": 1}
+    fixture_run(results, "adapter", 1, 0.6, hardware=other)
     text = build_report(results, prose, root / "out", root).read_text()
-    assert '- `{"cpu_count": 2}`: 4 runs, the reference host' in text
-    assert '- `{"cpu_count": 4}`: 1 run (m/acl_sup/adapter/seed1)' in text
+    assert ('- CPU model unrecorded (bf16 support unrecorded): 4 runs, the reference host (`{"cpu_count": 2}`)'
+            in text)
+    assert ('- AMD EPYC (no native bf16), 1 torch thread: 1 run (m/acl_sup/adapter/seed1; '
+            '`{"cpu_count": 4, "cpu_model": "AMD EPYC", "native_bf16": null, "torch_threads": 1}`)') in text
     runs = collect(results)
     with pytest.raises(ValueError, match="reference host"):
         fill_placeholders("{{cost:m/acl_sup/adapter/train_runtime}}", runs, root)

@@ -67,7 +67,7 @@ from .results import (  # noqa: E402
     reference_host,
     write_csv,
 )
-from .runrecord import ADDED_ARGUMENTS  # noqa: E402
+from .runrecord import ADDED_ARGUMENTS, host_label  # noqa: E402
 from .selection import DEFAULT_SELECTION_FILE, read_selection  # noqa: E402
 
 matplotlib.rcParams["svg.hashsalt"] = "peftlab"  # deterministic output
@@ -439,12 +439,15 @@ def environment_section(runs: list[RunResult]) -> str:
         by_host[run.host].append(run)
     lines += ["", "Hardware seen in these runs (times in the tables come from the reference host's runs only):", ""]
     for host, members in sorted(by_host.items(), key=lambda item: item[0] != reference):
+        hardware = members[0].record.get("hardware", {})
+        threads = hardware.get("torch_threads")
+        label = host_label(hardware) + (f", {threads} torch thread{'s' if threads > 1 else ''}" if threads else "")
         count = f"{len(members)} run{'s' if len(members) > 1 else ''}"
         if host == reference:
-            lines.append(f"- `{host}`: {count}, the reference host")
+            lines.append(f"- {label}: {count}, the reference host (`{host}`)")
         else:
             names = ", ".join(f"{r.model}/{r.dataset}/{r.method}/seed{r.seed}" for r in members[:10])
-            lines.append(f"- `{host}`: {count} ({names}{', ...' if len(members) > 10 else ''})")
+            lines.append(f"- {label}: {count} ({names}{', ...' if len(members) > 10 else ''}; `{host}`)")
     versions = sorted({json.dumps(run.record.get("versions", {}), sort_keys=True) for run in runs})
     lines += ["", "Software versions seen in these runs:", ""] + [f"- `{v}`" for v in versions]
     return "\n".join(lines) + "\n"
