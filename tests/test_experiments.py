@@ -15,7 +15,7 @@ from test_resume import KillAfterFirstCheckpoint, Killed
 
 from peftlab.cli import parse_dict
 from peftlab.errors import InvalidArgument
-from peftlab.experiments import claim, estimate_seconds, expand, load_grid, run_grid, run_order, select, shard
+from peftlab.experiments import claim, estimate_time, expand, load_grid, run_grid, run_order, select, shard
 from peftlab.metrics import collapsed
 from peftlab.results import aggregate, collect, markdown_table, write_csv
 from peftlab.runrecord import (
@@ -167,17 +167,17 @@ def test_resume_after_kill_recomputes_nothing_finished(tmp_path, tiny_models, fi
     assert [r.status() for r in runs[:3]] == ["done"] * 3
     # time estimates come from finished runs: the cell's mean, else the model and method's seconds per row
     runtimes = [r.directory.metrics()["train_runtime"] for r in runs[:3]]
-    assert estimate_seconds(runs[0], runs).seconds == pytest.approx(sum(runtimes) / 3)
-    assert estimate_seconds(runs[0], runs).hosts == {host_label(environment()["hardware"])}  # they ran here
+    assert estimate_time(runs[0], runs).seconds == pytest.approx(sum(runtimes) / 3)
+    assert estimate_time(runs[0], runs).hosts == {host_label(environment()["hardware"])}  # they ran here
     acl_full = next(r for r in runs if (r.dataset, r.method) == ("acl_sup", "full"))
     per_row = sum(t / 27 for t in runtimes) / 3  # 30 restaurant fixture rows, 3 held out, 1 epoch
-    assert estimate_seconds(acl_full, runs).seconds == pytest.approx(per_row * 6)  # the override keeps 6 rows
+    assert estimate_time(acl_full, runs).seconds == pytest.approx(per_row * 6)  # the override keeps 6 rows
     lora_r8 = next(r for r in runs if (r.dataset, r.method) == ("restaurant_sup", "lora-r8"))
-    assert estimate_seconds(lora_r8, runs) is None
+    assert estimate_time(lora_r8, runs) is None
     # a cell whose settings transfer from a swept cell is timed by that cell's finished runs
     source = {"run_dir": str(tmp_path / "sweeps" / "trial0")}  # never ran: the grid's runs time it
     timed = [dataclasses.replace(r, settings=source) for r in (*runs[:3], lora_r8)]
-    assert estimate_seconds(timed[-1], timed).seconds == pytest.approx(per_row * 27)
+    assert estimate_time(timed[-1], timed).seconds == pytest.approx(per_row * 27)
     # where tokens per row on the run's dataset are known (a run there finished), the estimate is per token: a
     # dataset of rows twice as long takes twice as long per row
     restaurant = runs[0].directory.record()
@@ -188,7 +188,7 @@ def test_resume_after_kill_recomputes_nothing_finished(tmp_path, tiny_models, fi
         **restaurant, "data_args": {**restaurant["data_args"], "dataset_name": "acl_sup"},
         "train_tokens_per_epoch": 2 * restaurant["train_tokens_per_epoch"]})
     assert acl_lora.status() == "done"
-    assert estimate_seconds(acl_full, runs).seconds == pytest.approx(per_row * 6 * 2)
+    assert estimate_time(acl_full, runs).seconds == pytest.approx(per_row * 6 * 2)
     # a changed argument is reported and kept, never overwritten silently
     changed = grid_file(tmp_path, tiny_models["bert"], fixture_data_dir, seeds=[1, 2, 3],
                         defaults={**load_grid(path)["defaults"], "num_train_epochs": 2})

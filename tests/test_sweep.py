@@ -15,7 +15,7 @@ import sqlalchemy
 import yaml
 from optuna.trial import TrialState
 
-from peftlab.experiments import estimate_seconds, expand, load_grid, run_grid
+from peftlab.experiments import estimate_time, expand, load_grid, run_grid
 from peftlab.report import load_studies, plot_sweeps, sweep_section
 from peftlab.runrecord import FINISHED, RunDirectory, write_json
 from peftlab.selection import read_selection
@@ -89,7 +89,7 @@ def test_sweep_tunes_on_validation_and_writes_the_selection(tmp_path, tiny_model
     assert all(r.settings == {"from": "tiny/restaurant_sup/full", "study": study.study_name, "trial": best.number,
                               "run_dir": entry["run_dir"]} for r in runs)
     # before any grid run finished, time estimates come from the trial the settings came from (same rows, epochs)
-    assert estimate_seconds(runs[0], runs).seconds == pytest.approx(metrics["train_runtime"])
+    assert estimate_time(runs[0], runs).seconds == pytest.approx(metrics["train_runtime"])
     # a cell that was not swept waits for its sweep (require_selection), or takes a transfer's settings
     spec = yaml.safe_load(grid.read_text())
     spec |= {"require_selection": True, "datasets": ["restaurant_sup", "acl_sup"],

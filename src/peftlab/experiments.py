@@ -272,7 +272,7 @@ class Estimate:
     hosts: frozenset[str]  # where the runs it comes from ran (:func:`host_label`): times differ ~5x between hosts
 
 
-def estimate_seconds(run: GridRun, runs: list[GridRun]) -> Estimate | None:
+def estimate_time(run: GridRun, runs: list[GridRun]) -> Estimate | None:
     """Training seconds (per-epoch validation included), from finished runs: the same cell's mean if it has any,
     else the seconds per trained token of the grid's runs of the same model and method (while the grid has none,
     of its runs at the same selected settings, the swept cell's; else of the sweep trial they came from) times
@@ -380,7 +380,7 @@ def run_order(runs: list[GridRun], seconds: dict[GridRun, float | None] | None =
     """The order a grid command takes its runs in: first the cells that were swept themselves (the validation
     protocol's evidence: their selected settings over seeds), then the others; each part seed by seed, seed 1 of
     every cell before seed 2 of any, so that a grid stopped early leaves every cell with results before any has its
-    last seed; within that, longest first by ``seconds`` (:func:`estimate_seconds`; a run without an estimate
+    last seed; within that, longest first by ``seconds`` (:func:`estimate_time`; a run without an estimate
     counts as longest), so that a pass ends on short runs and the workers that find none left wait little for the
     last one (scripts/sweeps.sh waits for every worker between passes); ties in the grid file's order. One command's
     workers share the order with no wait between seeds: a worker done with the last run of seed 1 takes a run of
@@ -407,7 +407,7 @@ def run_grid(path: str, shard_spec: str | None = None, dry_run: bool = False, re
     grid = load_grid(path)
     runs = expand(grid)
     selected = select(shard(runs, shard_spec), filters)
-    estimates = {run: estimate_seconds(run, runs) for run in selected}
+    estimates = {run: estimate_time(run, runs) for run in selected}
     mine = run_order(selected, {run: estimate.seconds for run, estimate in estimates.items() if estimate})
     if grid.get("require_selection"):
         waiting = [run for run in mine if run.settings is None]
