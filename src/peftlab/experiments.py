@@ -271,6 +271,10 @@ class Estimate:
     seconds: float
     hosts: frozenset[str]  # where the runs it comes from ran (:func:`host_label`): times differ ~5x between hosts
 
+    @property
+    def host_names(self) -> str:
+        return " and ".join(sorted(self.hosts))
+
 
 def estimate_time(run: GridRun, runs: list[GridRun]) -> Estimate | None:
     """Training seconds (per-epoch validation included), from finished runs: the same cell's mean if it has any,
@@ -427,14 +431,12 @@ def run_grid(path: str, shard_spec: str | None = None, dry_run: bool = False, re
     if dry_run:
         for run in mine:
             estimate = estimates[run]
-            guess = (f"~{estimate.seconds / 60:.1f} min on {', '.join(sorted(estimate.hosts))}" if estimate
-                     else "no estimate yet")
+            guess = f"~{estimate.seconds / 60:.1f} min on {estimate.host_names}" if estimate else "no estimate yet"
             print(f"  {statuses[run]:10s} {run.label}  ({guess})")
         timed = [estimates[r] for r in todo if estimates[r]]
         hours_by_hosts: dict[str, float] = {}
         for estimate in timed:
-            hosts = " and ".join(sorted(estimate.hosts))
-            hours_by_hosts[hosts] = hours_by_hosts.get(hosts, 0.0) + estimate.seconds / 3600
+            hours_by_hosts[estimate.host_names] = hours_by_hosts.get(estimate.host_names, 0.0) + estimate.seconds / 3600
         print(f"estimated time of what is to run (Trainer train_runtime of finished runs or of the sweep trials "
               f"their settings came from, per-epoch validation included): "
               f"{sum(hours_by_hosts.values()):.2f} h"
