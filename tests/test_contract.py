@@ -113,6 +113,7 @@ def test_unknown_model_id_names_the_offline_checkpoints(tmp_path):
     (["--batch_size", "-4"], "must be at least 1, got -4"),
     (["--lora_r", "0"], "must be positive, got 0 and 16"),
     (["--method", "adapter", "--adapter_reduction_factor", "0"], "must be positive, got 8 and 0"),
+    (["--check", "unused.md", "--check_methods", "lora-r8", "lorra"], "unknown tuning_method 'lorra'"),
 ])
 def test_memory_cli_refuses_values_that_make_no_sense(flags, pattern, capsys):
     from peftlab.errors import exit_on_user_error

@@ -215,6 +215,10 @@ def scenario_table(model: str, batch_size: int = 16, seq_len: int = 256) -> str:
                      "total GiB"], rows))
 
 
+# The methods the --check and --check_device measurements compare unless told otherwise.
+MEASURED_METHODS = ["full", "lora-r8", "adapter"]
+
+
 def main(argv: list[str] | None = None) -> None:
     # The method and its settings are train.py's own MethodArguments (--method / --tuning_method, --lora_r, ...).
     parser = HfArgumentParser(MethodArguments, description="Estimate training memory.", epilog=__doc__,
@@ -222,15 +226,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--table", metavar="PATH",
                         help="write the report's scenario table for --model (full/LoRA/adapter, fp32/bf16) to PATH")
     parser.add_argument("--check", metavar="PATH",
-                        help="measure peak RSS of real training steps for --check_models x full/LoRA/adapter, each "
+                        help="measure peak RSS of real training steps for --check_models x --check_methods, each "
                              "in a fresh process, and write the estimated-vs-measured table to PATH")
-    parser.add_argument("--check_models", nargs="+", default=["all-MiniLM-L6-v2", "Qwen2.5-Coder-0.5B-Instruct"])
+    parser.add_argument("--check_models", nargs="+", default=["all-MiniLM-L6-v2", "Qwen2.5-Coder-0.5B-Instruct"],
+                        help="checkpoints (aliases, local folders or hub ids) --check trains")
+    parser.add_argument("--check_methods", nargs="+", default=MEASURED_METHODS, help="method labels --check measures")
     parser.add_argument("--check_device", metavar="PATH",
                         help="on CUDA, measure peak memory and step times of randomly initialised --device_configs x "
                              "--device_methods, and write the estimated-vs-measured table to PATH.md and PATH.json")
     parser.add_argument("--device_configs", nargs="+", default=["bert-base-uncased", "roberta-large", "Qwen2.5-0.5B",
                                                                 "Qwen2.5-1.5B", "Qwen2.5-3B"])
-    parser.add_argument("--device_methods", nargs="+", default=["full", "lora-r8", "adapter"],
+    parser.add_argument("--device_methods", nargs="+", default=MEASURED_METHODS,
                         help="method labels --check_device measures")
     parser.add_argument("--frozen_weights_dtypes", nargs="+", default=["float32"], choices=["float32", "bfloat16"],
                         help="--check_device: dtypes of the weights PEFT freezes (full fine-tuning: float32 only)")
@@ -251,6 +257,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")
     try:
         method_args, args = parser.parse_args_into_dataclasses(argv)
+        for label in (*args.check_methods, *args.device_methods):
+            method_from_label(label)  # a typo fails here, before any model loads
     except ValueError as err:
         raise InvalidArgument(str(err)) from None
     if args.check:
@@ -258,7 +266,7 @@ def main(argv: list[str] | None = None) -> None:
         from .isolated import call_in_fresh_process
 
         results = [call_in_fresh_process("peftlab.benchmark:measure_step_memory", model_name=m, method=method)
-                   for m in args.check_models for method in ("full", "lora-r8", "adapter")]
+                   for m in args.check_models for method in args.check_methods]
         Path(args.check).parent.mkdir(parents=True, exist_ok=True)
         Path(args.check).write_text(measurement_table(results))
         Path(args.check).with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
