@@ -124,6 +124,14 @@ def test_memory_cli_refuses_values_that_make_no_sense(flags, pattern, capsys):
     assert_one_line_error(stop.value.code, capsys.readouterr().err, pattern)
 
 
+def test_benchmark_cli_refuses_a_misspelt_method_before_loading_a_model(capsys):
+    from peftlab.benchmark import main as benchmark_main
+
+    with pytest.raises(SystemExit) as stop:
+        benchmark_main(["--models", "no-such-model", "--methods", "full", "lora-x"])
+    assert_one_line_error(stop.value.code, capsys.readouterr().err, "unknown tuning_method 'lora-x'")
+
+
 def test_dataset_is_a_short_form_of_dataset_name():
     from peftlab.training import parse_args
 

@@ -494,11 +494,18 @@ VARIED = {"models": "model_name", "methods": "method", "precisions": "precision"
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=["all-MiniLM-L6-v2", "Qwen2.5-Coder-0.5B-Instruct"])
-    parser.add_argument("--methods", nargs="+", default=["full", "lora-r16", "adapter"])
-    parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
-    parser.add_argument("--paddings", nargs="+", default=["dynamic"], choices=PADDINGS)
-    parser.add_argument("--threads", nargs="+", type=positive_int, default=[os.cpu_count()])
+    parser.add_argument("--models", nargs="+", default=["all-MiniLM-L6-v2", "Qwen2.5-Coder-0.5B-Instruct"],
+                        help="checkpoints to compare (aliases, local folders or hub ids)")
+    parser.add_argument("--methods", nargs="+", default=["full", "lora-r16", "adapter"],
+                        help="method labels to compare: full, adapter, lora (the default rank) or lora-r16")
+    parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"],
+                        help="fp32, or bf16 autocast as train.py's --bf16")
+    parser.add_argument("--paddings", nargs="+", default=["dynamic"], choices=PADDINGS,
+                        help="dynamic: each batch to its longest row (DataCollatorWithPadding); max_length: every "
+                             "row to --max_length; grouped: rows of similar length batched together, as "
+                             "--group_by_length does")
+    parser.add_argument("--threads", nargs="+", type=positive_int, default=[os.cpu_count()],
+                        help="torch threads (default: this machine's CPUs)")
     parser.add_argument("--fused_adamw", nargs="+", type=switch, default=[False],
                         help="AdamW implementation: 0 = foreach (PyTorch's default), 1 = fused")
     parser.add_argument("--attn_implementations", nargs="+", default=["default"], choices=["default", "sdpa", "eager"],
@@ -527,13 +534,21 @@ def main(argv: list[str] | None = None) -> None:
                              "(which compiles nothing); 0: PyTorch's bf16 kernels; not given: train.py's default here")
     parser.add_argument("--num_hidden_layers", type=positive_int, default=None,
                         help="only each checkpoint's first layers: a deep model's step in less memory")
-    parser.add_argument("--batch_size", type=positive_int, default=16)
+    parser.add_argument("--batch_size", type=positive_int, default=16, help="rows per training step")
     parser.add_argument("--steps", type=positive_int, default=8, help="timed steps per configuration")
-    parser.add_argument("--warmup", type=non_negative_int, default=2)
-    parser.add_argument("--max_length", type=positive_int, default=256)
-    parser.add_argument("--data_dir", default=None)
+    parser.add_argument("--warmup", type=non_negative_int, default=2, help="untimed steps before them")
+    parser.add_argument("--max_length", type=positive_int, default=256, help="tokens a row is truncated to")
+    parser.add_argument("--data_dir", default=None,
+                        help="folder holding the datasets (default: as train.py's --data_dir finds them)")
     parser.add_argument("--out", default="benchmarks/results/throughput", help="path stem for .json and .md")
     args = parser.parse_args(argv)
+    from .methods import method_from_label
+
+    for label in args.methods:
+        try:
+            method_from_label(label)  # a typo fails here, before any model loads
+        except ValueError as err:
+            parser.error(str(err))
 
     peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16),
              "threads": torch.get_num_threads()}
