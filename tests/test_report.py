@@ -1,6 +1,7 @@
 """Report generation: tables, curves, placeholders, byte-for-byte regeneration."""
 
 import math
+from pathlib import Path
 
 import pytest
 from conftest import load_benchmark_script
@@ -94,6 +95,23 @@ def test_runs_on_another_host_are_named_and_untimed(report_inputs):
     with pytest.raises(ValueError, match="reference host"):
         fill_placeholders("{{cost:m/acl_sup/adapter/train_runtime}}", runs, root)
     assert fill_placeholders("{{cost:m/acl_sup/adapter/peak_rss_mb}}", runs, root) == "900"
+
+
+def test_the_command_line_says_when_the_main_text_outgrows_its_budget(report_inputs, monkeypatch, capsys):
+    from peftlab.report import MAIN_TEXT_BUDGET, main
+
+    results, prose, root = report_inputs
+    monkeypatch.chdir(root)
+    grid = Path(__file__).parents[1] / "configs" / "grids" / "assignment.yaml"
+    flags = ["--results", "results", "--prose", "prose", "--out", "out", "--grid", str(grid)]
+    main(flags)
+    assert "warning" not in capsys.readouterr().err
+    template = prose / "REPORT.template.md"
+    template.write_text(template.read_text() + "x" * MAIN_TEXT_BUDGET)
+    main(flags)
+    out, err = capsys.readouterr()
+    assert f"of {MAIN_TEXT_BUDGET / 1000:.0f} KB)" in out
+    assert "over its 25 KB budget" in err and "prose/REPORT.template.md" in err
 
 
 def test_unknown_placeholder_is_an_error(report_inputs):

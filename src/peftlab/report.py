@@ -30,6 +30,7 @@ import argparse
 import json
 import math
 import re
+import sys
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -729,6 +730,8 @@ def protocol_section(runs: list[RunResult], selection: dict) -> str:
 TEMPLATES = {"REPORT.template.md": "REPORT.md", "APPENDIX.template.md": "APPENDIX.md"}  # main text, appendix
 
 
+MAIN_TEXT_BUDGET = 25_000  # bytes of REPORT.md a reader takes in; per-seed detail belongs in the appendix
+
 CHECKS_FOLDER = "checks"  # under results/: quality checks of changed defaults (configs/grids/checks), not cells
 
 
@@ -804,7 +807,11 @@ def main(argv: list[str] | None = None) -> None:
     studies = args.studies or f"sqlite:///{Path(args.results) / 'sweeps' / 'studies.db'}"
     path = build_report(Path(args.results), Path(args.prose), Path(args.out), Path.cwd(), studies,
                         Path(args.selection), Path(args.grid))
-    print(f"wrote {path}")
+    size = path.stat().st_size
+    print(f"wrote {path} ({size / 1000:.1f} of {MAIN_TEXT_BUDGET / 1000:.0f} KB)")
+    if size > MAIN_TEXT_BUDGET:
+        print(f"warning: {path} is over its {MAIN_TEXT_BUDGET / 1000:.0f} KB budget: move detail from "
+              f"{Path(args.prose) / 'REPORT.template.md'} to the appendix", file=sys.stderr)
 
 
 if __name__ == "__main__":
