@@ -7,9 +7,11 @@ import pytest
 from conftest import load_benchmark_script
 
 from peftlab.markdown import table
-from peftlab.report import build_report, fill_placeholders
+from peftlab.report import UnfillablePlaceholder, build_report, fill_placeholders
 from peftlab.results import aggregate, collect, difference_statement
 from peftlab.runrecord import GRID_COORDINATES_FILE, STATE_FILE, RunDirectory, write_json
+
+ASSIGNMENT_GRID = Path(__file__).parents[1] / "configs" / "grids" / "assignment.yaml"
 
 
 def fixture_run(root, method, seed, accuracy, hardware=None, validation_rows=None, max_train_samples=None,
@@ -92,7 +94,7 @@ def test_runs_on_another_host_are_named_and_untimed(report_inputs):
     assert ('- AMD EPYC (no native bf16), 1 torch thread: 1 run (m/acl_sup/adapter/seed1; '
             '`{"cpu_count": 4, "cpu_model": "AMD EPYC", "native_bf16": null, "torch_threads": 1}`)') in text
     runs = collect(results)
-    with pytest.raises(ValueError, match="reference host"):
+    with pytest.raises(UnfillablePlaceholder, match="reference host"):
         fill_placeholders("{{cost:m/acl_sup/adapter/train_runtime}}", runs, root)
     assert fill_placeholders("{{cost:m/acl_sup/adapter/peak_rss_mb}}", runs, root) == "900"
 
@@ -102,8 +104,7 @@ def test_the_command_line_says_when_the_main_text_outgrows_its_budget(report_inp
 
     results, prose, root = report_inputs
     monkeypatch.chdir(root)
-    grid = Path(__file__).parents[1] / "configs" / "grids" / "assignment.yaml"
-    flags = ["--results", "results", "--prose", "prose", "--out", "out", "--grid", str(grid)]
+    flags = ["--results", "results", "--prose", "prose", "--out", "out", "--grid", str(ASSIGNMENT_GRID)]
     main(flags)
     assert "warning" not in capsys.readouterr().err
     template = prose / "REPORT.template.md"
@@ -114,16 +115,32 @@ def test_the_command_line_says_when_the_main_text_outgrows_its_budget(report_inp
     assert "over its 25 KB budget" in err and "prose/REPORT.template.md" in err
 
 
+def test_the_command_line_names_a_missing_folder_or_result_in_one_line(report_inputs, monkeypatch, capsys):
+    from peftlab.report import main
+
+    results, prose, root = report_inputs
+    monkeypatch.chdir(root)
+    with pytest.raises(SystemExit) as stop:
+        main(["--results", "no-such-results", "--prose", "prose"])
+    assert stop.value.code == 2 and capsys.readouterr().err == "error: no results folder no-such-results\n"
+    (prose / "REPORT.template.md").write_text("{{metric:m/agnews_sup/full/accuracy}}\n")
+    with pytest.raises(SystemExit) as stop:
+        main(["--results", "results", "--prose", "prose", "--out", "out", "--grid", str(ASSIGNMENT_GRID)])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err == ("error: report placeholder {{metric:m/agnews_sup/full/accuracy}}: "
+                                       "no fixed-protocol runs for m/agnews_sup/full\n")
+
+
 def test_unknown_placeholder_is_an_error(report_inputs):
     results, _, root = report_inputs
     runs = collect(results)
-    with pytest.raises(KeyError, match="no fixed-protocol runs for m/agnews_sup/full"):
+    with pytest.raises(UnfillablePlaceholder, match="no fixed-protocol runs for m/agnews_sup/full"):
         fill_placeholders("{{metric:m/agnews_sup/full/accuracy}}", runs, root)
-    with pytest.raises(KeyError, match="no validation-protocol runs for m/acl_sup/full"):
+    with pytest.raises(UnfillablePlaceholder, match="no validation-protocol runs for m/acl_sup/full"):
         fill_placeholders("{{ci:validation:m/acl_sup/full/accuracy}}", runs, root)
-    with pytest.raises(KeyError, match="no selected settings for m/acl_sup/full"):
+    with pytest.raises(UnfillablePlaceholder, match="no selected settings for m/acl_sup/full"):
         fill_placeholders("{{selected:m/acl_sup/full}}", runs, root, {})
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(UnfillablePlaceholder, match="no file"):
         fill_placeholders("{{file:nope.md}}", runs, root)
 
 
@@ -139,7 +156,7 @@ def test_placeholders_cite_intervals_paired_differences_and_protocols(tmp_path):
     assert fill_placeholders("{{ci:validation:m/acl_sup/full/accuracy}}", runs, tmp_path) == "90.0 (n=1)"
     assert fill_placeholders("{{diff:m/acl_sup/lora-r8/accuracy}}", runs, tmp_path).startswith(
         "+10.0 points (95% CI +7.5 to +12.5)")
-    with pytest.raises(KeyError, match="no seeds shared with full"):
+    with pytest.raises(UnfillablePlaceholder, match="no seeds shared with full"):
         fill_placeholders("{{diff:validation:m/acl_sup/full/accuracy}}", runs, tmp_path)
     entry = {"study": "s", "trial": 4, "validation_macro_f1": 0.551, "params": {"learning_rate": 8.5e-5}}
     assert fill_placeholders("{{selected:m/acl_sup/full}}", runs, tmp_path, {"m/acl_sup/full": entry}) == (
@@ -480,9 +497,9 @@ def test_a_cell_placeholder_quotes_one_generated_table_cell(tmp_path):
     assert cell("model=Qwen2.5-3B,method=lora-r8|measured peak GiB|1") == "31.5"
     assert cell("model=Qwen2.5-3B,method=full|estimated GiB") == "58.59"  # a header's "(...)" may be left out
     assert cell("model=bert|tokens/s|0") == "108494"
-    with pytest.raises(KeyError, match="2 rows have method=lora-r8"):
+    with pytest.raises(UnfillablePlaceholder, match="2 rows have method=lora-r8"):
         cell("method=lora-r8|measured peak GiB")
-    with pytest.raises(KeyError, match="0 rows"):
+    with pytest.raises(UnfillablePlaceholder, match="0 rows"):
         cell("model=Qwen2.5-3B,method=full|infer ms")
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(UnfillablePlaceholder, match="no file"):
         fill_placeholders("{{cell:nope.md|model=bert|tokens/s}}", [], tmp_path)

@@ -88,3 +88,7 @@ def predict(args: PredictArguments) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     return exit_on_user_error(lambda: predict(*parse_dataclasses((PredictArguments,), argv)))
+
+
+if __name__ == "__main__":
+    main()

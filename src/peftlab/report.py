@@ -42,6 +42,7 @@ import numpy as np  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import LogLocator, MaxNLocator, NullFormatter  # noqa: E402
 
+from .errors import MissingFile, UserError, exit_on_user_error  # noqa: E402
 from .markdown import read_tables, table  # noqa: E402
 from .methods import (  # noqa: E402
     LORA_DEFAULT_TARGETS,
@@ -250,6 +251,10 @@ def selected_text(entry: dict) -> str:
             f"study {entry['study']}, trial {entry['trial']})")
 
 
+class UnfillablePlaceholder(UserError, LookupError):
+    """A report template cites a result, file, table cell or setting that is not there (yet)."""
+
+
 def table_cell(path: Path, target: str) -> str:
     """The number leading the cell ``target`` (``COLUMN=VALUE,...|COLUMN[|DECIMALS]``) names in a table of
     ``path``; exactly one row must match, and the cell must start with a number."""
@@ -266,10 +271,10 @@ def table_cell(path: Path, target: str) -> str:
             cells += [row[columns[column]] for row in rows
                       if all(row[columns[name]] == value for name, value in conditions.items())]
     if len(cells) != 1:
-        raise KeyError(f"{path}: {len(cells)} rows have {where} and a column {column!r}, not one")
+        raise UnfillablePlaceholder(f"{path}: {len(cells)} rows have {where} and a column {column!r}, not one")
     number = re.match(r"[-+]?\d[\d,]*(\.\d+)?", cells[0])
     if number is None:
-        raise ValueError(f"{path}: the {column!r} cell of {where} is {cells[0]!r}, not a number")
+        raise UnfillablePlaceholder(f"{path}: the {column!r} cell of {where} is {cells[0]!r}, not a number")
     text = number.group(0)
     return f"{float(text.replace(',', '')):.{int(decimals[0])}f}" if decimals else text
 
@@ -296,18 +301,19 @@ def fill_placeholders(text: str, runs: list[RunResult], repo_root: Path, selecti
             relative, _, cell = target.partition("|")
             path = repo_root / relative
             if not path.is_file():
-                raise FileNotFoundError(f"report placeholder {match.group(0)}: no file {path}")
+                raise UnfillablePlaceholder(f"report placeholder {match.group(0)}: no file {path}")
             return table_cell(path, cell) if kind == "cell" else path.read_text().rstrip("\n")
         if kind == "selected":
             if target not in (selection or {}):
-                raise KeyError(f"report placeholder {match.group(0)}: no selected settings for {target}")
+                raise UnfillablePlaceholder(
+                    f"report placeholder {match.group(0)}: no selected settings for {target}")
             return selected_text(selection[target])
         protocol, _, cell = target.rpartition(":")
         protocol = protocol or FIXED
         model, dataset, method, key = cell.split("/")
         row = rows.get((protocol, model, dataset, method))
         if row is None:
-            raise KeyError(f"report placeholder {match.group(0)}: no {protocol}-protocol runs for "
+            raise UnfillablePlaceholder(f"report placeholder {match.group(0)}: no {protocol}-protocol runs for "
                            f"{model}/{dataset}/{method}")
         if kind == "metric":
             return pm(row, key)
@@ -316,10 +322,12 @@ def fill_placeholders(text: str, runs: list[RunResult], repo_root: Path, selecti
         if kind == "diff":
             pair = paired(protocol, key).get((model, dataset, method))
             if pair is None:
-                raise KeyError(f"report placeholder {match.group(0)}: no seeds shared with {baseline_label()}")
+                raise UnfillablePlaceholder(
+                    f"report placeholder {match.group(0)}: no seeds shared with {baseline_label()}")
             return difference_statement(pair)
         if math.isnan(row[key]):
-            raise ValueError(f"report placeholder {match.group(0)}: no value (times need runs on the reference host)")
+            raise UnfillablePlaceholder(
+                f"report placeholder {match.group(0)}: no value (times need runs on the reference host)")
         return f"{row[key]:.0f}" if row[key] >= 10 else f"{row[key]:.2f}"
 
     return PLACEHOLDER.sub(substitute, text)
@@ -804,6 +812,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--grid", default="configs/grids/assignment.yaml",
                         help="the grid whose cells the headline table counts seeds against")
     args = parser.parse_args(argv)
+    exit_on_user_error(lambda: generate(args))
+
+
+def generate(args: argparse.Namespace) -> None:
+    """The report the command line asks for, and its size against the budget."""
+    if not Path(args.results).is_dir():
+        raise MissingFile(f"no results folder {args.results}")
+    if not (Path(args.prose) / "REPORT.template.md").is_file():
+        raise MissingFile(f"no {Path(args.prose) / 'REPORT.template.md'}")
     studies = args.studies or f"sqlite:///{Path(args.results) / 'sweeps' / 'studies.db'}"
     path = build_report(Path(args.results), Path(args.prose), Path(args.out), Path.cwd(), studies,
                         Path(args.selection), Path(args.grid))
