@@ -60,8 +60,13 @@ def test_expand_merges_and_names_runs(tmp_path):
     assert acl_full.output_dir == tmp_path / "results" / "tiny" / "acl_sup" / "full" / "seed2"
     assert len({r.output_dir for r in runs}) == 8
     assert [r.seed for r in select(runs, ["method=lora-r8", "dataset=acl_sup"])] == [1, 2]
-    assert [(r.dataset, r.seed) for r in select(runs, ["method=full", "seed=2,3"])] == [("restaurant_sup", 2),
-                                                                                   ("acl_sup", 2)]
+    assert [(r.dataset, r.seed) for r in select(runs, ["method=full", "seed=2"])] == [("restaurant_sup", 2),
+                                                                                 ("acl_sup", 2)]
+    assert len(select(runs, ["dataset=acl_sup,restaurant_sup", "seed=1,2"])) == 8
+    with pytest.raises(InvalidArgument, match="the grid has no seed 3; it has 1, 2"):
+        select(runs, ["method=full", "seed=2,3"])
+    with pytest.raises(InvalidArgument, match="no model minlm; it has tiny"):
+        select(runs, ["model=minlm"])
     grid = load_grid(path)
     grid["models"]["tiny"]["methods"] = ["full"]
     grid["models"]["tiny"]["datasets"] = ["acl_sup"]

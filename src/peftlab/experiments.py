@@ -395,22 +395,31 @@ def run_order(runs: list[GridRun], seconds: dict[GridRun, float | None] | None =
 
 def select(runs: list[GridRun], filters: list[str] | None) -> list[GridRun]:
     """Keep runs matching every ``coordinate=value[,value...]`` filter (e.g. ``model=minilm``, ``seed=4,5``,
-    ``swept=true``: the cells whose settings their own sweep selected): equal to one of its values."""
+    ``swept=true``: the cells whose settings their own sweep selected): equal to one of its values. A value
+    that no run of ``runs`` has is a typo, not an empty selection."""
+    selected = runs
     for spec in filters or []:
         key, _, value = spec.partition("=")
         if key not in ("model", "dataset", "method", "seed", "swept"):
             raise InvalidArgument(f"--only {spec}: filter on model, dataset, method, seed or swept")
         if key == "swept" and value.lower() not in ("true", "false"):
             raise InvalidArgument(f"--only {spec}: swept is true or false")
-        runs = [run for run in runs if str(getattr(run, key)).lower() in value.lower().split(",")]
-    return runs
+        wanted = value.lower().split(",")
+        known = [str(v).lower() for v in sorted({getattr(run, key) for run in runs})]
+        unknown = [v for v in wanted if v not in known and key != "swept"]
+        if unknown:
+            raise InvalidArgument(f"--only {spec}: the grid has no {key} {', '.join(unknown)}; "
+                                  f"it has {', '.join(known)}")
+        selected = [run for run in selected if str(getattr(run, key)).lower() in wanted]
+    return selected
 
 
 def run_grid(path: str, shard_spec: str | None = None, dry_run: bool = False, rerun_changed: bool = False,
              filters: list[str] | None = None) -> int:
     grid = load_grid(path)
     runs = expand(grid)
-    selected = select(shard(runs, shard_spec), filters)
+    chosen = set(select(runs, filters))  # filters name the grid's values, whichever shard holds them
+    selected = [run for run in shard(runs, shard_spec) if run in chosen]
     estimates = {run: estimate_time(run, runs) for run in selected}
     mine = run_order(selected, {run: estimate.seconds for run, estimate in estimates.items() if estimate})
     if grid.get("require_selection"):
