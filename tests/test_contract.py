@@ -124,6 +124,18 @@ def test_memory_cli_refuses_values_that_make_no_sense(flags, pattern, capsys):
     assert_one_line_error(stop.value.code, capsys.readouterr().err, pattern)
 
 
+@pytest.mark.parametrize(("flags", "pattern"), [
+    (["--n_trials", "0"], "--n_trials: must be at least 1, got 0"),
+    (["--worker", "-1"], "--worker: must be at least 0, got -1"),
+])
+def test_sweep_cli_refuses_counts_that_make_no_sense(flags, pattern, capsys):
+    from peftlab.sweep import main as sweep_main
+
+    with pytest.raises(SystemExit) as stop:
+        sweep_main(["configs/sweeps/minilm-acl_sup-full.yaml", *flags])
+    assert_one_line_error(stop.value.code, capsys.readouterr().err, pattern)
+
+
 def test_benchmark_cli_refuses_a_misspelt_method_before_loading_a_model(capsys):
     from peftlab.benchmark import main as benchmark_main
 

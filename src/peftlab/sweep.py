@@ -59,7 +59,7 @@ from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 from transformers import TrainerCallback
 
-from .cli import parse_dict
+from .cli import non_negative_int, parse_dict, positive_int
 from .errors import InvalidArgument, MissingFile, TrainingDiverged, exit_on_user_error
 from .runrecord import RESUMABLE, RunDirectory, same_computation, write_text
 from .selection import DEFAULT_SELECTION_FILE, apply_params, cell_key, read_selection
@@ -334,9 +334,10 @@ def write_selection(sweep: Sweep, study) -> dict | None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("sweep", help="sweep YAML file")
-    parser.add_argument("--n_trials", type=int, help="finished trials wanted in the study (default: the file's)")
+    parser.add_argument("--n_trials", type=positive_int,
+                        help="finished trials wanted in the study (default: the file's)")
     parser.add_argument("--storage", help="Optuna database URL, overriding the file's (share a study across machines)")
-    parser.add_argument("--worker", type=int, default=0,
+    parser.add_argument("--worker", type=non_negative_int, default=0,
                         help="this worker's index among several sharing the study (0, 1, ...): offsets the sampler's "
                              "seed, so concurrent workers do not draw the same trials")
     args = parser.parse_args(argv)
