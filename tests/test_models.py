@@ -43,6 +43,15 @@ def test_sep_token_defaults(tiny_models):
     assert default_sep_token(AutoTokenizer.from_pretrained(tiny_models["qwen2"])) == " <|endoftext|> "
 
 
+def test_a_name_that_is_neither_folder_nor_hub_id_is_a_missing_folder(tmp_path):
+    from peftlab.errors import MissingFile
+
+    assert resolve_model("org/name").source == "hub"
+    for name in (str(tmp_path / "no-such-model"), "my model"):
+        with pytest.raises(MissingFile, match=r"neither a folder nor a hub id .*packaged checkpoints: .*MiniLM"):
+            resolve_model(name)
+
+
 def test_minilm_is_packaged_and_loads_offline():
     resolved = resolve_model("all-MiniLM-L6-v2")
     assert resolved.source == "package" and resolved.checkpoint == "sentence-transformers/all-MiniLM-L6-v2"

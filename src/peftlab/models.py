@@ -21,6 +21,8 @@ from importlib import metadata
 from pathlib import Path
 
 import torch
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from .errors import MissingFile, ModelNotFound, UserError
@@ -287,6 +289,11 @@ def resolve_model(name_or_path: str, dtype: torch.dtype = torch.float32) -> Reso
         source = read_json(Path(path) / SOURCE_FILE)
         checkpoint = source["checkpoint"] if source else path
         return ResolvedModel(name_or_path, path, checkpoint, "local")
+    try:
+        validate_repo_id(name_or_path)
+    except HFValidationError:  # e.g. a mistyped path: say so instead of the hub's traceback
+        raise MissingFile(f"{name_or_path!r} is neither a folder nor a hub id (org/name); offline, use a local "
+                          f"folder or one of the packaged checkpoints: {', '.join(offline_names())}") from None
     return ResolvedModel(name_or_path, name_or_path, name_or_path, "hub")
 
 
