@@ -41,6 +41,7 @@ from .hardware import (
 from .isolated import call_in_fresh_process
 from .markdown import table
 from .memory import GIB, estimate, load_config
+from .methods import known_method_label
 
 PADDINGS = ("dynamic", "max_length", "grouped")
 
@@ -496,7 +497,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["all-MiniLM-L6-v2", "Qwen2.5-Coder-0.5B-Instruct"],
                         help="checkpoints to compare (aliases, local folders or hub ids)")
-    parser.add_argument("--methods", nargs="+", default=["full", "lora-r16", "adapter"],
+    parser.add_argument("--methods", nargs="+", type=known_method_label, default=["full", "lora-r16", "adapter"],
                         help="method labels to compare: full, adapter, lora (the default rank) or lora-r16")
     parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"],
                         help="fp32, or bf16 autocast as train.py's --bf16")
@@ -542,13 +543,6 @@ def main(argv: list[str] | None = None) -> None:
                         help="folder holding the datasets (default: as train.py's --data_dir finds them)")
     parser.add_argument("--out", default="benchmarks/results/throughput", help="path stem for .json and .md")
     args = parser.parse_args(argv)
-    from .methods import method_from_label
-
-    for label in args.methods:
-        try:
-            method_from_label(label)  # a typo fails here, before any model loads
-        except ValueError as err:
-            parser.error(str(err))
 
     peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16),
              "threads": torch.get_num_threads()}

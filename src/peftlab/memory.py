@@ -41,7 +41,7 @@ from transformers import AutoConfig, HfArgumentParser
 from .cli import non_negative_int, positive_int
 from .errors import InvalidArgument, exit_on_user_error
 from .markdown import table
-from .methods import MethodArguments, get_method, meta_model, method_from_label, wrap_on_meta
+from .methods import MethodArguments, get_method, known_method_label, meta_model, method_from_label, wrap_on_meta
 
 BUILTIN_CONFIGS = Path(__file__).parent / "configs"
 GIB = 2**30
@@ -230,13 +230,14 @@ def main(argv: list[str] | None = None) -> None:
                              "in a fresh process, and write the estimated-vs-measured table to PATH")
     parser.add_argument("--check_models", nargs="+", default=["all-MiniLM-L6-v2", "Qwen2.5-Coder-0.5B-Instruct"],
                         help="checkpoints (aliases, local folders or hub ids) --check trains")
-    parser.add_argument("--check_methods", nargs="+", default=MEASURED_METHODS, help="method labels --check measures")
+    parser.add_argument("--check_methods", nargs="+", type=known_method_label, default=MEASURED_METHODS,
+                        help="method labels --check measures")
     parser.add_argument("--check_device", metavar="PATH",
                         help="on CUDA, measure peak memory and step times of randomly initialised --device_configs x "
                              "--device_methods, and write the estimated-vs-measured table to PATH.md and PATH.json")
     parser.add_argument("--device_configs", nargs="+", default=["bert-base-uncased", "roberta-large", "Qwen2.5-0.5B",
                                                                 "Qwen2.5-1.5B", "Qwen2.5-3B"])
-    parser.add_argument("--device_methods", nargs="+", default=MEASURED_METHODS,
+    parser.add_argument("--device_methods", nargs="+", type=known_method_label, default=MEASURED_METHODS,
                         help="method labels --check_device measures")
     parser.add_argument("--frozen_weights_dtypes", nargs="+", default=["float32"], choices=["float32", "bfloat16"],
                         help="--check_device: dtypes of the weights PEFT freezes (full fine-tuning: float32 only)")
@@ -257,8 +258,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")
     try:
         method_args, args = parser.parse_args_into_dataclasses(argv)
-        for label in (*args.check_methods, *args.device_methods):
-            method_from_label(label)  # a typo fails here, before any model loads
     except ValueError as err:
         raise InvalidArgument(str(err)) from None
     if args.check:

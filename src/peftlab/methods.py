@@ -14,6 +14,7 @@ PyTorch's meta device through the same ``wrap``). A method is added here, with o
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import re
 from abc import ABC, abstractmethod
@@ -44,6 +45,16 @@ def method_from_label(label: str) -> MethodArguments:
         if args is not None:
             return args
     raise ValueError(f"unknown tuning_method {label!r}; choose one of {sorted(METHODS)}")
+
+
+def known_method_label(label: str) -> str:
+    """An argparse ``type`` for method labels: a misspelt one fails as the command line is read, before any
+    model loads."""
+    try:
+        method_from_label(label)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return label
 
 
 def new_modules(model: torch.nn.Module, also: str | None = None) -> list[str]:
