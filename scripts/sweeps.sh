@@ -15,8 +15,8 @@
 # Up to WORKERS processes share each study and each grid command (each takes the next free trial or run), the
 # CPU's cores split between them: on a 2-core host two 1-thread workers train 1.17-1.42x faster in total than
 # one 2-thread process (benchmarks/workers.sh: MiniLM on the AMD host, workers.md; MPNet on the AMX host,
-# workers_amx.md). Runs and trials save a checkpoint at each epoch's end
-# and resume from it.
+# workers_amx.md). Runs and trials save a checkpoint at each epoch's end and every 30 minutes,
+# and resume from the last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 # Peak memory of one run in GB (the largest of each model's finished runs: ACL-ARC or AG News at 256 tokens, 0.5B full

@@ -87,6 +87,7 @@ def assert_one_line_error(code: int, stderr: str, pattern: str) -> None:
     (["--num_train_epochs", "0"], "--num_train_epochs must be positive"),
     (["--max_seq_length", "0"], "--max_seq_length must be positive"),
     (["--max_train_samples", "0"], "--max_train_samples must be positive"),
+    (["--save_every_minutes", "-5"], "--save_every_minutes must be 0 .off. or more, got -5"),
     (["--tuning_method", "ia4"], "invalid choice: .ia4."),
     (["--dataset", "restaurant_sup,restaurant"], "names restaurant more than once"),
     (["--dataset", "imdb_sup"], "unknown dataset 'imdb_sup'"),

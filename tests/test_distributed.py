@@ -31,7 +31,8 @@ def train(launcher: list[str], model: Path, data_dir: Path, out: Path, batch_siz
     args = ["--model_name_or_path", str(model), "--dataset", "acl_sup", "--data_dir", str(data_dir),
             "--max_train_samples", "160", "--max_eval_samples", "32", "--output_dir", str(out),
             "--per_device_train_batch_size", str(batch_size), "--num_train_epochs", "1", "--logging_steps", "1",
-            "--learning_rate", "1e-3", "--report_to", "none", "--disable_tqdm", "true", "--do_predict", "true"]
+            "--learning_rate", "1e-3", "--report_to", "none", "--disable_tqdm", "true", "--do_predict", "true",
+            "--save_every_minutes", "1e-9"]  # a checkpoint at every step: the processes must agree on when
     done = subprocess.run([*launcher, str(ROOT / "train.py"), *args], capture_output=True, text=True, cwd=ROOT,
                           env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

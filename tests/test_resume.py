@@ -13,7 +13,7 @@ class Killed(Exception):
 
 
 class KillAfterFirstCheckpoint(TrainerCallback):
-    """The process dies right after the first epoch's checkpoint is saved."""
+    """The process dies right after its first checkpoint is saved."""
 
     def on_save(self, args, state, control, **kwargs):
         raise Killed
@@ -32,20 +32,24 @@ def curve(run_dir: RunDirectory) -> list[dict]:
             for entry in run_dir.log_history()]
 
 
-@pytest.mark.parametrize(("arch", "method", "precision", "batches"), [
-    ("bert", "full", "fp32", "random"), ("bert", "lora", "fp32", "random"), ("bert", "adapter", "fp32", "random"),
-    ("bert", "full", "fp32", "length groups, shuffled"),
-    ("qwen2", "lora", "bf16", "random"), ("qwen2", "adapter", "bf16", "random"),  # frozen weights in bf16
+@pytest.mark.parametrize(("arch", "method", "precision", "batches", "saved"), [
+    ("bert", "full", "fp32", "random", "epoch"), ("bert", "lora", "fp32", "random", "epoch"),
+    ("bert", "adapter", "fp32", "random", "epoch"), ("bert", "full", "fp32", "length groups, shuffled", "epoch"),
+    ("qwen2", "lora", "bf16", "random", "epoch"), ("qwen2", "adapter", "bf16", "random", "epoch"),  # bf16 frozen
+    # --save_every_minutes: killed after the first step's checkpoint, mid-epoch; the resumed run skips that batch
+    ("bert", "full", "fp32", "length groups, shuffled", "timed"), ("qwen2", "lora", "bf16", "random", "timed"),
 ])
 def test_a_killed_run_resumes_from_its_last_checkpoint_and_ends_as_if_never_killed(arch, method, precision, batches,
-                                                                                    tmp_path, tiny_models,
+                                                                                    saved, tmp_path, tiny_models,
                                                                                     fixture_data_dir):
     grouped = batches != "random"
+    first_checkpoint = "checkpoint-1" if saved == "timed" else "checkpoint-4"  # 4 steps an epoch
 
     def args_for(output_dir):
         return [*tiny_run_args(tiny_models[arch], fixture_data_dir, method, output_dir),
                 "--bf16", str(precision == "bf16"), "--group_by_length", str(grouped),
-                "--shuffle_length_groups", str(grouped)]
+                "--shuffle_length_groups", str(grouped),
+                *(["--save_every_minutes", "1e-9"] if saved == "timed" else [])]  # due at every step
 
     whole = main(args_for(tmp_path / "whole"))
 
@@ -53,8 +57,8 @@ def test_a_killed_run_resumes_from_its_last_checkpoint_and_ends_as_if_never_kill
     args = args_for(killed.path)
     with pytest.raises(Killed):
         run(*parse_args(args), callbacks=[KillAfterFirstCheckpoint()])
-    assert killed.state() == STARTED and killed.last_checkpoint().name == "checkpoint-4"
-    saved = read_json(killed.last_checkpoint() / "trainer_state.json")["stateful_callbacks"]["WholeRunTotals"]
+    assert killed.state() == STARTED and killed.last_checkpoint().name == first_checkpoint
+    totals = read_json(killed.last_checkpoint() / "trainer_state.json")["stateful_callbacks"]["WholeRunTotals"]
     if method == "adapter":  # the checkpoint holds what trains (the adapters, the head), not the frozen weights
         with safe_open(killed.last_checkpoint() / "model.safetensors", "pt") as weights:
             names = list(weights.keys())
@@ -63,7 +67,7 @@ def test_a_killed_run_resumes_from_its_last_checkpoint_and_ends_as_if_never_kill
         assert not any(name.endswith(frozen) for name in names)
 
     resumed = main(args)  # the same command again, as the grid runner or a user would
-    assert killed.record()["resumed_from_checkpoint"] == str(killed.path / "checkpoint-4")
+    assert killed.record()["resumed_from_checkpoint"] == str(killed.path / first_checkpoint)
     assert not list(killed.path.glob("checkpoint-*"))  # removed once finished
     expected = curve(RunDirectory(tmp_path / "whole"))
     assert len(curve(killed)) == len(expected)
@@ -71,8 +75,8 @@ def test_a_killed_run_resumes_from_its_last_checkpoint_and_ends_as_if_never_kill
         assert entry == pytest.approx(wanted)
     for key in ("accuracy", "macro_f1", "validation_macro_f1", "train_loss"):
         assert resumed[key] == pytest.approx(whole[key])
-    # the time of the whole run: the first process's epoch (recorded in the checkpoint) and the resumed three
-    assert 0 < saved["attributes"]["seconds"] < resumed["train_runtime"]
+    # the time of the whole run: the first process's steps (recorded in the checkpoint) and the resumed ones
+    assert 0 < totals["attributes"]["seconds"] < resumed["train_runtime"]
     assert resumed["train_samples_per_second"] == pytest.approx(4 * 27 / resumed["train_runtime"], rel=0.01)
 
 

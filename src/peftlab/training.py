@@ -205,6 +205,12 @@ class PeftlabTrainingArguments(TrainingArguments):
                           "killed midway and started again with the same output_dir resumes from its newest "
                           "checkpoint, which is removed when the run finishes. The final model is saved under "
                           "output_dir/model anyway."})
+    save_every_minutes: float = field(
+        default=0,
+        metadata={"help": "Also save a checkpoint whenever this many minutes of training have passed since the last "
+                          "one, mid-epoch too (0: off), so a run killed midway loses at most that much; a run resumed "
+                          "from a mid-epoch checkpoint skips the batches it has seen and ends as if never killed. "
+                          "Grids and sweeps save every 30 minutes beside each epoch's end."})
     report_to: None | str | list[str] = field(
         default="wandb", metadata={"help": "Trackers: wandb (offline unless logged in), or none."})
     bf16: bool = field(
@@ -264,6 +270,8 @@ class PeftlabTrainingArguments(TrainingArguments):
         if self.num_train_epochs <= 0 and self.max_steps <= 0 and self.do_train:
             raise InvalidArgument(f"--num_train_epochs must be positive (or set --max_steps), "
                                   f"got {self.num_train_epochs}")
+        if self.save_every_minutes < 0:
+            raise InvalidArgument(f"--save_every_minutes must be 0 (off) or more, got {self.save_every_minutes}")
         if self.gradient_checkpointing_token_budget < 0:
             raise InvalidArgument(f"--gradient_checkpointing_token_budget must be 0 or more, "
                                   f"got {self.gradient_checkpointing_token_budget}")
@@ -514,6 +522,30 @@ class EvaluateLastStep(TrainerCallback):
             control.should_evaluate = True
 
 
+class TimedCheckpoints(TrainerCallback):
+    """``--save_every_minutes``: a checkpoint at the first step's end after that long since the last one (or the
+    start), whatever ``--save_strategy`` says, so a run stopped by a session's end loses at most that much work."""
+
+    def __init__(self, minutes: float):
+        self.seconds = minutes * 60
+        self.last_save = time.monotonic()
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.last_save = time.monotonic()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        due = time.monotonic() - self.last_save >= self.seconds
+        if args.world_size > 1:  # every process saves at the same step: the main process's clock decides
+            flag = torch.tensor(float(due), device=args.device)
+            torch.distributed.broadcast(flag, src=0)
+            due = bool(flag.item())
+        if due:
+            control.should_save = True
+
+    def on_save(self, args, state, control, **kwargs):
+        self.last_save = time.monotonic()
+
+
 def prepare_output_dir(training_args: TrainingArguments) -> tuple[RunDirectory, Path | None]:
     """The run's folder, and the checkpoint training resumes from (None: from the start).
 
@@ -619,7 +651,8 @@ def run(data_args: DataArguments, model_args: ModelArguments, method_args: Metho
         model=model, args=training_args, train_dataset=encoded["train"], eval_dataset=encoded.get("validation"),
         processing_class=tokenizer, data_collator=DataCollatorWithPadding(tokenizer),
         compute_metrics=partial(compute_metrics, label_names=label_names),
-        callbacks=[EvaluateLastStep(), *(callbacks or [])],
+        callbacks=[EvaluateLastStep(), *([TimedCheckpoints(training_args.save_every_minutes)]
+                                         if training_args.save_every_minutes else []), *(callbacks or [])],
         math_attention_max_length=model_args.cpu_math_attention_max_length, bf16_matmuls_in_fp32=in_fp32)
     metrics: dict = dict(counts)
     if training_args.do_train:
