@@ -15,7 +15,7 @@
 # Up to WORKERS processes share each study and each grid command (each takes the next free trial or run), the
 # CPU's cores split between them: on a 2-core host two 1-thread workers train 1.17-1.42x faster in total than
 # one 2-thread process (benchmarks/workers.sh: MiniLM on the AMD host, workers.md; MPNet on the AMX host,
-# workers_amx.md). Runs and trials save a checkpoint at each epoch's end and every 30 minutes,
+# workers_amx.md). Runs and trials save a checkpoint at each epoch's end and every 15 minutes,
 # and resume from the last.
 set -uo pipefail
 cd "$(dirname "$0")/.."

@@ -38,9 +38,9 @@ replaced by this file's where it sets one, except ``defaults``, which merge key 
 
 Each run gets ``output_root/<model>/<dataset>/<method>/seed<k>/`` with its arguments in
 ``grid_args.json``; ``python train.py that/grid_args.json`` reproduces it alone. A finished run
-whose arguments are unchanged is skipped. Every run saves a checkpoint at each epoch's end and every 30
+whose arguments are unchanged is skipped. Every run saves a checkpoint at each epoch's end and every 15
 minutes (``runrecord.RESUMABLE``, under the defaults), and a run that was killed resumes from the last, so a
-killed grid loses at most 30 minutes of the run in flight. Several workers may run the same grid
+killed grid loses at most 15 minutes of the run in flight. Several workers may run the same grid
 command at once (on one machine, or machines sharing the folder): each takes the next run no other
 live worker holds (:func:`claim`); ``--shard i/n`` splits the grid between them statically instead.
 """

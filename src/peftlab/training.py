@@ -210,7 +210,7 @@ class PeftlabTrainingArguments(TrainingArguments):
         metadata={"help": "Also save a checkpoint whenever this many minutes of training have passed since the last "
                           "one, mid-epoch too (0: off), so a run killed midway loses at most that much; a run resumed "
                           "from a mid-epoch checkpoint skips the batches it has seen and ends as if never killed. "
-                          "Grids and sweeps save every 30 minutes beside each epoch's end."})
+                          "Grids and sweeps save every 15 minutes beside each epoch's end."})
     report_to: None | str | list[str] = field(
         default="wandb", metadata={"help": "Trackers: wandb (offline unless logged in), or none."})
     bf16: bool = field(
