@@ -22,7 +22,7 @@ class KillAfterFirstCheckpoint(TrainerCallback):
 def tiny_run_args(model: str, data_dir, method: str, output_dir) -> list[str]:
     return ["--model_name_or_path", model, "--dataset_name", "restaurant_sup", "--data_dir", str(data_dir),
             "--tuning_method", method, "--num_train_epochs", "4", "--per_device_train_batch_size", "8",
-            "--learning_rate", "1e-3", "--logging_steps", "1", "--report_to", "none", "--seed", "3",
+            "--learning_rate", "1e-3", "--logging_steps", "3", "--report_to", "none", "--seed", "3",
             "--save_strategy", "epoch", "--save_total_limit", "1", "--output_dir", str(output_dir)]
 
 

@@ -522,11 +522,14 @@ class EvaluateLastStep(TrainerCallback):
             control.should_evaluate = True
 
 
-class TimedCheckpoints(TrainerCallback):
-    """``--save_every_minutes``: a checkpoint at the first step's end after that long since the last one (or the
-    start), whatever ``--save_strategy`` says, so a run stopped by a session's end loses at most that much work."""
+class ResumableCheckpoints(TrainerCallback):
+    """Checkpoints a resumed run continues from as if never stopped. Every checkpoint closes the training loss's
+    logging window first (a log entry at its step): the Trainer keeps a window's partial loss sum in no checkpoint,
+    so a run resumed mid-window would log that window's mean over its own steps only. With ``minutes``
+    (``--save_every_minutes``), a checkpoint also at the first step's end after that long since the last one (or
+    the start), whatever ``--save_strategy`` says, so a run stopped by a session's end loses at most that much."""
 
-    def __init__(self, minutes: float):
+    def __init__(self, minutes: float = 0):
         self.seconds = minutes * 60
         self.last_save = time.monotonic()
 
@@ -534,13 +537,22 @@ class TimedCheckpoints(TrainerCallback):
         self.last_save = time.monotonic()
 
     def on_step_end(self, args, state, control, **kwargs):
-        due = time.monotonic() - self.last_save >= self.seconds
-        if args.world_size > 1:  # every process saves at the same step: the main process's clock decides
-            flag = torch.tensor(float(due), device=args.device)
-            torch.distributed.broadcast(flag, src=0)
-            due = bool(flag.item())
-        if due:
-            control.should_save = True
+        if self.seconds:
+            due = time.monotonic() - self.last_save >= self.seconds
+            if args.world_size > 1:  # every process saves at the same step: the main process's clock decides
+                flag = torch.tensor(float(due), device=args.device)
+                torch.distributed.broadcast(flag, src=0)
+                due = bool(flag.item())
+            control.should_save = control.should_save or due
+        self.close_log_window(args, control)
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        self.close_log_window(args, control)
+
+    @staticmethod
+    def close_log_window(args, control) -> None:
+        if control.should_save and args.logging_strategy != IntervalStrategy.NO:
+            control.should_log = True
 
     def on_save(self, args, state, control, **kwargs):
         self.last_save = time.monotonic()
@@ -651,8 +663,7 @@ def run(data_args: DataArguments, model_args: ModelArguments, method_args: Metho
         model=model, args=training_args, train_dataset=encoded["train"], eval_dataset=encoded.get("validation"),
         processing_class=tokenizer, data_collator=DataCollatorWithPadding(tokenizer),
         compute_metrics=partial(compute_metrics, label_names=label_names),
-        callbacks=[EvaluateLastStep(), *([TimedCheckpoints(training_args.save_every_minutes)]
-                                         if training_args.save_every_minutes else []), *(callbacks or [])],
+        callbacks=[EvaluateLastStep(), ResumableCheckpoints(training_args.save_every_minutes), *(callbacks or [])],
         math_attention_max_length=model_args.cpu_math_attention_max_length, bf16_matmuls_in_fp32=in_fp32)
     metrics: dict = dict(counts)
     if training_args.do_train:
