@@ -314,7 +314,7 @@ def fill_placeholders(text: str, runs: list[RunResult], repo_root: Path, selecti
         row = rows.get((protocol, model, dataset, method))
         if row is None:
             raise UnfillablePlaceholder(f"report placeholder {match.group(0)}: no {protocol}-protocol runs for "
-                           f"{model}/{dataset}/{method}")
+                                        f"{model}/{dataset}/{method}")
         if kind == "metric":
             return pm(row, key)
         if kind == "ci":
