@@ -402,14 +402,16 @@ def select(runs: list[GridRun], filters: list[str] | None) -> list[GridRun]:
         key, _, value = spec.partition("=")
         if key not in ("model", "dataset", "method", "seed", "swept"):
             raise InvalidArgument(f"--only {spec}: filter on model, dataset, method, seed or swept")
-        if key == "swept" and value.lower() not in ("true", "false"):
-            raise InvalidArgument(f"--only {spec}: swept is true or false")
         wanted = value.lower().split(",")
-        known = [str(v).lower() for v in sorted({getattr(run, key) for run in runs})]
-        unknown = [v for v in wanted if v not in known and key != "swept"]
-        if unknown:
-            raise InvalidArgument(f"--only {spec}: the grid has no {key} {', '.join(unknown)}; "
-                                  f"it has {', '.join(known)}")
+        if key == "swept":  # true may match no run (a model without sweeps): only the value can be a typo
+            if value.lower() not in ("true", "false"):
+                raise InvalidArgument(f"--only {spec}: swept is true or false")
+        else:
+            known = [str(v).lower() for v in sorted({getattr(run, key) for run in runs})]
+            unknown = [v for v in wanted if v not in known]
+            if unknown:
+                raise InvalidArgument(f"--only {spec}: the grid has no {key} {', '.join(unknown)}; "
+                                      f"it has {', '.join(known)}")
         selected = [run for run in selected if str(getattr(run, key)).lower() in wanted]
     return selected
 
