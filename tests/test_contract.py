@@ -21,7 +21,16 @@ from transformers import EvalPrediction
 from peftlab.data import REPO_DATA_DIR
 from peftlab.experiments import GridRun, run_grid
 from peftlab.results import collect
-from peftlab.runrecord import METRICS_FILE, PREDICTIONS_FILE, RUN_FILE, STARTED, RunDirectory, atomic_path
+from peftlab.runrecord import (
+    FINISHED,
+    LOG_FILE,
+    METRICS_FILE,
+    PREDICTIONS_FILE,
+    RUN_FILE,
+    STARTED,
+    RunDirectory,
+    atomic_path,
+)
 from peftlab.training import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -177,6 +186,23 @@ def test_reused_output_dir_is_refused_then_replaced_whole(tmp_path, tiny_models,
     assert not (out / PREDICTIONS_FILE).exists()  # the first run's files went with it
     (result,) = collect(tmp_path)
     assert result.record["training_args"]["seed"] == 7
+
+
+def test_a_run_stopped_by_a_bad_argument_leaves_its_folder_to_the_corrected_command(
+        tmp_path, tiny_models, fixture_data_dir, capsys):
+    """Run again into the same folder after fixing a typo: the log of a run that never began (no run.json) is no
+    run, and the next run's log continues it. Names checked at parse time leave no folder at all."""
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as stop:
+        tiny_run(tiny_models["bert"], fixture_data_dir, out, "--dataset_name", "restaurnt_sup")
+    assert stop.value.code == 2 and not out.exists()
+    with pytest.raises(SystemExit) as stop:  # known only once the model has loaded
+        tiny_run(tiny_models["bert"], fixture_data_dir, out, "--tuning_method", "lora", "--modules_to_save", "poolr")
+    assert stop.value.code == 2 and (out / LOG_FILE).is_file() and not (out / RUN_FILE).exists()
+    capsys.readouterr()
+    tiny_run(tiny_models["bert"], fixture_data_dir, out, "--tuning_method", "lora", "--modules_to_save", "pooler")
+    assert RunDirectory(out).state() == FINISHED
+    assert (out / LOG_FILE).read_text().count(f"-> {out}") == 2  # both attempts' "Run NAME -> FOLDER" lines
 
 
 def test_partial_files_never_count_as_finished(tmp_path, tiny_models, fixture_data_dir):

@@ -301,25 +301,37 @@ def aggregate(parts: Sequence[tuple[str, DatasetDict]]) -> DatasetDict:
     })
 
 
-def get_dataset(dataset_name: str | Sequence[str], sep_token: str, data_dir=None) -> DatasetDict:
-    """The course entry point: one name, a list of names, or a comma-separated string.
-
-    Several names are aggregated with non-overlapping labels (see :func:`aggregate`).
-    """
-    if isinstance(dataset_name, str) and "," in dataset_name:
-        dataset_name = [part.strip() for part in dataset_name.split(",") if part.strip()]
+def parse_dataset_names(dataset_name: str | Sequence[str]) -> list[tuple[DatasetSpec, str]]:
+    """``(spec, "sup" or "fs")`` for one name, a list of names or a comma-separated string, checked before any
+    file is read: an unknown name or a dataset named twice raises :class:`InvalidArgument`."""
     if isinstance(dataset_name, str):
-        return _load(*_parse_name(dataset_name), sep_token, data_dir)
-    if not isinstance(dataset_name, (list, tuple)) or not dataset_name:
+        names = [part.strip() for part in dataset_name.split(",") if part.strip()] if "," in dataset_name \
+            else [dataset_name]
+    elif isinstance(dataset_name, (list, tuple)) and dataset_name:
+        names = list(dataset_name)
+    else:
         raise TypeError(f"dataset_name must be a name or a non-empty list of names, got {dataset_name!r}")
-    parsed = [_parse_name(name) for name in dataset_name]
+    if not names:  # a string of commas
+        raise InvalidArgument(f"dataset_name names no dataset: {dataset_name!r}")
+    parsed = [_parse_name(name) for name in names]
     # Compared after resolving names: "restaurant" and "restaurant_sup" are one dataset, and its _sup and
     # _fs forms share rows, so either pair would give texts with two labels.
     bases = [spec.name for spec, _ in parsed]
     repeated = sorted({base for base in bases if bases.count(base) > 1})
     if repeated:
-        raise InvalidArgument(f"dataset list {list(dataset_name)} names {', '.join(repeated)} more than once "
+        raise InvalidArgument(f"dataset list {names} names {', '.join(repeated)} more than once "
                               "(as its _sup or _fs form, or by its base name); aggregate each dataset once")
+    return parsed
+
+
+def get_dataset(dataset_name: str | Sequence[str], sep_token: str, data_dir=None) -> DatasetDict:
+    """The course entry point: one name, a list of names, or a comma-separated string.
+
+    Several names are aggregated with non-overlapping labels (see :func:`aggregate`).
+    """
+    parsed = parse_dataset_names(dataset_name)
+    if isinstance(dataset_name, str) and "," not in dataset_name:
+        return _load(*parsed[0], sep_token, data_dir)
     return aggregate([(spec.name, _load(spec, kind, sep_token, data_dir)) for spec, kind in parsed])
 
 

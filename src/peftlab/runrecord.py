@@ -214,8 +214,9 @@ class RunDirectory:
         return sorted(self.path.glob(f"{PREFIX_CHECKPOINT_DIR}-*"))
 
     def has_outputs(self) -> bool:
-        """Whether a run already wrote into this folder (a grid's own files do not count)."""
-        return bool(self._outputs())
+        """Whether a run already wrote into this folder. A grid's own files do not count, nor the log of a run
+        that stopped before it began (a bad argument, a model that did not load): the next run's log continues it."""
+        return any(target.name != LOG_FILE for target in self._outputs())
 
     def clear(self) -> None:
         """Remove every run output, so a new run never sits beside an old one's files."""

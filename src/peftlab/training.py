@@ -37,7 +37,15 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.trainer_utils import IntervalStrategy
 
 from .cli import parse_dataclasses
-from .data import VALIDATION_SEED, check_validation_ratio, hold_out_validation, load_data, take_slice, tokenize
+from .data import (
+    VALIDATION_SEED,
+    check_validation_ratio,
+    hold_out_validation,
+    load_data,
+    parse_dataset_names,
+    take_slice,
+    tokenize,
+)
 from .errors import InvalidArgument, TrainingDiverged, exit_on_user_error
 from .hardware import (
     MATH_ATTENTION_MAX_LENGTH,
@@ -95,6 +103,7 @@ class DataArguments:
                           "holds out the same rows."})
 
     def __post_init__(self):
+        parse_dataset_names(self.dataset_name)  # a misspelt name fails here, before the output folder is touched
         if self.max_seq_length <= 0:
             raise InvalidArgument(f"--max_seq_length must be positive, got {self.max_seq_length}")
         for name in ("max_train_samples", "max_eval_samples"):
@@ -583,7 +592,7 @@ def prepare_output_dir(training_args: TrainingArguments) -> tuple[RunDirectory, 
         raise InvalidArgument(f"output_dir {str(run_dir.path)!r} already holds a run ({run_dir.state()}); pass "
                               "--overwrite_output_dir to replace it, or choose another --output_dir")
     if training_args.should_save:
-        if checkpoint is None:
+        if checkpoint is None and in_use:
             run_dir.clear()
         run_dir.path.mkdir(parents=True, exist_ok=True)
     state.wait_for_everyone()
