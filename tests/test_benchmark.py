@@ -3,6 +3,7 @@ import torch
 from conftest import load_benchmark_script
 
 from peftlab.benchmark import _batches, markdown, matmul_peak, measure
+from peftlab.errors import UserError
 from peftlab.hardware import bf16_matmuls_fall_back
 
 
@@ -39,8 +40,10 @@ def test_fresh_process_call_and_its_errors():
     from peftlab.isolated import call_in_fresh_process
 
     assert call_in_fresh_process("peftlab.memory:builtin_config_names")[:1] == ["Qwen2.5-0.5B"]
-    with pytest.raises(RuntimeError, match="no_such_function"):
+    with pytest.raises(RuntimeError, match="no_such_function"):  # a bug keeps its traceback
         call_in_fresh_process("peftlab.memory:no_such_function")
+    with pytest.raises(UserError, match=r"^'/no/such/model' is neither a folder nor a hub id"):  # one line, as here
+        call_in_fresh_process("peftlab.models:resolve_model", name_or_path="/no/such/model")
 
 
 def test_measure_compares_attention_kernels_and_dropout(tiny_models, real_data_dir):

@@ -28,6 +28,7 @@ import torch
 from transformers import AutoModelForSequenceClassification
 
 from .cli import non_negative_int, positive_int, switch
+from .errors import exit_on_user_error
 from .hardware import (
     attention_kernels,
     bf16_matmuls_fall_back,
@@ -572,4 +573,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    exit_on_user_error(main)

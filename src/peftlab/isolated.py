@@ -2,20 +2,35 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import subprocess
 import sys
 
-_MARK = "PEFTLAB_RESULT "
+from .errors import USER_ERROR_EXIT_CODE, UserError
+
+_RESULT, _USER_ERROR = "PEFTLAB_RESULT ", "PEFTLAB_USER_ERROR "
 
 
 def call_in_fresh_process(target: str, **kwargs):
-    """``module:function`` called with JSON-able ``kwargs`` in a new interpreter; returns its JSON result."""
-    module, function = target.split(":")
-    code = (f"import json, sys; from {module} import {function}; "
-            f"print({_MARK!r} + json.dumps({function}(**json.loads(sys.argv[1]))))")
-    done = subprocess.run([sys.executable, "-c", code, json.dumps(kwargs)], capture_output=True, text=True)
-    lines = [line for line in done.stdout.splitlines() if line.startswith(_MARK)]
-    if done.returncode or not lines:
-        raise RuntimeError(f"{target}({kwargs}) failed:\n{done.stderr[-3000:]}")
-    return json.loads(lines[-1][len(_MARK):])
+    """``module:function`` called with JSON-able ``kwargs`` in a new interpreter; returns its JSON result. A
+    :class:`UserError` there (a model name that loads nothing) is raised here as one, with its message."""
+    done = subprocess.run([sys.executable, "-c", "from peftlab.isolated import _call; _call()", target,
+                           json.dumps(kwargs)], capture_output=True, text=True)
+    for line in reversed(done.stdout.splitlines()):
+        if line.startswith(_USER_ERROR):
+            raise UserError(line[len(_USER_ERROR):])
+        if line.startswith(_RESULT) and not done.returncode:
+            return json.loads(line[len(_RESULT):])
+    raise RuntimeError(f"{target}({kwargs}) failed:\n{done.stderr[-3000:]}")
+
+
+def _call() -> None:
+    """The fresh process's side: ``sys.argv`` is ``[-c, target, kwargs as JSON]``."""
+    module, function = sys.argv[1].split(":")
+    try:
+        result = getattr(importlib.import_module(module), function)(**json.loads(sys.argv[2]))
+    except UserError as err:
+        print(_USER_ERROR + " ".join(str(err).split()), flush=True)
+        raise SystemExit(USER_ERROR_EXIT_CODE) from None
+    print(_RESULT + json.dumps(result), flush=True)
