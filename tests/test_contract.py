@@ -267,6 +267,9 @@ def test_predict_refuses_another_label_set(tmp_path, tiny_models, fixture_data_d
     assert "acl_sup has the classes ['Background'" in error
     assert "trained on ['positive', 'neutral', 'negative']" in error
     assert earlier.read_text() == "index\tprediction\n0\tpositive\n"  # opened only after predicting
+    with pytest.raises(SystemExit) as stop:  # a misspelt name fails as the arguments parse
+        predict_main(["--run_dir", str(out), "--dataset_name", "laptp_sup"])
+    assert stop.value.code == 2 and "unknown dataset 'laptp_sup'. Did you mean 'laptop_sup'?" in capsys.readouterr().err
     laptop = predict_main(["--run_dir", str(out), "--dataset_name", "laptop_sup", "--data_dir", str(fixture_data_dir),
                            "--output_file", str(earlier)])
     assert len(earlier.read_text().splitlines()) == 1 + len(laptop["predictions"])

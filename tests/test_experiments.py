@@ -339,6 +339,16 @@ def test_a_transferred_cell_whose_first_run_collapsed_runs_again_at_a_lower_lear
             load_grid(grid_file(tmp_path, "m", "d", collapse_retry=wrong))
 
 
+@pytest.mark.parametrize(("changes", "pattern"), [
+    ({"methods": {"full": {"tuning_method": "full", "num_train_epoch": 2}}},
+     r"grid\.yaml: tiny restaurant_sup full seed1: Some keys are not used .*'num_train_epoch'"),
+    ({"datasets": ["restaurnt_sup"]}, r"tiny restaurnt_sup full seed1: unknown dataset 'restaurnt_sup'"),
+])
+def test_a_grid_whose_runs_train_py_would_refuse_fails_as_it_loads(tmp_path, changes, pattern):
+    with pytest.raises(InvalidArgument, match=pattern):
+        load_grid(grid_file(tmp_path, "m", "d", **changes))
+
+
 def test_host_label_names_the_bf16_hardware_even_in_old_records():
     assert host_label({"cpu_model": "AMD EPYC", "native_bf16": None, "cpu_amx_bf16": False}) == \
         "AMD EPYC (no native bf16)"

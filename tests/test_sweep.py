@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from pathlib import Path
 
 import optuna
 import pytest
@@ -15,6 +16,7 @@ import sqlalchemy
 import yaml
 from optuna.trial import TrialState
 
+from peftlab.errors import InvalidArgument
 from peftlab.experiments import estimate_time, expand, load_grid, run_grid
 from peftlab.report import load_studies, plot_sweeps, sweep_section
 from peftlab.runrecord import FINISHED, RunDirectory, write_json
@@ -42,6 +44,19 @@ def sweep_file(tmp_path, model: str, data_dir, **changes) -> str:
     path = tmp_path / f"{spec['study_name']}.yaml"
     path.write_text(yaml.safe_dump(spec))
     return str(path)
+
+
+@pytest.mark.parametrize(("base", "pattern"), [
+    ({"num_train_epoch": 2}, r"Some keys are not used .*'num_train_epoch'"),
+    ({"dataset_name": "restaurnt_sup"}, r"unknown dataset 'restaurnt_sup'"),
+])
+def test_a_sweep_whose_trials_train_py_would_refuse_fails_as_it_loads(tmp_path, base, pattern):
+    spec = yaml.safe_load(Path(sweep_file(tmp_path, "m", "d")).read_text())
+    path = sweep_file(tmp_path, "m", "d", base={**spec["base"], **base})
+    with pytest.raises(InvalidArgument, match=r"tiny-restaurant-full\.yaml: " + pattern):
+        load_sweep(path)
+    with pytest.raises(InvalidArgument, match="warmup_ratio"):  # the space's bounds too: a trial may take them
+        load_sweep(sweep_file(tmp_path, "m", "d", space={"warmup_ratio": {"low": 0.0, "high": 1.5}}))
 
 
 def study_of(path: str):

@@ -63,6 +63,7 @@ from pathlib import Path
 
 import yaml
 
+from .cli import parse_dict
 from .errors import InvalidArgument, MissingFile, exit_on_user_error
 from .metrics import collapsed
 from .runrecord import (
@@ -77,6 +78,7 @@ from .runrecord import (
     write_json,
 )
 from .selection import apply_params, cell_key, read_selection
+from .training import PARSED_TYPES
 
 # Keys of a model entry that describe the grid, not train.py: the assignment's model it stands in for,
 # the subsets of datasets and methods it runs (default: all of the grid's), and its own seeds.
@@ -163,9 +165,15 @@ def load_grid(path: str | Path) -> dict:
     if rule is not None and not valid_collapse_rule(rule):
         raise InvalidArgument(f"{path}: collapse_retry needs learning_rate_factor in (0, 1), max_retries >= 1 and "
                               f"kept_in, got {rule}")
-    unpinned = sorted({key for run in expand(grid) for key in HOST_DEPENDENT_ARGS if key not in run.args})
+    runs = expand(grid)
+    unpinned = sorted({key for run in runs for key in HOST_DEPENDENT_ARGS if key not in run.args})
     if unpinned:
         raise InvalidArgument(f"{path}: set {unpinned} (e.g. under defaults): their default depends on the host")
+    for run in runs:  # as train.py will parse them: a misspelt key, dataset or value fails now, not in every run
+        try:
+            parse_dict(PARSED_TYPES, run.args)
+        except InvalidArgument as err:
+            raise InvalidArgument(f"{path}: {run.label}: {err}") from None
     return grid
 
 

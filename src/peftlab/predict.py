@@ -10,7 +10,7 @@ from pathlib import Path
 from transformers import DataCollatorWithPadding, TrainingArguments
 
 from .cli import parse_dataclasses
-from .data import load_data, take_slice, tokenize
+from .data import load_data, parse_dataset_names, take_slice, tokenize
 from .errors import InvalidArgument, MissingFile, exit_on_user_error
 from .methods import get_method
 from .metrics import classification_metrics
@@ -31,6 +31,8 @@ class PredictArguments:
         metadata={"help": f"Where to write index<TAB>prediction; default run_dir/{PREDICT_OUTPUT_FILE}."})
 
     def __post_init__(self):
+        if self.dataset_name is not None:
+            parse_dataset_names(self.dataset_name)  # a misspelt name fails before the model loads
         if self.split not in ("train", "test"):
             raise InvalidArgument(f"--split must be train or test, got {self.split!r}")
 

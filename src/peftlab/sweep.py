@@ -117,6 +117,15 @@ def load_sweep(path: str | Path) -> Sweep:
     for name, bounds in sweep.space.items():
         if not ({"low", "high"} <= set(bounds) or "choices" in bounds):
             raise InvalidArgument(f"{path}: space.{name} needs low and high (and log: true), or choices")
+    # A trial's arguments at each end of the space, parsed as its run will parse them: a misspelt key, dataset or
+    # bound fails here, not as failed trials.
+    for end, choice in (("low", 0), ("high", -1)):
+        params = {name: bounds["choices"][choice] if "choices" in bounds else bounds[end]
+                  for name, bounds in sweep.space.items()}
+        try:
+            parse_dict(PARSED_TYPES, apply_params(sweep.base, params) | {"output_dir": sweep.output_root})
+        except InvalidArgument as err:
+            raise InvalidArgument(f"{path}: {err}") from None
     return sweep
 
 
