@@ -100,6 +100,7 @@ def assert_one_line_error(code: int, stderr: str, pattern: str) -> None:
     (["--tuning_method", "ia4"], "invalid choice: .ia4."),
     (["--dataset", "restaurant_sup,restaurant"], "names restaurant more than once"),
     (["--dataset", "imdb_sup"], "unknown dataset 'imdb_sup'"),
+    (["--model_name_or_path", str(ROOT / "tests")], "tests' is not a model folder .no config.json in it."),
     (["--tuning_method", "lora", "--modules_to_save", "pooler,poolr"],
      "--modules_to_save names modules BertForSequenceClassification lacks: poolr"),
 ])

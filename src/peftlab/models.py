@@ -24,6 +24,7 @@ import torch
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+from transformers.utils import CONFIG_NAME
 
 from .errors import MissingFile, ModelNotFound, UserError
 from .runrecord import read_json, write_json
@@ -286,6 +287,8 @@ def resolve_model(name_or_path: str, dtype: torch.dtype = torch.float32) -> Reso
         return ResolvedModel(name_or_path, str(entry.materialize(dtype)), entry.checkpoint, "package")
     if Path(name_or_path).expanduser().exists():
         path = str(Path(name_or_path).expanduser().resolve())
+        if not (Path(path) / CONFIG_NAME).is_file():  # from_pretrained's own error lists every model type it knows
+            raise MissingFile(f"{name_or_path!r} is not a model folder (no {CONFIG_NAME} in it)")
         source = read_json(Path(path) / SOURCE_FILE)
         checkpoint = source["checkpoint"] if source else path
         return ResolvedModel(name_or_path, path, checkpoint, "local")
