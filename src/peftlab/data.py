@@ -305,13 +305,12 @@ def parse_dataset_names(dataset_name: str | Sequence[str]) -> list[tuple[Dataset
     """``(spec, "sup" or "fs")`` for one name, a list of names or a comma-separated string, checked before any
     file is read: an unknown name or a dataset named twice raises :class:`InvalidArgument`."""
     if isinstance(dataset_name, str):
-        names = [part.strip() for part in dataset_name.split(",") if part.strip()] if "," in dataset_name \
-            else [dataset_name]
+        names = [part.strip() for part in dataset_name.split(",") if part.strip()]
     elif isinstance(dataset_name, (list, tuple)) and dataset_name:
         names = list(dataset_name)
     else:
         raise TypeError(f"dataset_name must be a name or a non-empty list of names, got {dataset_name!r}")
-    if not names:  # a string of commas
+    if not names:  # an empty string, or commas alone
         raise InvalidArgument(f"dataset_name names no dataset: {dataset_name!r}")
     parsed = [_parse_name(name) for name in names]
     # Compared after resolving names: "restaurant" and "restaurant_sup" are one dataset, and its _sup and
