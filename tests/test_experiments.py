@@ -67,6 +67,9 @@ def test_expand_merges_and_names_runs(tmp_path):
         select(runs, ["method=full", "seed=2,3"])
     with pytest.raises(InvalidArgument, match="no model minlm; it has tiny"):
         select(runs, ["model=minlm"])
+    for typo in ("model", "model=", "modle=tiny"):
+        with pytest.raises(InvalidArgument, match=f"--only {typo}: expected KEY=VALUE"):
+            select(runs, [typo])
     grid = load_grid(path)
     grid["models"]["tiny"]["methods"] = ["full"]
     grid["models"]["tiny"]["datasets"] = ["acl_sup"]
@@ -136,8 +139,11 @@ def test_shards_cover_every_run_once(tmp_path):
     runs = expand(load_grid(grid_file(tmp_path, "m", "d")))
     parts = [shard(runs, f"{i}/3") for i in range(3)]
     assert sorted(r.label for part in parts for r in part) == sorted(r.label for r in runs)
-    with pytest.raises(ValueError):
+    with pytest.raises(InvalidArgument, match="need 0 <= i < n"):
         shard(runs, "3/3")
+    for typo in ("abc", "1/2/3", "1-2"):
+        with pytest.raises(InvalidArgument, match=f"--shard {typo}: expected i/n"):
+            shard(runs, typo)
 
 
 def test_resume_after_kill_recomputes_nothing_finished(tmp_path, tiny_models, fixture_data_dir):

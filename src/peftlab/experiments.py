@@ -260,7 +260,10 @@ def shard(runs: list[GridRun], spec: str | None) -> list[GridRun]:
     and a run's shard does not depend on ``--only`` filters: workers that filter differently never share a run."""
     if not spec:
         return runs
-    index, count = (int(part) for part in spec.split("/"))
+    try:
+        index, count = (int(part) for part in spec.split("/"))
+    except ValueError:  # not two integers
+        raise InvalidArgument(f"--shard {spec}: expected i/n, e.g. 0/2") from None
     if not 0 <= index < count:
         raise InvalidArgument(f"--shard {spec}: need 0 <= i < n")
     return runs[index::count]
@@ -408,8 +411,8 @@ def select(runs: list[GridRun], filters: list[str] | None) -> list[GridRun]:
     selected = runs
     for spec in filters or []:
         key, _, value = spec.partition("=")
-        if key not in ("model", "dataset", "method", "seed", "swept"):
-            raise InvalidArgument(f"--only {spec}: filter on model, dataset, method, seed or swept")
+        if key not in ("model", "dataset", "method", "seed", "swept") or not value:
+            raise InvalidArgument(f"--only {spec}: expected KEY=VALUE, KEY one of model, dataset, method, seed, swept")
         wanted = value.lower().split(",")
         if key == "swept":  # true may match no run (a model without sweeps): only the value can be a typo
             if value.lower() not in ("true", "false"):
