@@ -103,6 +103,8 @@ def assert_one_line_error(code: int, stderr: str, pattern: str) -> None:
     (["--model_name_or_path", str(ROOT / "tests")], "tests' is not a model folder .no config.json in it."),
     (["--tuning_method", "lora", "--modules_to_save", "pooler,poolr"],
      "--modules_to_save names modules BertForSequenceClassification lacks: poolr"),
+    (["--tuning_method", "lora", "--lora_target_modules", "query,vlaue"],
+     "--lora_target_modules names modules BertForSequenceClassification lacks: vlaue"),
 ])
 def test_bad_arguments_fail_at_once_in_one_line(flags, pattern, tmp_path, capsys):
     with pytest.raises(SystemExit) as stop:

@@ -57,17 +57,22 @@ def known_method_label(label: str) -> str:
     return label
 
 
+def modules_named(model: torch.nn.Module, names: list[str], option: str) -> dict[str, list[str]]:
+    """Each name's modules as peft matches a name (every module whose qualified name is it or ends with
+    ``.name``); a name that matches none is a typo in ``option``."""
+    found = {name: [q for q, _ in model.named_modules() if q == name or q.endswith(f".{name}")] for name in names}
+    absent = [name for name, modules in found.items() if not modules]
+    if absent:
+        raise InvalidArgument(f"{option} names modules {model.__class__.__name__} lacks: {', '.join(absent)}")
+    return found
+
+
 def new_modules(model: torch.nn.Module, also: str | None = None) -> list[str]:
     """Modules that train and are saved with every method: the classification head, whatever ``get_model``
     found missing from the checkpoint, and the comma-separated names in ``also`` (``--modules_to_save``);
     none nested in another."""
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    requested = {}  # as in peft, a name stands for every module whose qualified name ends with it
-    for name in _module_list(also) or ():
-        requested[name] = [q for q, _ in inner.named_modules() if q == name or q.endswith(f".{name}")]
-    absent = [name for name, found in requested.items() if not found]
-    if absent:
-        raise InvalidArgument(f"--modules_to_save names modules {inner.__class__.__name__} lacks: {', '.join(absent)}")
+    requested = modules_named(inner, _module_list(also) or [], "--modules_to_save")
     names = (set(getattr(inner, "newly_initialized_modules", ())) | {n for n in HEAD_MODULES if hasattr(inner, n)}
              | {q for found in requested.values() for q in found})
     return sorted(n for n in names if not any(n.startswith(f"{other}.") for other in names))
@@ -206,10 +211,12 @@ class LoRA(PeftMethod):
     def wrap(self, model, args):
         from peft import LoraConfig, TaskType, get_peft_model
 
+        targets = lora_targets(model.config.model_type, args.lora_target_modules)
+        if targets != "all-linear":
+            modules_named(model, targets, "--lora_target_modules")
         config = LoraConfig(
             task_type=TaskType.SEQ_CLS, r=args.lora_r, lora_alpha=args.lora_alpha,
-            lora_dropout=args.lora_dropout, target_modules=lora_targets(model.config.model_type,
-                                                                        args.lora_target_modules),
+            lora_dropout=args.lora_dropout, target_modules=targets,
             # Saved with the adapter, so a reloaded model never has a random head (peft #310/#577).
             modules_to_save=new_modules(model, args.modules_to_save),
         )
