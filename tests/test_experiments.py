@@ -146,6 +146,17 @@ def test_shards_cover_every_run_once(tmp_path):
             shard(runs, typo)
 
 
+def test_a_run_that_stops_on_a_user_error_is_reported_with_its_error_line(tmp_path, tiny_models, fixture_data_dir,
+                                                                         capsys):
+    """A typo only the loaded model reveals passes the grid's own check; the run fails, the grid says why."""
+    path = grid_file(tmp_path, tiny_models["bert"], fixture_data_dir, seeds=[1], datasets=["restaurant_sup"],
+                     methods={"lora-r8": {"tuning_method": "lora", "lora_r": 8, "lora_target_modules": "query,vlaue"}})
+    assert run_grid(str(path)) == 1
+    assert ("tiny restaurant_sup lora-r8 seed1 FAILED (exit 2)" in (out := capsys.readouterr().out)
+            and out.rstrip().endswith("error: --lora_target_modules names modules BertForSequenceClassification "
+                                      "lacks: vlaue")), out
+
+
 def test_resume_after_kill_recomputes_nothing_finished(tmp_path, tiny_models, fixture_data_dir):
     path = grid_file(tmp_path, tiny_models["bert"], fixture_data_dir, seeds=[1, 2, 3])
     runs = expand(load_grid(path))

@@ -64,7 +64,7 @@ from pathlib import Path
 import yaml
 
 from .cli import parse_dict
-from .errors import InvalidArgument, MissingFile, exit_on_user_error
+from .errors import USER_ERROR_EXIT_CODE, InvalidArgument, MissingFile, exit_on_user_error
 from .metrics import collapsed
 from .runrecord import (
     FINISHED,
@@ -358,6 +358,12 @@ def execute(run: GridRun, python: str = sys.executable, lock: int | None = None)
                               pass_fds=() if lock is None else (lock,)).returncode
 
 
+def user_error(run: GridRun) -> str:
+    """The one ``error:`` line a run that stopped on a user error printed last (:func:`errors.exit_on_user_error`)."""
+    lines = (run.output_dir / GRID_LOG_FILE).read_text(errors="replace").splitlines()
+    return next((line for line in reversed(lines) if line.startswith("error: ")), "no error line")
+
+
 def collapse_retry_due(grid: dict, run: GridRun, runs: list[GridRun]) -> bool:
     """Whether the collapse rule sets ``run`` aside: the grid has the rule, the run's settings were transferred, it
     finished collapsed on validation (:func:`metrics.collapsed`), no other run of its cell finished (the rule
@@ -490,8 +496,8 @@ def run_grid(path: str, shard_spec: str | None = None, dry_run: bool = False, re
         elapsed = (time.time() - started) / 60
         if code:
             failures += 1
-            print(f"    {run.label} FAILED (exit {code}) after {elapsed:.1f} min; see {run.output_dir / GRID_LOG_FILE}",
-                  flush=True)
+            print(f"    {run.label} FAILED (exit {code}) after {elapsed:.1f} min; see {run.output_dir / GRID_LOG_FILE}"
+                  + (f": {user_error(run)}" if code == USER_ERROR_EXIT_CODE else ""), flush=True)
             continue
         metrics = run.directory.metrics()
         # named again: workers sharing one log interleave their lines
