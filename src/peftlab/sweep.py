@@ -261,6 +261,8 @@ def open_study(sweep: Sweep, worker: int = 0):
                                  engine_kwargs={"connect_args": {"timeout": 60}}
                                  if sweep.storage.startswith("sqlite") else {})
             break
+        except sqlalchemy.exc.ArgumentError as err:  # not a database URL
+            raise InvalidArgument(f"storage {sweep.storage!r}: {err}") from None
         except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.IntegrityError):
             # another process is creating a new database's tables (or stamping its version) at the same time
             if attempt == 2:
