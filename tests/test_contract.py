@@ -276,6 +276,10 @@ def test_predict_refuses_another_label_set(tmp_path, tiny_models, fixture_data_d
     laptop = predict_main(["--run_dir", str(out), "--dataset_name", "laptop_sup", "--data_dir", str(fixture_data_dir),
                            "--output_file", str(earlier)])
     assert len(earlier.read_text().splitlines()) == 1 + len(laptop["predictions"])
+    shutil.rmtree(RunDirectory(out).model_dir)  # as in a clone: git tracks no weights
+    with pytest.raises(SystemExit) as stop:
+        predict_main(["--run_dir", str(out)])
+    assert stop.value.code == 2 and "kept no weights (no model/" in capsys.readouterr().err
 
 
 def test_cached_conversion_is_rechecked_before_reuse(tmp_path, monkeypatch):

@@ -40,8 +40,11 @@ class PredictArguments:
 def load_trained(run_dir: str | Path, for_inference: bool = True):
     """(tokenizer, model, run record) of a finished run, its base checkpoint resolved anew."""
     run = RunDirectory(Path(run_dir))
-    if run.state() != FINISHED or not run.model_dir.is_dir():
-        raise MissingFile(f"{run.path} holds no finished run with its trained weights (state: {run.state()})")
+    if run.state() != FINISHED:
+        raise MissingFile(f"{run.path} holds no finished run (state: {run.state()})")
+    if not run.model_dir.is_dir():
+        raise MissingFile(f"the run in {run.path} kept no weights (no {run.model_dir.name}/: trained with --save_model "
+                          "false, or a copy without its weights, which git does not track); rerun it to predict")
     record = run.record()
     method = get_method(record["method_args"]["tuning_method"])
     base = resolve_model(record["model_args"]["model_name_or_path"]).path
