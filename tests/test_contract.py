@@ -97,6 +97,8 @@ def assert_one_line_error(code: int, stderr: str, pattern: str) -> None:
     (["--max_seq_length", "0"], "--max_seq_length must be positive"),
     (["--max_train_samples", "0"], "--max_train_samples must be positive"),
     (["--save_every_minutes", "-5"], "--save_every_minutes must be 0 .off. or more, got -5"),
+    (["--learning_rate", "-1"], "--learning_rate must be 0 or more, got -1"),
+    (["--per_device_train_batch_size", "0"], "--per_device_train_batch_size must be at least 1, got 0"),
     (["--tuning_method", "ia4"], "invalid choice: .ia4."),
     (["--dataset", "restaurant_sup,restaurant"], "names restaurant more than once"),
     (["--dataset", "imdb_sup"], "unknown dataset 'imdb_sup'"),

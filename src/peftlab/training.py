@@ -281,6 +281,11 @@ class PeftlabTrainingArguments(TrainingArguments):
                                   f"got {self.num_train_epochs}")
         if self.save_every_minutes < 0:
             raise InvalidArgument(f"--save_every_minutes must be 0 (off) or more, got {self.save_every_minutes}")
+        if self.learning_rate < 0:  # AdamW would refuse it only once training starts
+            raise InvalidArgument(f"--learning_rate must be 0 or more, got {self.learning_rate}")
+        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+            if getattr(self, name) < 1:  # else a DataLoader traceback after the model has loaded
+                raise InvalidArgument(f"--{name} must be at least 1, got {getattr(self, name)}")
         if self.gradient_checkpointing_token_budget < 0:
             raise InvalidArgument(f"--gradient_checkpointing_token_budget must be 0 or more, "
                                   f"got {self.gradient_checkpointing_token_budget}")
