@@ -98,6 +98,7 @@ def assert_one_line_error(code: int, stderr: str, pattern: str) -> None:
     (["--max_train_samples", "0"], "--max_train_samples must be positive"),
     (["--save_every_minutes", "-5"], "--save_every_minutes must be 0 .off. or more, got -5"),
     (["--learning_rate", "-1"], "--learning_rate must be 0 or more, got -1"),
+    (["--tuning_method", "lora", "--lora_dropout", "1.5"], "lora_dropout must be in .0, 1., got 1.5"),
     (["--per_device_train_batch_size", "0"], "--per_device_train_batch_size must be at least 1, got 0"),
     (["--tuning_method", "ia4"], "invalid choice: .ia4."),
     (["--dataset", "restaurant_sup,restaurant"], "names restaurant more than once"),

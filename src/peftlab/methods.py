@@ -456,6 +456,8 @@ class MethodArguments:
         if self.lora_r <= 0 or self.adapter_reduction_factor <= 0:
             raise ValueError(f"lora_r and adapter_reduction_factor must be positive, got {self.lora_r} and "
                              f"{self.adapter_reduction_factor}")
+        if not 0 <= self.lora_dropout < 1:  # else torch's Dropout refuses it once the model has loaded
+            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
 
     @classmethod
     def from_record(cls, recorded: dict) -> MethodArguments:
