@@ -123,7 +123,7 @@ def load_sweep(path: str | Path) -> Sweep:
         params = {name: bounds["choices"][choice] if "choices" in bounds else bounds[end]
                   for name, bounds in sweep.space.items()}
         try:
-            parse_dict(PARSED_TYPES, apply_params(sweep.base, params) | {"output_dir": sweep.output_root})
+            parse_dict(PARSED_TYPES, trial_arguments(sweep, params) | {"output_dir": str(sweep.trial_dir(0))})
         except InvalidArgument as err:
             raise InvalidArgument(f"{path}: {err}") from None
     return sweep
@@ -216,10 +216,16 @@ def resume_from_retried(sweep: Sweep, trial: optuna.Trial, args: dict) -> int:
     return step
 
 
+def trial_arguments(sweep: Sweep, params: dict) -> dict:
+    """train.py arguments of a trial with these parameters, but for its output_dir: the test split never evaluated,
+    no weights saved."""
+    return apply_params({"report_to": "none", **RESUMABLE, **sweep.base}, params) | {
+        "do_test": False, "do_predict": False, "save_model": False}
+
+
 def objective(sweep: Sweep, trial: optuna.Trial) -> float:
     params = suggest(trial, sweep.space)
-    args = apply_params({"report_to": "none", **RESUMABLE, **sweep.base}, params) | {
-        "do_test": False, "do_predict": False, "save_model": False}
+    args = trial_arguments(sweep, params)
     resumed_from = resume_from_retried(sweep, trial, args)
     output_dir = sweep.trial_dir(trial.number)
     trial.set_user_attr("output_dir", str(output_dir))
