@@ -55,6 +55,9 @@ def test_a_sweep_whose_trials_train_py_would_refuse_fails_as_it_loads(tmp_path, 
     path = sweep_file(tmp_path, "m", "d", base={**spec["base"], **base})
     with pytest.raises(InvalidArgument, match=r"tiny-restaurant-full\.yaml: " + pattern):
         load_sweep(path)
+
+
+def test_a_sweep_whose_bounds_or_storage_make_no_sense_fails_as_it_loads(tmp_path):
     with pytest.raises(InvalidArgument, match="warmup_ratio"):  # the space's bounds too: a trial may take them
         load_sweep(sweep_file(tmp_path, "m", "d", space={"warmup_ratio": {"low": 0.0, "high": 1.5}}))
     with pytest.raises(InvalidArgument, match="storage 'studies.db': Could not parse"):  # a path, not a URL
