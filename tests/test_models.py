@@ -65,9 +65,20 @@ def test_unknown_hub_id_lists_offline_names(monkeypatch):
     import huggingface_hub
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # fail fast, no network retries
-    with pytest.raises(OSError, match=r"'no-such-org/no-such-model'.*packaged checkpoints: .*all-MiniLM-L6-v2") as err:
+    # the library's reason is its first sentence whole (a cut at 200 characters once ended inside a URL)
+    with pytest.raises(OSError, match=r"'no-such-org/no-such-model' \([^()]*cached files\)\. Offline, .*packaged "
+                                      r"checkpoints: .*all-MiniLM-L6-v2") as err:
         get_model("no-such-org/no-such-model", 2)
     assert "Qwen2.5-Coder-0.5B-Instruct" in str(err.value)
+
+
+@pytest.mark.parametrize(("message", "reason"), [
+    ("We couldn't connect to 'https://huggingface.co' to load\n the files. Check 'https://hf.co/docs'.",
+     "We couldn't connect to 'https://huggingface.co' to load the files"),
+    ("no full stop at all", "no full stop at all"),
+])
+def test_loading_error_reason_is_the_first_sentence(message, reason):
+    assert models.first_sentence(message) == reason
 
 
 def test_missing_package_says_how_to_install(monkeypatch, tmp_path):

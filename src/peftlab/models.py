@@ -13,6 +13,7 @@ import fcntl
 import hashlib
 import logging
 import os
+import re
 import shutil
 import tempfile
 import zipfile
@@ -322,13 +323,20 @@ def outermost_modules(model: torch.nn.Module, parameter_names: set[str]) -> list
         modules = {m for m in modules if not m.startswith(f"{whole}.")} | {whole}
 
 
+def first_sentence(text: str) -> str:
+    """The first sentence of a library's message, whitespace collapsed and without its full stop: the
+    reason, without the advice after it (cutting at a length left a URL in half)."""
+    text = " ".join(text.split())
+    return re.match(r".*?[.!?](?=\s|$)|.*", text).group().rstrip(".")
+
+
 @contextlib.contextmanager
 def loading_errors(resolved: ResolvedModel):
     """Turn a failed ``from_pretrained`` into one line that says what to do instead."""
     try:
         yield
     except OSError as err:
-        reason = " ".join(str(err).split())[:200]
+        reason = first_sentence(str(err))
         if resolved.source == "hub":
             raise ModelNotFound(f"cannot load {resolved.requested!r} ({reason}). Offline, use a local folder or one "
                                 f"of the packaged checkpoints: {', '.join(offline_names())}") from err
