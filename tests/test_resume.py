@@ -4,7 +4,7 @@ import pytest
 from safetensors import safe_open
 from transformers import TrainerCallback
 
-from peftlab.runrecord import STARTED, RunDirectory, read_json
+from peftlab.runrecord import LOG_FILE, STARTED, RunDirectory, read_json
 from peftlab.training import main, parse_args, run
 
 
@@ -85,3 +85,22 @@ def test_resume_from_checkpoint_must_name_a_checkpoint(tmp_path, tiny_models, fi
         main([*tiny_run_args(tiny_models["bert"], fixture_data_dir, "full", tmp_path / "run"),
               "--resume_from_checkpoint", str(tmp_path)])
     assert exited.value.code != 0 and "is not a Trainer checkpoint" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("changed", "warning"), [
+    ([], None), (["--logging_steps", "5"], "logging_steps: 5 (from args) != 3"),
+])
+def test_resuming_warns_only_of_arguments_that_changed(changed, warning, tmp_path, tiny_models, fixture_data_dir):
+    """Two epochs are fewer than --min_evaluations: eval_steps is a fraction of all steps, which the checkpoint
+    stores as the step count it stands for (the Trainer warned that the two differ on every resume)."""
+    killed = RunDirectory(tmp_path / "killed")
+    args = [*tiny_run_args(tiny_models["bert"], fixture_data_dir, "full", killed.path), "--num_train_epochs", "2",
+            "--save_every_minutes", "1e-9"]  # a checkpoint at every step
+    with pytest.raises(Killed):
+        run(*parse_args(args), callbacks=[KillAfterFirstCheckpoint()])
+    assert read_json(killed.last_checkpoint() / "trainer_state.json")["eval_steps"] == 2  # a quarter of 8 steps
+    main([*args, *changed])
+    assert killed.record()["resumed_from_checkpoint"]
+    log = (killed.path / LOG_FILE).read_text()
+    assert "eval_steps" not in log.partition("do not match")[2]
+    assert (warning in log) if warning else ("do not match" not in log)

@@ -7,6 +7,7 @@ the files :mod:`peftlab.runrecord` defines (``run.json`` first, ``metrics.json``
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import math
 import netrc
@@ -32,7 +33,7 @@ from transformers import (
     set_seed,
 )
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.trainer_callback import ExportableState
+from transformers.trainer_callback import ExportableState, TrainerState
 from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.trainer_utils import IntervalStrategy
 
@@ -457,6 +458,17 @@ class PeftlabTrainer(Trainer):
         if state_dict is None and frozen and not isinstance(self.model, PeftModel):
             state_dict = {name: tensor for name, tensor in self.model.state_dict().items() if name not in frozen}
         super()._save(output_dir, state_dict)
+
+    def compare_trainer_and_checkpoint_args(self, training_args, trainer_state):
+        # A checkpoint stores a fraction of all steps (the eval_steps of --min_evaluations) as the count it stands
+        # for; compare that count, so that resuming with the same arguments warns of no difference.
+        meant = TrainerState()
+        meant.compute_steps(training_args, trainer_state.max_steps)
+        stored = copy.copy(trainer_state)
+        for name in ("logging_steps", "eval_steps", "save_steps"):
+            if getattr(meant, name) == getattr(trainer_state, name):
+                setattr(stored, name, getattr(training_args, name))
+        super().compare_trainer_and_checkpoint_args(training_args, stored)
 
     def _issue_warnings_after_load(self, load_result):
         frozen = self.frozen_parameters()  # left out of checkpoints on purpose (``_save``)
