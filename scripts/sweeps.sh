@@ -5,7 +5,8 @@
 # 1. each model's sweeps (configs/sweeps/<model>-*.yaml), then its swept cells over seeds 1-3 (the selected
 #    settings over seeds: the protocol's evidence; every other cell's settings transfer from these cells);
 # 2. the other cells in passes over seeds: seed 1 of every cell, then seeds 2-3, then ACL-ARC's 4-5, each pass
-#    in the grid command's order (peftlab.experiments.run_order: swept cells first, then seed by seed);
+#    in the grid command's order (peftlab.experiments.run_order: swept cells first, then seed by seed), the
+#    0.5B decoder's runs first on a host without native bf16;
 # 3. the bridge between the decoders (configs/grids/bridge.yaml: the 0.5B decoder's PEFT cells), last.
 # The 0.5B decoder's full fine-tuning fits one worker on a 24 GB host, the other models two: a worker goes on
 # to its next step without waiting for the other where both steps fit the same workers (MPNet's evidence, then
@@ -66,11 +67,20 @@ in_parallel evidence_mpnet_then_sweep_qwen15b "{i}"
 in_parallel evidence_qwen15b_then_first_pass
 use_workers qwen-0.5b
 in_parallel qwen05b_first "{i}"
+pass_of_pairs() { use_workers ${pairs//,/ }; in_parallel grid "$pairs" "$1"; }
+pass_of_qwen05b() { use_workers qwen-0.5b; in_parallel grid qwen-0.5b "$1"; }
+# Where bf16 matrix products are not native (an AVX2-only CPU: fp32 kernels compute them), the bf16-frozen PEFT
+# runs of the pairs lose most against an AMX host (the 1.5B decoder's ACL-ARC adapter, two workers: 22 min for its
+# first two steps on the AVX2 EPYC against 22 s a step on the AMX Xeon), the 0.5B decoder's full fine-tuning least
+# (13-18 train tokens/s against 95-135): such a host takes each pass's 0.5B runs first, leaving the rest to faster
+# hosts as long as it can.
+if .venv/bin/python -c 'import sys; from peftlab.hardware import native_bf16; sys.exit(native_bf16() is None)'; then
+  passes="pass_of_pairs pass_of_qwen05b"
+else
+  passes="pass_of_qwen05b pass_of_pairs"
+fi
 for seeds in 2,3 4,5; do
-  use_workers ${pairs//,/ }
-  in_parallel grid "$pairs" "$seeds"
-  use_workers qwen-0.5b
-  in_parallel grid qwen-0.5b "$seeds"
+  for pass in $passes; do $pass "$seeds"; done
 done
 use_workers qwen-0.5b-peft
 in_parallel .venv/bin/python -m peftlab.experiments configs/grids/bridge.yaml
