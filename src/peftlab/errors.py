@@ -13,6 +13,7 @@ from typing import TypeVar
 
 T = TypeVar("T")
 USER_ERROR_EXIT_CODE = 2
+USER_ERROR_PREFIX = "error: "
 
 
 class UserError(Exception):
@@ -40,5 +41,12 @@ def exit_on_user_error(function: Callable[[], T]) -> T:
     try:
         return function()
     except UserError as err:
-        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+        print(USER_ERROR_PREFIX + " ".join(str(err).split()), file=sys.stderr, flush=True)
         raise SystemExit(USER_ERROR_EXIT_CODE) from None
+
+
+def user_error_message(output: str) -> str | None:
+    """The message of the ``error:`` line that a process stopped by :func:`exit_on_user_error` printed last in
+    ``output`` (its stderr), or None."""
+    return next((line[len(USER_ERROR_PREFIX):] for line in reversed(output.splitlines())
+                 if line.startswith(USER_ERROR_PREFIX)), None)

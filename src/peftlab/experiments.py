@@ -64,7 +64,14 @@ from pathlib import Path
 import yaml
 
 from .cli import parse_dict
-from .errors import USER_ERROR_EXIT_CODE, InvalidArgument, MissingFile, exit_on_user_error
+from .errors import (
+    USER_ERROR_EXIT_CODE,
+    USER_ERROR_PREFIX,
+    InvalidArgument,
+    MissingFile,
+    exit_on_user_error,
+    user_error_message,
+)
 from .metrics import collapsed
 from .runrecord import (
     FINISHED,
@@ -360,8 +367,8 @@ def execute(run: GridRun, python: str = sys.executable, lock: int | None = None)
 
 def user_error(run: GridRun) -> str:
     """The one ``error:`` line a run that stopped on a user error printed last (:func:`errors.exit_on_user_error`)."""
-    lines = (run.output_dir / GRID_LOG_FILE).read_text(errors="replace").splitlines()
-    return next((line for line in reversed(lines) if line.startswith("error: ")), "no error line")
+    message = user_error_message((run.output_dir / GRID_LOG_FILE).read_text(errors="replace"))
+    return "no error line" if message is None else USER_ERROR_PREFIX + message
 
 
 def collapse_retry_due(grid: dict, run: GridRun, runs: list[GridRun]) -> bool:
