@@ -276,8 +276,9 @@ def write_fixture_run(root, model, dataset, method, seed, accuracy, macro_f1, ru
     run_id = run.start({"resolved_model": {"checkpoint": f"org/{model}"}, "hardware": {"cpu_amx_bf16": amx}})
     run.finish(run_id, {
         "accuracy": accuracy, "micro_f1": accuracy, "macro_f1": macro_f1, "weighted_f1": accuracy,
-        "trainable_percent": 100.0 if method == "full" else 1.0, "trainable_params": 10, "train_runtime": runtime,
-        "train_tokens_per_second": 1000.0, "train_samples_per_second": 10.0, "peak_rss_mb": 2048.0})
+        "trainable_percent": 100.0 if method == "full" else 1.0, "trainable_params": 494036352,
+        "train_runtime": runtime, "train_tokens_per_second": 1000.0, "train_samples_per_second": 10.0,
+        "peak_rss_mb": 2048.0})
 
 
 def test_aggregation_of_fixture_runs(tmp_path):
@@ -304,6 +305,9 @@ def test_aggregation_of_fixture_runs(tmp_path):
     write_csv(rows, tmp_path / "out" / "results.csv")
     csv_text = (tmp_path / "out" / "results.csv").read_text()
     assert csv_text.splitlines()[1].startswith("m,acl_sup,full,3,1 2 3,org/m,0.82,0.02,")
+    # two seeds' median parameter count is a float; the file keeps it whole, not 4.94036e+08
+    lora_r8 = csv_text.splitlines()[3]
+    assert lora_r8.startswith("m,acl_sup,lora-r8,2,1 2,org/m,0.6,") and ",1,494036352," in lora_r8
 
 
 def test_seeds_by_dataset_and_a_models_own_seeds(tmp_path):

@@ -230,12 +230,20 @@ def aggregate(runs: list[RunResult]) -> list[dict]:
     return rows
 
 
+def csv_value(value):
+    """Floats to 6 significant digits, except whole ones: the median of an even number of seeds' parameter counts
+    is a float (494036352.0), which ``.6g`` would cut to 4.94036e+08."""
+    if isinstance(value, float):
+        return int(value) if value.is_integer() else f"{value:.6g}"
+    return value
+
+
 def write_csv(rows: list[dict], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]) if rows else list(CELL), lineterminator="\n")
         writer.writeheader()
-        writer.writerows({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()} for row in rows)
+        writer.writerows({key: csv_value(value) for key, value in row.items()} for row in rows)
 
 
 def pm(row: dict, key: str, scale: float = 100.0) -> str:
