@@ -16,6 +16,7 @@ from test_resume import KillAfterFirstCheckpoint, Killed
 from peftlab.cli import parse_dict
 from peftlab.errors import InvalidArgument
 from peftlab.experiments import claim, estimate_time, expand, load_grid, run_grid, run_order, select, shard
+from peftlab.hardware import cpu_model
 from peftlab.metrics import collapsed
 from peftlab.results import aggregate, collect, markdown_table, write_csv
 from peftlab.runrecord import (
@@ -368,6 +369,16 @@ def test_a_transferred_cell_whose_first_run_collapsed_runs_again_at_a_lower_lear
 def test_a_grid_whose_runs_train_py_would_refuse_fails_as_it_loads(tmp_path, changes, pattern):
     with pytest.raises(InvalidArgument, match=pattern):
         load_grid(grid_file(tmp_path, "m", "d", **changes))
+
+
+def test_cpu_model_names_the_generation_that_a_virtual_machine_name_hides(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpu = "processor\t: {}\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 1\nmodel name\t: AMD EPYC\n\n"
+    cpuinfo.write_text(cpu.format(0) + cpu.format(1))
+    assert cpu_model(cpuinfo) == "AMD EPYC, family 25 model 1"
+    cpuinfo.write_text("processor\t: 0\nmodel name\t: Some CPU\n")  # no family: the name alone
+    assert cpu_model(cpuinfo) == "Some CPU"
+    assert cpu_model(tmp_path / "missing") is None
 
 
 def test_host_label_names_the_bf16_hardware_even_in_old_records():

@@ -31,13 +31,20 @@ def cpu_flags() -> frozenset[str]:
     return frozenset(line.partition(":")[2].split())
 
 
-def cpu_model() -> str | None:
-    """The CPU's model name (``AMD EPYC``, ``Intel(R) Xeon(R) Platinum ...``): the host beside every time."""
-    cpuinfo = Path("/proc/cpuinfo")
+def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str | None:
+    """The CPU's model name and generation (``AMD EPYC, family 25 model 1``): the host beside every time. A
+    virtual machine's name may hide the generation (``AMD EPYC`` was Zen 1 in one session and Zen 3 in the next,
+    their runs' times far apart), so the family and model numbers name it."""
     if not cpuinfo.exists():
         return None
-    line = next((line for line in cpuinfo.read_text().splitlines() if line.startswith("model name")), "")
-    return line.partition(":")[2].strip() or None
+    fields = {}
+    for line in cpuinfo.read_text().splitlines():
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    name = fields.get("model name")
+    if name and fields.get("cpu family") and fields.get("model"):
+        return f"{name}, family {fields['cpu family']} model {fields['model']}"
+    return name or None
 
 
 def cpu_has_amx_bf16() -> bool:
