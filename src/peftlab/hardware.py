@@ -22,25 +22,26 @@ logger = logging.getLogger(__name__)
 NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
 
 
+def cpuinfo_fields(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict[str, str]:
+    """The first processor's ``key: value`` lines of /proc/cpuinfo (empty where there is none)."""
+    fields: dict[str, str] = {}
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
+    return fields
+
+
 @cache
 def cpu_flags() -> frozenset[str]:
-    cpuinfo = Path("/proc/cpuinfo")
-    if not cpuinfo.exists():
-        return frozenset()
-    line = next((line for line in cpuinfo.read_text().splitlines() if line.startswith("flags")), "")
-    return frozenset(line.partition(":")[2].split())
+    return frozenset(cpuinfo_fields().get("flags", "").split())
 
 
 def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str | None:
     """The CPU's model name and generation (``AMD EPYC, family 25 model 1``): the host beside every time. A
     virtual machine's name may hide the generation (``AMD EPYC`` was Zen 1 in one session and Zen 3 in the next,
     their runs' times far apart), so the family and model numbers name it."""
-    if not cpuinfo.exists():
-        return None
-    fields = {}
-    for line in cpuinfo.read_text().splitlines():
-        key, _, value = line.partition(":")
-        fields.setdefault(key.strip(), value.strip())
+    fields = cpuinfo_fields(cpuinfo)
     name = fields.get("model name")
     if name and fields.get("cpu family") and fields.get("model"):
         return f"{name}, family {fields['cpu family']} model {fields['model']}"
