@@ -72,15 +72,14 @@ pass_of_qwen05b() { use_workers qwen-0.5b; in_parallel grid qwen-0.5b "$1"; }
 # Where bf16 matrix products are not native (an AVX2-only CPU: fp32 kernels compute them), the bf16-frozen PEFT
 # runs of the pairs lose most against an AMX host (the 1.5B decoder's ACL-ARC adapter, two workers: 22 min for its
 # first two steps on the AVX2 EPYC against 22 s a step on the AMX Xeon), the 0.5B decoder's full fine-tuning least
-# (13-18 train tokens/s against 95-135): such a host takes each pass's 0.5B runs first, leaving the rest to faster
-# hosts as long as it can.
+# (13-18 train tokens/s against 95-135): such a host takes every 0.5B pass first, leaving the rest to faster hosts
+# as long as it can.
+seed_passes="2,3 4,5"
 if .venv/bin/python -c 'import sys; from peftlab.hardware import native_bf16; sys.exit(native_bf16() is None)'; then
-  passes="pass_of_pairs pass_of_qwen05b"
+  for seeds in $seed_passes; do pass_of_pairs "$seeds"; pass_of_qwen05b "$seeds"; done
 else
-  passes="pass_of_qwen05b pass_of_pairs"
+  for seeds in $seed_passes; do pass_of_qwen05b "$seeds"; done
+  for seeds in $seed_passes; do pass_of_pairs "$seeds"; done
 fi
-for seeds in 2,3 4,5; do
-  for pass in $passes; do $pass "$seeds"; done
-done
 use_workers qwen-0.5b-peft
 in_parallel .venv/bin/python -m peftlab.experiments configs/grids/bridge.yaml
