@@ -333,8 +333,8 @@ def test_compiled_norms_mlps_and_attention_train_as_the_eager_ones(tmp_path, tin
 def test_bf16_matrix_products_in_fp32_train_as_bf16_and_are_recorded(tmp_path, tiny_models, fixture_data_dir):
     """--cpu_bf16_matmuls_in_fp32: the tiny decoder's bf16 LoRA run with its matrix products in fp32 logs the losses
     of the run with PyTorch's bf16 kernels, up to bf16 rounding; run.json records the value that ran (not given: on
-    where this CPU's bf16 products fall back), and the --cpu_compile_* options are skipped under it."""
-    from peftlab.hardware import bf16_matmuls_in_fp32_applies
+    where this CPU has no native bf16 products), and the --cpu_compile_* options are skipped under it."""
+    from peftlab.hardware import native_bf16
 
     runs = {name: tiny_decoder_run(tmp_path / name, tiny_models, fixture_data_dir, "lora", *extra)
             for name, extra in (("fp32", ("--cpu_bf16_matmuls_in_fp32", "True", "--cpu_compile_mlp", "True")),
@@ -343,7 +343,7 @@ def test_bf16_matrix_products_in_fp32_train_as_bf16_and_are_recorded(tmp_path, t
     assert runs["fp32"][0]["macro_f1"] == pytest.approx(runs["bf16"][0]["macro_f1"], abs=0.1)
     recorded = {name: json.loads((tmp_path / name / "run.json").read_text())["model_args"]["cpu_bf16_matmuls_in_fp32"]
                 for name in runs}
-    assert recorded == {"fp32": True, "bf16": False, "default": bf16_matmuls_in_fp32_applies(None, True, "cpu")}
+    assert recorded == {"fp32": True, "bf16": False, "default": native_bf16() is None}
     log = (tmp_path / "fp32" / "train.log").read_text()
     assert "bf16 matrix products in fp32: no module compiled" in log and "Compiled" not in log
 

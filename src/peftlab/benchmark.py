@@ -31,7 +31,6 @@ from .cli import non_negative_int, positive_int, switch
 from .errors import exit_on_user_error
 from .hardware import (
     attention_kernels,
-    bf16_matmuls_fall_back,
     bf16_matmuls_in_fp32,
     bf16_matmuls_in_fp32_applies,
     cpu_compile_applies,
@@ -49,7 +48,7 @@ PADDINGS = ("dynamic", "max_length", "grouped")
 
 def matmul_peak(dtype: torch.dtype, size: int = 2048, repeats: int = 10) -> float:
     """Measured FLOP/s of a square matmul in ``dtype`` (median of ``repeats``); bf16 as train.py computes it here
-    (by fp32 kernels where this CPU's bf16 products fall back: ``--cpu_bf16_matmuls_in_fp32``)."""
+    (by fp32 kernels where this CPU has no native bf16 products: ``--cpu_bf16_matmuls_in_fp32``)."""
     a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
     times = []
     with bf16_matmuls_in_fp32(bf16_matmuls_in_fp32_applies(None, dtype == torch.bfloat16, "cpu")):
@@ -564,7 +563,8 @@ def main(argv: list[str] | None = None) -> None:
     machine = {"processor": cpu_model() or platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
                "torch": torch.__version__, "matmul_peak_flops": peaks}
     json_path.write_text(json.dumps({"machine": machine, "results": results}, indent=2) + "\n")
-    by_fp32_kernels = " (by fp32 kernels: this CPU's bf16 kernels fall back)" if bf16_matmuls_fall_back() else ""
+    by_fp32_kernels = (" (by fp32 kernels: this CPU has no native bf16 products)"
+                       if bf16_matmuls_in_fp32_applies(None, True, "cpu") else "")
     md_path.write_text(
         f"Machine: {machine['cpu_count']} CPUs ({machine['processor']}), torch {machine['torch']}; measured matmul "
         f"peak fp32 {peaks['fp32'] / 1e12:.2f} TFLOP/s, bf16 {peaks['bf16'] / 1e12:.2f} TFLOP/s{by_fp32_kernels} "

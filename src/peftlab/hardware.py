@@ -88,7 +88,11 @@ def bf16_helps() -> bool:
 # by conversion otherwise); on an AVX2-only CPU (the 2-core AMD EPYC of 2026-11-30, no AVX-512 at all) a scalar
 # fallback runs them: one 0.5B decoder MLP product (1024 x 896 -> 4864, 2 threads) at 10 GFLOP/s against fp32's 64,
 # and LoRA r=16 on the 0.5B decoder's first 2 layers trained 3 tokens/s against 128 with the products by fp32
-# kernels (:class:`Bf16MatmulsInFp32`; benchmarks/results/bf16_matmuls_in_fp32_avx2.md).
+# kernels (:class:`Bf16MatmulsInFp32`; benchmarks/results/bf16_matmuls_in_fp32_avx2.md). oneDNN's conversion is
+# slower than fp32 kernels too: on an AVX-512 Intel Xeon without AMX or AVX512-BF16 (family 6 model 106), a step of
+# the 0.5B decoder's first 2 layers took 2.6x less time by fp32 kernels under full fine-tuning (against the
+# compiled MLP and attention) and under LoRA r=16, and the 1.5B decoder's 2.6x less under LoRA r=16
+# (benchmarks/results/bf16_matmuls_in_fp32_avx512_*.md).
 def bf16_matmuls_fall_back() -> bool:
     """Whether this CPU's bf16 matrix products run PyTorch's scalar fallback (no oneDNN bf16 here)."""
     return not torch.ops.mkldnn._is_mkldnn_bf16_supported()
@@ -120,9 +124,9 @@ class Bf16MatmulsInFp32(TorchDispatchMode):
 
 def bf16_matmuls_in_fp32_applies(requested: bool | None, bf16: bool, device_type: str) -> bool:
     """Whether bf16 matrix products run by fp32 kernels, as train.py's ``--cpu_bf16_matmuls_in_fp32`` resolves:
-    only under bf16 on CPU, there as ``requested``, or where it is None (not given) where the CPU's bf16 products
-    fall back."""
-    return bf16 and device_type == "cpu" and (bf16_matmuls_fall_back() if requested is None else requested)
+    only under bf16 on CPU, there as ``requested``, or where it is None (not given) where the CPU has no native
+    bf16 products (neither AMX nor AVX512-BF16)."""
+    return bf16 and device_type == "cpu" and (not bf16_helps() if requested is None else requested)
 
 
 def cpu_compile_applies(device_type: str, matmuls_in_fp32: bool) -> bool:
