@@ -98,7 +98,8 @@ def summary(results: list[dict]) -> str:
             if ARMS[arm] is None or arm == BASELINE:
                 cells.append("–")
                 continue
-            cells.append(mean_interval([r[key] - baseline[r["seed"]][key] for r in mine], sign="+"))
+            cells.append(mean_interval([r[key] - baseline[r["seed"]][key] for r in mine], sign="+",
+                                       bounds=(-1.0, 1.0)))
         rows.append([arm, len(mine), " / ".join(f"{r['seconds']:.0f}" for r in mine), f"{seconds:.0f}",
                      f"{stock / seconds:.2f}x", *cells])
     return table(["recipe", "seeds", "whole process s, per seed", "median s", "speed-up over stock",

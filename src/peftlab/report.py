@@ -6,7 +6,7 @@ that is filled in from the runs or a generated table:
 
 * ``{{metric:CELL/KEY}}``: ``mean ± std`` (percent) of a quality metric over seeds,
   e.g. ``{{metric:minilm/restaurant_sup/full/accuracy}}``;
-* ``{{ci:CELL/KEY}}``: ``mean [low, high] (n=k)``, the mean with its 95% t interval over seeds;
+* ``{{ci:CELL/KEY}}``: ``mean [low, high] (n=k)``, the mean with its 95% t interval over seeds (clipped to 0-100);
 * ``{{diff:CELL/KEY}}``: the method against full fine-tuning of the same model and dataset, paired by
   seed, stated as a difference only where its 95% interval excludes zero;
 * ``{{cost:CELL/KEY}}``: the median over seeds of a cost column (train_runtime, ...);
@@ -192,9 +192,9 @@ def headline_runs(runs: list[RunResult]) -> dict[tuple, list[RunResult]]:
 
 def headline_section(runs: list[RunResult], wanted: list = ()) -> str:
     """One row per model and method, one column per dataset: test macro-F1 and accuracy, each the mean with its
-    95% t interval over seeds; fixed-settings cells (no validation-protocol runs yet) marked †. ``wanted`` (the
-    assignment grid's GridRuns) adds its cells that have no run yet, and a cell short of its validation-protocol
-    seeds shows ``n=k of N``."""
+    95% t interval over seeds, clipped to 0-100; fixed-settings cells (no validation-protocol runs yet) marked †.
+    ``wanted`` (the assignment grid's GridRuns) adds its cells that have no run yet, and a cell short of its
+    validation-protocol seeds shows ``n=k of N``."""
     if not runs and not wanted:
         return "_no finished runs yet_\n"
     cells = headline_runs(runs)

@@ -108,10 +108,16 @@ def t_interval(values: list[float], confidence: float = 0.95) -> tuple[float, fl
     return mean, mean - half, mean + half
 
 
-def mean_interval(values: list[float], scale: float = 100.0, sign: str = "") -> str:
-    """``mean [low, high]`` (percent by default): the mean over seeds with its 95% t interval; the mean alone
-    for a single value. ``sign="+"`` writes differences with their sign."""
-    mean, low, high = (scale * v for v in t_interval(values))
+def mean_interval(values: list[float], scale: float = 100.0, sign: str = "",
+                  bounds: tuple[float, float] = (0.0, 1.0)) -> str:
+    """``mean [low, high]`` (percent by default): the mean over seeds with its 95% t interval, clipped to
+    ``bounds``, the range the mean can take (a score's 0 to 1 by default: at two seeds t's factor of 12.7 can
+    reach past 100%, and clipping keeps the coverage, the mean lying inside); the mean alone for a single
+    value. ``sign="+"`` writes differences with their sign (pass ``bounds=(-1.0, 1.0)`` for them)."""
+    mean, low, high = t_interval(values)
+    if not math.isnan(low):
+        low, high = max(low, bounds[0]), min(high, bounds[1])
+    mean, low, high = (scale * v for v in (mean, low, high))
     return f"{mean:{sign}.1f}" if math.isnan(low) else f"{mean:{sign}.1f} [{low:{sign}.1f}, {high:{sign}.1f}]"
 
 
