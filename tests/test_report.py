@@ -258,6 +258,8 @@ def test_paired_differences_state_only_what_their_interval_supports(tmp_path):
         "+10.0 points (95% CI -21.9 to -0.03)")
     assert lora16["n"] == 2 and lora16["low"] < 0 < lora16["high"]  # +1, -5: paired on the seeds both ran
     assert difference_statement(lora16).startswith("no difference detected at 2 seeds (-2.0, 95% CI")
+    # at two seeds t's factor of 12.7 can reach past what a difference of two scores can be
+    assert difference_statement({**lora16, "low": -1.9, "high": 1.8}).endswith("95% CI -100.0 to +100.0)")
     # any label can be the baseline (a check of a changed default compares two settings of one method)
     against_r16 = {row["method"]: row for row in paired_differences(collect(results), "accuracy", "lora-r16")}
     assert against_r16["lora-r8"]["n"] == 2 and against_r16["lora-r8"]["mean"] == pytest.approx((0.09 + 0.16) / 2)

@@ -195,8 +195,12 @@ def interval_excludes_zero(row: dict) -> bool:
 
 
 def difference_statement(row: dict, scale: float = 100.0) -> str:
-    """A difference is stated only where its interval excludes zero; otherwise none was detected."""
-    mean, low, high = (scale * row[k] for k in ("mean", "low", "high"))
+    """A difference is stated only where its interval excludes zero; otherwise none was detected. The interval
+    is clipped to what a difference of two scores can be (-1 to 1), as :func:`mean_interval` clips a score's."""
+    mean, low, high = row["mean"], row["low"], row["high"]
+    if not math.isnan(low):
+        low, high = max(low, -1.0), min(high, 1.0)
+    mean, low, high = (scale * v for v in (mean, low, high))
 
     def bound(value: float) -> str:  # one decimal, or as many as keep a bound near zero off zero
         return f"{value:+.1f}" if abs(value) >= 0.05 or value == 0 else f"{value:+.1g}"
