@@ -108,6 +108,11 @@ def t_interval(values: list[float], confidence: float = 0.95) -> tuple[float, fl
     return mean, mean - half, mean + half
 
 
+def clipped(low: float, high: float, bounds: tuple[float, float]) -> tuple[float, float]:
+    """An interval's bounds clipped to ``bounds``; NaN ones (a single seed) stay NaN."""
+    return (low, high) if math.isnan(low) else (max(low, bounds[0]), min(high, bounds[1]))
+
+
 def mean_interval(values: list[float], scale: float = 100.0, sign: str = "",
                   bounds: tuple[float, float] = (0.0, 1.0)) -> str:
     """``mean [low, high]`` (percent by default): the mean over seeds with its 95% t interval, clipped to
@@ -115,9 +120,7 @@ def mean_interval(values: list[float], scale: float = 100.0, sign: str = "",
     reach past 100%, and clipping keeps the coverage, the mean lying inside); the mean alone for a single
     value. ``sign="+"`` writes differences with their sign (pass ``bounds=(-1.0, 1.0)`` for them)."""
     mean, low, high = t_interval(values)
-    if not math.isnan(low):
-        low, high = max(low, bounds[0]), min(high, bounds[1])
-    mean, low, high = (scale * v for v in (mean, low, high))
+    mean, low, high = (scale * v for v in (mean, *clipped(low, high, bounds)))
     return f"{mean:{sign}.1f}" if math.isnan(low) else f"{mean:{sign}.1f} [{low:{sign}.1f}, {high:{sign}.1f}]"
 
 
@@ -197,10 +200,7 @@ def interval_excludes_zero(row: dict) -> bool:
 def difference_statement(row: dict, scale: float = 100.0) -> str:
     """A difference is stated only where its interval excludes zero; otherwise none was detected. The interval
     is clipped to what a difference of two scores can be (-1 to 1), as :func:`mean_interval` clips a score's."""
-    mean, low, high = row["mean"], row["low"], row["high"]
-    if not math.isnan(low):
-        low, high = max(low, -1.0), min(high, 1.0)
-    mean, low, high = (scale * v for v in (mean, low, high))
+    mean, low, high = (scale * v for v in (row["mean"], *clipped(row["low"], row["high"], (-1.0, 1.0))))
 
     def bound(value: float) -> str:  # one decimal, or as many as keep a bound near zero off zero
         return f"{value:+.1f}" if abs(value) >= 0.05 or value == 0 else f"{value:+.1g}"
