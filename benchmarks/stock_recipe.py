@@ -84,7 +84,7 @@ def timed_run(arm: str, model: str, dataset: str, seed: int, epochs: float, scra
 
 def summary(results: list[dict]) -> str:
     from peftlab.markdown import table
-    from peftlab.results import mean_interval
+    from peftlab.results import DIFFERENCE_RANGE, mean_interval
 
     stock = statistics.median(r["seconds"] for r in results if r["arm"] == "stock")
     baseline = {r["seed"]: r for r in results if r["arm"] == BASELINE}
@@ -99,7 +99,7 @@ def summary(results: list[dict]) -> str:
                 cells.append("–")
                 continue
             cells.append(mean_interval([r[key] - baseline[r["seed"]][key] for r in mine], sign="+",
-                                       bounds=(-1.0, 1.0)))
+                                       bounds=DIFFERENCE_RANGE))
         rows.append([arm, len(mine), " / ".join(f"{r['seconds']:.0f}" for r in mine), f"{seconds:.0f}",
                      f"{stock / seconds:.2f}x", *cells])
     return table(["recipe", "seeds", "whole process s, per seed", "median s", "speed-up over stock",

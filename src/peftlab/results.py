@@ -108,17 +108,21 @@ def t_interval(values: list[float], confidence: float = 0.95) -> tuple[float, fl
     return mean, mean - half, mean + half
 
 
+SCORE_RANGE = (0.0, 1.0)  # what a score (accuracy, an F1) can be
+DIFFERENCE_RANGE = (-1.0, 1.0)  # what a difference of two scores can be
+
+
 def clipped(low: float, high: float, bounds: tuple[float, float]) -> tuple[float, float]:
     """An interval's bounds clipped to ``bounds``; NaN ones (a single seed) stay NaN."""
     return (low, high) if math.isnan(low) else (max(low, bounds[0]), min(high, bounds[1]))
 
 
 def mean_interval(values: list[float], scale: float = 100.0, sign: str = "",
-                  bounds: tuple[float, float] = (0.0, 1.0)) -> str:
+                  bounds: tuple[float, float] = SCORE_RANGE) -> str:
     """``mean [low, high]`` (percent by default): the mean over seeds with its 95% t interval, clipped to
     ``bounds``, the range the mean can take (a score's 0 to 1 by default: at two seeds t's factor of 12.7 can
     reach past 100%, and clipping keeps the coverage, the mean lying inside); the mean alone for a single
-    value. ``sign="+"`` writes differences with their sign (pass ``bounds=(-1.0, 1.0)`` for them)."""
+    value. ``sign="+"`` writes differences with their sign (pass ``bounds=DIFFERENCE_RANGE`` for them)."""
     mean, low, high = t_interval(values)
     mean, low, high = (scale * v for v in (mean, *clipped(low, high, bounds)))
     return f"{mean:{sign}.1f}" if math.isnan(low) else f"{mean:{sign}.1f} [{low:{sign}.1f}, {high:{sign}.1f}]"
@@ -199,8 +203,9 @@ def interval_excludes_zero(row: dict) -> bool:
 
 def difference_statement(row: dict, scale: float = 100.0) -> str:
     """A difference is stated only where its interval excludes zero; otherwise none was detected. The interval
-    is clipped to what a difference of two scores can be (-1 to 1), as :func:`mean_interval` clips a score's."""
-    mean, low, high = (scale * v for v in (row["mean"], *clipped(row["low"], row["high"], (-1.0, 1.0))))
+    is clipped to what a difference of two scores can be (``DIFFERENCE_RANGE``), as :func:`mean_interval`
+    clips a score's."""
+    mean, low, high = (scale * v for v in (row["mean"], *clipped(row["low"], row["high"], DIFFERENCE_RANGE)))
 
     def bound(value: float) -> str:  # one decimal, or as many as keep a bound near zero off zero
         return f"{value:+.1f}" if abs(value) >= 0.05 or value == 0 else f"{value:+.1g}"
