@@ -399,7 +399,7 @@ def test_the_rank_finding_pairs_each_rank_with_the_rank_whose_settings_it_took(t
 def test_models_compare_by_welch_interval_on_the_same_dataset_method_and_rows(tmp_path):
     from scipy import stats
 
-    from peftlab.report import model_differences_sentence, protocol_section
+    from peftlab.report import _model_pair_name, differences_summary, model_differences_sentence, protocol_section
     from peftlab.results import model_differences, welch_interval
 
     big, small = [0.80, 0.84, 0.83, 0.86], [0.70, 0.75, 0.74]
@@ -429,6 +429,10 @@ def test_models_compare_by_welch_interval_on_the_same_dataset_method_and_rows(tm
     assert difference_statement(full) == "+10.3 points (95% CI +4.9 to +15.6)"
     assert "| acl_sup | adapter | big | small | 1 and 2 | +10.0 from one seed (no interval) |" in protocol_section(
         runs, {})
+    # more model pairs than a sentence names: the seed range counts each side's cell, not the smaller one only
+    many = [{**full, "dataset": dataset} for dataset in ("d1", "d2", "d3", "d4", "d5")]
+    assert differences_summary(many, "", "model-cell pairs", _model_pair_name).startswith(
+        "5 of 5 model-cell pairs (3-4 seeds each) differ: d1 full, big against small +10.3 points")
     # an interval that holds zero names both sides' seeds
     assert "no difference detected at 3 and 2 seeds" in difference_statement(
         {**full, "seeds": "3 and 2", "low": -0.1, "high": 0.2})

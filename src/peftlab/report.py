@@ -631,7 +631,9 @@ def differences_summary(rows: list[dict], nothing: str, pairs_noun: str = "metho
     if len(tested) <= FEW_PAIRS:
         return statements(tested) + pending + "."
     detected = [row for row in tested if interval_excludes_zero(row)]
-    fewest, most = min(row["n"] for row in tested), max(row["n"] for row in tested)
+    # a paired row's n seeds are each side's; an unpaired row (two models) counts each side's own
+    counts = [count for row in tested for count in row.get("cell_seeds", (row["n"],))]
+    fewest, most = min(counts), max(counts)
     pairs = f"{len(tested)} {pairs_noun} ({fewest if fewest == most else f'{fewest}-{most}'} seeds each)"
     if not detected:
         return f"no difference detected in the {pairs}{pending}."

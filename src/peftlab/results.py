@@ -191,6 +191,7 @@ def model_differences(runs: list[RunResult], key: str = "macro_f1") -> list[dict
                 mean, low, high = welch_interval(values, other_values)
                 rows.append({"protocol": protocol, "model": model, "dataset": dataset, "method": method,
                              "baseline": other, "key": key, "n": min(len(values), len(other_values)),
+                             "cell_seeds": (len(values), len(other_values)),
                              "seeds": f"{len(values)} and {len(other_values)}", "mean": mean, "low": low,
                              "high": high})
     return rows
