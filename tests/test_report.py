@@ -8,7 +8,7 @@ from conftest import load_benchmark_script
 
 from peftlab.markdown import table
 from peftlab.report import UnfillablePlaceholder, build_report, fill_placeholders
-from peftlab.results import aggregate, collect, difference_statement
+from peftlab.results import aggregate, collect, difference_statement, seeds_text
 from peftlab.runrecord import GRID_COORDINATES_FILE, STATE_FILE, RunDirectory, write_json
 
 ASSIGNMENT_GRID = Path(__file__).parents[1] / "configs" / "grids" / "assignment.yaml"
@@ -422,8 +422,8 @@ def test_models_compare_by_welch_interval_on_the_same_dataset_method_and_rows(tm
     runs = collect(results)
     (adapter, full) = sorted(model_differences([run for run in runs if run.protocol == "validation"]),
                              key=lambda row: row["method"])
-    assert (full["model"], full["baseline"], full["n"], full["seeds"]) == ("big", "small", 3, "4 and 3")
-    assert full["low"] > 0 and adapter["seeds"] == "1 and 2"
+    assert (full["model"], full["baseline"], full["n"], seeds_text(full)) == ("big", "small", 3, "4 and 3")
+    assert full["low"] > 0 and seeds_text(adapter) == "1 and 2"
     assert model_differences_sentence(runs) == (
         f"acl_sup full, big against small {difference_statement(full)}; 1 more with one seed so far.")
     assert difference_statement(full) == "+10.3 points (95% CI +4.9 to +15.6)"
@@ -435,7 +435,7 @@ def test_models_compare_by_welch_interval_on_the_same_dataset_method_and_rows(tm
         "5 of 5 model-cell pairs (3-4 seeds each) differ: d1 full, big against small +10.3 points")
     # an interval that holds zero names both sides' seeds
     assert "no difference detected at 3 and 2 seeds" in difference_statement(
-        {**full, "seeds": "3 and 2", "low": -0.1, "high": 0.2})
+        {**full, "cell_seeds": (3, 2), "low": -0.1, "high": 0.2})
 
 
 def test_the_sweep_table_sets_the_selected_trial_beside_the_cells_seeds(tmp_path):

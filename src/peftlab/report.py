@@ -67,6 +67,8 @@ from .results import (  # noqa: E402
     paired_differences,
     pm,
     reference_host,
+    seed_counts,
+    seeds_text,
     write_csv,
 )
 from .runrecord import ADDED_ARGUMENTS, host_label  # noqa: E402
@@ -631,8 +633,7 @@ def differences_summary(rows: list[dict], nothing: str, pairs_noun: str = "metho
     if len(tested) <= FEW_PAIRS:
         return statements(tested) + pending + "."
     detected = [row for row in tested if interval_excludes_zero(row)]
-    # a paired row's n seeds are each side's; an unpaired row (two models) counts each side's own
-    counts = [count for row in tested for count in row.get("cell_seeds", (row["n"],))]
+    counts = [count for row in tested for count in seed_counts(row)]
     fewest, most = min(counts), max(counts)
     pairs = f"{len(tested)} {pairs_noun} ({fewest if fewest == most else f'{fewest}-{most}'} seeds each)"
     if not detected:
@@ -733,7 +734,8 @@ def protocol_section(runs: list[RunResult], selection: dict) -> str:
         if rows:
             headers = [{"baseline": "vs", "n": "n seeds"}.get(column, column) for column in columns]
             text += f"\n{intro}:\n\n" + table(headers + ["difference"], (
-                [row[column] for column in columns] + [difference_statement(row)] for row in rows))
+                [seeds_text(row) if column == "seeds" else row[column] for column in columns]
+                + [difference_statement(row)] for row in rows))
     return text
 
 

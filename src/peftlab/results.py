@@ -191,8 +191,7 @@ def model_differences(runs: list[RunResult], key: str = "macro_f1") -> list[dict
                 mean, low, high = welch_interval(values, other_values)
                 rows.append({"protocol": protocol, "model": model, "dataset": dataset, "method": method,
                              "baseline": other, "key": key, "n": min(len(values), len(other_values)),
-                             "cell_seeds": (len(values), len(other_values)),
-                             "seeds": f"{len(values)} and {len(other_values)}", "mean": mean, "low": low,
+                             "cell_seeds": (len(values), len(other_values)), "mean": mean, "low": low,
                              "high": high})
     return rows
 
@@ -200,6 +199,16 @@ def model_differences(runs: list[RunResult], key: str = "macro_f1") -> list[dict
 def interval_excludes_zero(row: dict) -> bool:
     """Whether a paired difference's interval lies wholly on one side of zero (never for one seed: NaN)."""
     return row["low"] > 0 or row["high"] < 0
+
+
+def seed_counts(row: dict) -> tuple[int, ...]:
+    """The seeds behind a difference: each cell's where two models' cells are compared (their seeds do not
+    pair), else the paired rows' one count."""
+    return row.get("cell_seeds", (row["n"],))
+
+
+def seeds_text(row: dict) -> str:
+    return " and ".join(str(count) for count in seed_counts(row))
 
 
 def difference_statement(row: dict, scale: float = 100.0) -> str:
@@ -215,7 +224,7 @@ def difference_statement(row: dict, scale: float = 100.0) -> str:
         return f"{mean:+.1f} from one seed (no interval)"
     if interval_excludes_zero(row):
         return f"{mean:+.1f} points ({interval})"
-    return f"no difference detected at {row.get('seeds', row['n'])} seeds ({mean:+.1f}, {interval})"
+    return f"no difference detected at {seeds_text(row)} seeds ({mean:+.1f}, {interval})"
 
 
 def reference_host(runs: list[RunResult]) -> str | None:
