@@ -192,6 +192,14 @@ def test_resume_after_kill_recomputes_nothing_finished(tmp_path, tiny_models, fi
     runtimes = [r.directory.metrics()["train_runtime"] for r in runs[:3]]
     assert estimate_time(runs[0], runs).seconds == pytest.approx(sum(runtimes) / 3)
     assert estimate_time(runs[0], runs).hosts == {host_label(environment()["hardware"])}  # they ran here
+    # a run that executed otherwise (here: before an execution setting existed) ran at another speed: the cell's
+    # runs that executed as this one will time it, and it still counts as done
+    first_args = runs[0].directory.grid_args()
+    write_json(runs[0].directory.file(GRID_ARGS_FILE),
+               {**first_args, "cpu_reuse_freed_memory": not runs[0].args.get("cpu_reuse_freed_memory")})
+    assert runs[0].status() == "done"
+    assert estimate_time(runs[0], runs).seconds == pytest.approx(sum(runtimes[1:]) / 2)
+    write_json(runs[0].directory.file(GRID_ARGS_FILE), first_args)
     acl_full = next(r for r in runs if (r.dataset, r.method) == ("acl_sup", "full"))
     per_row = sum(t / 27 for t in runtimes) / 3  # 30 restaurant fixture rows, 3 held out, 1 epoch
     assert estimate_time(acl_full, runs).seconds == pytest.approx(per_row * 6)  # the override keeps 6 rows

@@ -82,6 +82,7 @@ from .runrecord import (
     RunDirectory,
     host_label,
     same_computation,
+    same_execution,
     write_json,
 )
 from .selection import apply_params, cell_key, read_selection
@@ -295,17 +296,24 @@ class Estimate:
 
 
 def estimate_time(run: GridRun, runs: list[GridRun]) -> Estimate | None:
-    """Training seconds (per-epoch validation included), from finished runs: the same cell's mean if it has any,
-    else the seconds per trained token of the grid's runs of the same model and method (while the grid has none,
-    of its runs at the same selected settings, the swept cell's; else of the sweep trial they came from) times
-    this run's rows, tokens per row and epochs (rows and tokens per row known from a finished run or trial on the
-    same dataset; per row where tokens per row are not known: ACL-ARC's rows are about twice restaurants')."""
+    """Training seconds (per-epoch validation included), from finished runs (those that executed as this run will,
+    where any did): the same cell's mean if it has any, else the seconds per trained token of the grid's runs of
+    the same model and method (while the grid has none, of its runs at the same selected settings, the swept
+    cell's; else of the sweep trial they came from) times this run's rows, tokens per row and epochs (rows and
+    tokens per row known from a finished run or trial on the same dataset; per row where tokens per row are not
+    known: ACL-ARC's rows are about twice restaurants')."""
     done = [other for other in runs if other.status() == "done"]
-    same_cell = [o.directory for o in done if o.cell == run.cell]
+
+    def alike(members: list[GridRun]) -> list[RunDirectory]:
+        # runs under other execution settings (compiled kernels, memory reuse) ran at other speeds: they time this
+        # one only where none ran as it will
+        same = [o for o in members if same_execution(o.directory.grid_args(), run.args)]
+        return [o.directory for o in same or members]
+    same_cell = alike([o for o in done if o.cell == run.cell])
     if same_cell:
         return Estimate(sum(d.metrics()["train_runtime"] for d in same_cell) / len(same_cell),
                         frozenset(host_label(d.record().get("hardware", {})) for d in same_cell))
-    peers = [o.directory for o in done if (o.model, o.method) == (run.model, run.method)]
+    peers = alike([o for o in done if (o.model, o.method) == (run.model, run.method)])
     source = run.settings.get("run_dir") if run.settings else None
     if not peers and source:  # sweep trials ran beside other loads: the grid's own runs time it better
         peers = [o.directory for o in done if o.settings and o.settings.get("run_dir") == source]

@@ -86,6 +86,12 @@ def same_computation(recorded: dict, args: dict) -> bool:
     return computed(recorded) == computed(args)
 
 
+def same_execution(recorded: dict, args: dict) -> bool:
+    """Whether a run recorded with the arguments ``recorded`` executes as ``args`` do (:data:`EXECUTION_ONLY`
+    equal, an argument the record predates counting as different): such runs take the same time."""
+    return all(recorded.get(key) == args.get(key) for key in EXECUTION_ONLY)
+
+
 # ----------------------------------------------------------------------------- atomic writes
 
 
