@@ -399,7 +399,7 @@ def test_the_rank_finding_pairs_each_rank_with_the_rank_whose_settings_it_took(t
 def test_models_compare_by_welch_interval_on_the_same_dataset_method_and_rows(tmp_path):
     from scipy import stats
 
-    from peftlab.report import _model_pair_name, differences_summary, model_differences_sentence, protocol_section
+    from peftlab.report import model_differences_sentence, model_pair_summary, protocol_section
     from peftlab.results import model_differences, welch_interval
 
     big, small = [0.80, 0.84, 0.83, 0.86], [0.70, 0.75, 0.74]
@@ -425,14 +425,20 @@ def test_models_compare_by_welch_interval_on_the_same_dataset_method_and_rows(tm
     assert (full["model"], full["baseline"], full["n"], seeds_text(full)) == ("big", "small", 3, "4 and 3")
     assert full["low"] > 0 and seeds_text(adapter) == "1 and 2"
     assert model_differences_sentence(runs) == (
-        f"acl_sup full, big against small {difference_statement(full)}; 1 more with one seed so far.")
+        f"big against small: acl_sup full {difference_statement(full)}; 1 more with one seed so far.")
     assert difference_statement(full) == "+10.3 points (95% CI +4.9 to +15.6)"
     assert "| acl_sup | adapter | big | small | 1 and 2 | +10.0 from one seed (no interval) |" in protocol_section(
         runs, {})
-    # more model pairs than a sentence names: the seed range counts each side's cell, not the smaller one only
-    many = [{**full, "dataset": dataset} for dataset in ("d1", "d2", "d3", "d4", "d5")]
-    assert differences_summary(many, "", "model-cell pairs", _model_pair_name).startswith(
-        "5 of 5 model-cell pairs (3-4 seeds each) differ: d1 full, big against small +10.3 points")
+    # more cells of one model pair than a sentence names: counted by direction with their range, and named where
+    # few; the seed range counts each side's cell, not the smaller one only
+    many = [{**full, "dataset": dataset, "mean": mean} for dataset, mean in (("d1", 0.10), ("d2", 0.05), ("d3", 0.12),
+                                                                             ("d4", 0.08))]
+    many += [{**full, "dataset": "d5", "mean": -0.05, "low": -0.09, "high": -0.01},
+             {**full, "dataset": "d6", "mean": 0.01, "low": -0.02, "high": 0.04}, {**full, "dataset": "d7", "n": 1}]
+    assert model_pair_summary(many) == (
+        "over 6 cells (3-4 seeds each), higher in 4 (+5.0 to +12.0 points; d1 full, d2 full, d3 full, d4 full), "
+        "lower in 1 (-5.0 points; d5 full), no difference detected in 1 (+1.0 points; d6 full); "
+        "1 more with one seed so far")
     # an interval that holds zero names both sides' seeds
     assert "no difference detected at 3 and 2 seeds" in difference_statement(
         {**full, "cell_seeds": (3, 2), "low": -0.1, "high": 0.2})

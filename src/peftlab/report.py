@@ -614,16 +614,14 @@ def _cell_name(row: dict) -> str:
     return f"{row['model']} {row['dataset']} {row['method']}"
 
 
-def differences_summary(rows: list[dict], nothing: str, pairs_noun: str = "method-cell pairs",
-                        name=_cell_name) -> str:
-    """A finding's sentence over differences: a few pairs each named (``name(row)``) with their numbers; more
-    counted, and those whose interval excludes zero named (the appendix lists every pair); ``nothing`` while there
-    are none."""
+def differences_summary(rows: list[dict], nothing: str, pairs_noun: str = "method-cell pairs") -> str:
+    """A finding's sentence over differences: a few pairs each named with their numbers; more counted, and those
+    whose interval excludes zero named (the appendix lists every pair); ``nothing`` while there are none."""
     if not rows:
         return nothing
 
     def statements(named: list[dict]) -> str:
-        return "; ".join(f"{name(row)} {difference_statement(row)}" for row in named)
+        return "; ".join(f"{_cell_name(row)} {difference_statement(row)}" for row in named)
     # one seed gives no interval: such pairs are counted apart, not as "no difference detected"
     tested = [row for row in rows if row["n"] > 1]
     waiting = len(rows) - len(tested)
@@ -678,16 +676,49 @@ def rank_differences_sentence(runs: list[RunResult]) -> str:
                                "rank-cell pairs")
 
 
-def _model_pair_name(row: dict) -> str:
-    return f"{row['dataset']} {row['method']}, {row['model']} against {row['baseline']}"
+def _model_cell(row: dict) -> str:
+    return f"{row['dataset']} {row['method']}"
+
+
+def model_pair_summary(rows: list[dict]) -> str:
+    """One model against one smaller one over the cells both ran: each cell named with its difference while few
+    have an interval; past that, the cells counted by direction (the range of their differences beside) and named
+    only where few (the appendix gives every cell's interval)."""
+    tested = [row for row in rows if row["n"] > 1]
+    waiting = len(rows) - len(tested)
+    pending = [f"{waiting} more with one seed so far"] if tested and waiting else []
+    if not tested:
+        return f"{waiting} cell{'s' if waiting > 1 else ''} with one seed so far, no interval yet"
+    if len(tested) <= FEW_PAIRS:
+        return "; ".join([f"{_model_cell(row)} {difference_statement(row)}" for row in tested] + pending)
+    counts = [count for row in tested for count in seed_counts(row)]
+    fewest, most = min(counts), max(counts)
+    kinds = []
+    for kind, found in (("higher", [row for row in tested if row["low"] > 0]),
+                        ("lower", [row for row in tested if row["high"] < 0]),
+                        ("no difference detected", [row for row in tested if not interval_excludes_zero(row)])):
+        if not found:
+            continue
+        means = sorted(100 * row["mean"] for row in found)
+        details = [f"{means[0]:+.1f}" + (f" to {means[-1]:+.1f} points" if len(means) > 1 else " points")]
+        if len(found) <= FEW_PAIRS:
+            details.append(", ".join(_model_cell(row) for row in found))
+        kinds.append(f"{kind} in {len(found)} ({'; '.join(details)})")
+    seeds = fewest if fewest == most else f"{fewest}-{most}"
+    return "; ".join([f"over {len(tested)} cells ({seeds} seeds each), " + ", ".join(kinds)] + pending)
 
 
 def model_differences_sentence(runs: list[RunResult]) -> str:
     """The summary's finding on the models: each against a smaller one on the same dataset, method and training
-    rows, under the validation protocol (:func:`peftlab.results.model_differences`)."""
-    rows = sorted(model_differences([run for run in runs if run.protocol == VALIDATION]), key=_finding_order)
-    return differences_summary(rows, "no two models share a dataset, method and training rows yet.",
-                               "model-cell pairs", _model_pair_name)
+    rows, under the validation protocol (:func:`peftlab.results.model_differences`), per pair of models
+    (:func:`model_pair_summary`)."""
+    by_pair = defaultdict(list)
+    for row in sorted(model_differences([run for run in runs if run.protocol == VALIDATION]), key=_finding_order):
+        by_pair[(row["model"], row["baseline"])].append(row)
+    if not by_pair:
+        return "no two models share a dataset, method and training rows yet."
+    return "; ".join(f"{model} against {baseline}: {model_pair_summary(rows)}"
+                     for (model, baseline), rows in sorted(by_pair.items())) + "."
 
 
 def protocol_section(runs: list[RunResult], selection: dict) -> str:
