@@ -436,9 +436,9 @@ def test_models_compare_by_welch_interval_on_the_same_dataset_method_and_rows(tm
     many += [{**full, "dataset": "d5", "mean": -0.05, "low": -0.09, "high": -0.01},
              {**full, "dataset": "d6", "mean": 0.01, "low": -0.02, "high": 0.04}, {**full, "dataset": "d7", "n": 1}]
     assert model_pair_summary(many) == (
-        "over 6 cells (3-4 seeds each), higher in 4 (+5.0 to +12.0 points; d1 full, d2 full, d3 full, d4 full), "
-        "lower in 1 (-5.0 points; d5 full), no difference detected in 1 (+1.0 points; d6 full); "
-        "1 more with one seed so far")
+        "over 6 cells (3-4 seeds each), higher in 4 (+5.0 to +12.0 points, each 95% CI within +4.9 to +15.6; d1 full, "
+        "d2 full, d3 full, d4 full), lower in 1 (-5.0 points, 95% CI -9.0 to -1.0; d5 full), no difference detected "
+        "in 1 (+1.0 points, 95% CI -2.0 to +4.0; d6 full); 1 more with one seed so far")
     # an interval that holds zero names both sides' seeds
     assert "no difference detected at 3 and 2 seeds" in difference_statement(
         {**full, "cell_seeds": (3, 2), "low": -0.1, "high": 0.2})

@@ -57,6 +57,7 @@ from .results import (  # noqa: E402
     RunResult,
     aggregate,
     collect,
+    difference_bounds,
     difference_statement,
     interval_excludes_zero,
     interval_text,
@@ -682,8 +683,8 @@ def _model_cell(row: dict) -> str:
 
 def model_pair_summary(rows: list[dict]) -> str:
     """One model against one smaller one over the cells both ran: each cell named with its difference while few
-    have an interval; past that, the cells counted by direction (the range of their differences beside) and named
-    only where few (the appendix gives every cell's interval)."""
+    have an interval; past that, the cells counted by direction, beside the range of their differences and the
+    span of their intervals, and named only where few (the appendix gives every cell's interval)."""
     tested = [row for row in rows if row["n"] > 1]
     waiting = len(rows) - len(tested)
     pending = [f"{waiting} more with one seed so far"] if tested and waiting else []
@@ -700,7 +701,9 @@ def model_pair_summary(rows: list[dict]) -> str:
         if not found:
             continue
         means = sorted(100 * row["mean"] for row in found)
-        details = [f"{means[0]:+.1f}" + (f" to {means[-1]:+.1f} points" if len(means) > 1 else " points")]
+        within = difference_bounds(min(row["low"] for row in found), max(row["high"] for row in found))
+        details = [f"{means[0]:+.1f} points, 95% CI {within}" if len(found) == 1 else
+                   f"{means[0]:+.1f} to {means[-1]:+.1f} points, each 95% CI within {within}"]
         if len(found) <= FEW_PAIRS:
             details.append(", ".join(_model_cell(row) for row in found))
         kinds.append(f"{kind} in {len(found)} ({'; '.join(details)})")

@@ -211,17 +211,20 @@ def seeds_text(row: dict) -> str:
     return " and ".join(str(count) for count in seed_counts(row))
 
 
-def difference_statement(row: dict, scale: float = 100.0) -> str:
-    """A difference is stated only where its interval excludes zero; otherwise none was detected. The interval
-    is clipped to what a difference of two scores can be (``DIFFERENCE_RANGE``), as :func:`mean_interval`
-    clips a score's."""
-    mean, low, high = (scale * v for v in (row["mean"], *clipped(row["low"], row["high"], DIFFERENCE_RANGE)))
-
+def difference_bounds(low: float, high: float, scale: float = 100.0) -> str:
+    """``low to high`` of a difference's interval, clipped to what a difference of two scores can be
+    (``DIFFERENCE_RANGE``), as :func:`mean_interval` clips a score's."""
     def bound(value: float) -> str:  # one decimal, or as many as keep a bound near zero off zero
         return f"{value:+.1f}" if abs(value) >= 0.05 or value == 0 else f"{value:+.1g}"
-    interval = f"95% CI {bound(low)} to {bound(high)}"
-    if math.isnan(low):
+    return " to ".join(bound(scale * value) for value in clipped(low, high, DIFFERENCE_RANGE))
+
+
+def difference_statement(row: dict, scale: float = 100.0) -> str:
+    """A difference is stated only where its interval excludes zero; otherwise none was detected."""
+    mean = scale * row["mean"]
+    if math.isnan(row["low"]):
         return f"{mean:+.1f} from one seed (no interval)"
+    interval = f"95% CI {difference_bounds(row['low'], row['high'], scale)}"
     if interval_excludes_zero(row):
         return f"{mean:+.1f} points ({interval})"
     return f"no difference detected at {seeds_text(row)} seeds ({mean:+.1f}, {interval})"
