@@ -615,6 +615,12 @@ def _cell_name(row: dict) -> str:
     return f"{row['model']} {row['dataset']} {row['method']}"
 
 
+def seed_range(rows: list[dict]) -> str:
+    """The fewest to the most seeds behind these differences (each side's cell where two models compare)."""
+    counts = [count for row in rows for count in seed_counts(row)]
+    return str(min(counts)) if min(counts) == max(counts) else f"{min(counts)}-{max(counts)}"
+
+
 def differences_summary(rows: list[dict], nothing: str, pairs_noun: str = "method-cell pairs") -> str:
     """A finding's sentence over differences: a few pairs each named with their numbers; more counted, and those
     whose interval excludes zero named (the appendix lists every pair); ``nothing`` while there are none."""
@@ -632,9 +638,7 @@ def differences_summary(rows: list[dict], nothing: str, pairs_noun: str = "metho
     if len(tested) <= FEW_PAIRS:
         return statements(tested) + pending + "."
     detected = [row for row in tested if interval_excludes_zero(row)]
-    counts = [count for row in tested for count in seed_counts(row)]
-    fewest, most = min(counts), max(counts)
-    pairs = f"{len(tested)} {pairs_noun} ({fewest if fewest == most else f'{fewest}-{most}'} seeds each)"
+    pairs = f"{len(tested)} {pairs_noun} ({seed_range(tested)} seeds each)"
     if not detected:
         return f"no difference detected in the {pairs}{pending}."
     others = len(tested) - len(detected)
@@ -692,8 +696,6 @@ def model_pair_summary(rows: list[dict]) -> str:
         return f"{waiting} cell{'s' if waiting > 1 else ''} with one seed so far, no interval yet"
     if len(tested) <= FEW_PAIRS:
         return "; ".join([f"{_model_cell(row)} {difference_statement(row)}" for row in tested] + pending)
-    counts = [count for row in tested for count in seed_counts(row)]
-    fewest, most = min(counts), max(counts)
     kinds = []
     for kind, found in (("higher", [row for row in tested if row["low"] > 0]),
                         ("lower", [row for row in tested if row["high"] < 0]),
@@ -707,8 +709,7 @@ def model_pair_summary(rows: list[dict]) -> str:
         if len(found) <= FEW_PAIRS:
             details.append(", ".join(_model_cell(row) for row in found))
         kinds.append(f"{kind} in {len(found)} ({'; '.join(details)})")
-    seeds = fewest if fewest == most else f"{fewest}-{most}"
-    return "; ".join([f"over {len(tested)} cells ({seeds} seeds each), " + ", ".join(kinds)] + pending)
+    return "; ".join([f"over {len(tested)} cells ({seed_range(tested)} seeds each), " + ", ".join(kinds)] + pending)
 
 
 def model_differences_sentence(runs: list[RunResult]) -> str:
